@@ -1,0 +1,312 @@
+"""Tables, JSON and plot of the few-shot benchmark (``bench/results/fewshot.{md,json,png}``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["EncoderRecord", "Row", "machine_info", "summarise", "write_report"]
+
+RANDOM = "random-init"
+ITK = "fill-between-slices (ITK)"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One fitted-and-scored segmenter (or the interpolation baseline).
+
+    Attributes:
+        set: benchmark set, e.g. ``"tptbox-spine"``.
+        group: what a table holds, e.g. ``"tptbox-ct · slice propagation"``.
+        setting: ``"slice propagation"`` or ``"cross-volume"``.
+        method: row label, e.g. ``"pix2rep · finetune"``.
+        k: labelled slices (slice propagation) or labelled volumes (cross-volume).
+        seed: few-shot seed (also the init seed of the random-init rows).
+        dice: class name → Dice (NaN when absent from truth and prediction).
+        mean_dice: mean over the defined per-class values.
+        fit_seconds: wall time of fitting (and interpolating), without prediction.
+        labelled: the labelled slice or volume indices.
+    """
+
+    set: str
+    group: str
+    setting: str
+    method: str
+    k: int
+    seed: int
+    dice: dict[str, float]
+    mean_dice: float
+    fit_seconds: float
+    labelled: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EncoderRecord:
+    """A pretrained encoder used by the run (trained now or reused from the cache)."""
+
+    name: str
+    objective: str
+    data: str
+    volumes: int
+    slices: int
+    steps: int
+    batch_size: int
+    image_size: int
+    channels: list[int]
+    seconds: float
+    slices_per_second: float
+    peak_rss_mb: float
+    cached: bool
+    key: str
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, memory and library versions of this machine."""
+    import monai
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return float("nan"), float("nan")
+    return float(np.mean(finite)), float(np.std(finite))
+
+
+def summarise(rows: Iterable[Row]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds of the mean Dice, per (group, method, k), with mean fit time."""
+    cells: dict[tuple[str, str, str, int], list[Row]] = defaultdict(list)
+    for row in rows:
+        cells[(row.set, row.group, row.method, row.k)].append(row)
+    summary = []
+    for (set_name, group, method, k), members in cells.items():
+        mean, std = _stats([r.mean_dice for r in members])
+        per_class = {
+            name: _stats([r.dice.get(name, float("nan")) for r in members])[0]
+            for name in members[0].dice
+        }
+        summary.append(
+            {
+                "set": set_name,
+                "group": group,
+                "method": method,
+                "k": k,
+                "seeds": len(members),
+                "mean_dice": mean,
+                "std_dice": std,
+                "dice_per_class": per_class,
+                "fit_seconds": float(np.mean([r.fit_seconds for r in members])),
+            }
+        )
+    return summary
+
+
+def _fmt(mean: float, std: float) -> str:
+    return "–" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def _table(entries: list[dict[str, Any]]) -> list[str]:
+    ks = sorted({e["k"] for e in entries})
+    methods = list(dict.fromkeys(e["method"] for e in entries))
+    by = {(e["method"], e["k"]): e for e in entries}
+    head = ["method", *(f"k = {k}" for k in ks), "fit s (mean)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        cells = [
+            _fmt(by[m, k]["mean_dice"], by[m, k]["std_dice"]) if (m, k) in by else "n/a" for k in ks
+        ]
+        times = [by[m, k]["fit_seconds"] for k in ks if (m, k) in by]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.mean(times):.1f} |")
+    return lines
+
+
+def _targets(entries: list[dict[str, Any]]) -> list[str]:
+    """The issue's three targets, checked on one table (slice propagation only)."""
+
+    def best(prefix_ok: Any, k: int) -> tuple[str, float]:
+        cands = [
+            (e["method"], e["mean_dice"]) for e in entries if e["k"] == k and prefix_ok(e["method"])
+        ]
+        cands = [c for c in cands if not math.isnan(c[1])]
+        return max(cands, key=lambda c: c[1]) if cands else ("none", float("nan"))
+
+    def is_ssl(method: str) -> bool:
+        return not method.startswith((RANDOM, ITK))
+
+    def value(method: str, k: int) -> float:
+        found = [e["mean_dice"] for e in entries if e["method"] == method and e["k"] == k]
+        return found[0] if found else float("nan")
+
+    out = []
+    ssl1, d_ssl1 = best(is_ssl, 1)
+    rnd1 = max(
+        (value(m, 1) for m in {e["method"] for e in entries} if m.startswith(RANDOM)),
+        default=float("nan"),
+    )
+    if not math.isnan(d_ssl1) and not math.isnan(rnd1):
+        gap = d_ssl1 - rnd1
+        out.append(
+            f"- k = 1: best SSL ({ssl1}) {d_ssl1:.3f} vs best random-init {rnd1:.3f}: "
+            f"{gap:+.3f} (target ≥ +0.15: {'met' if gap >= 0.15 else 'missed'})"
+        )
+    ssl3, d_ssl3 = best(is_ssl, 3)
+    base3 = max(
+        (value(m, 3) for m in {e["method"] for e in entries} if not is_ssl(m)), default=float("nan")
+    )
+    if not math.isnan(d_ssl3) and not math.isnan(base3):
+        gap = d_ssl3 - base3
+        out.append(
+            f"- k = 3: best SSL ({ssl3}) {d_ssl3:.3f} vs better of random-init and fill-between-slices "
+            f"{base3:.3f}: {gap:+.3f} (target ≥ +0.05: {'met' if gap >= 0.05 else 'missed'})"
+        )
+    itk5 = value(ITK, 5)
+    if not math.isnan(d_ssl1) and not math.isnan(itk5):
+        out.append(
+            f"- k = 1 best SSL {d_ssl1:.3f} vs fill-between-slices at k = 5 {itk5:.3f} "
+            f"(target: reach it: {'met' if d_ssl1 >= itk5 else 'missed'})"
+        )
+    return out
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)
+
+
+def _plot(summary: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(e["group"] for e in summary))
+    cols = min(3, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
+    for ax, group in zip(axes.flat, groups, strict=False):
+        entries = [e for e in summary if e["group"] == group]
+        for method in dict.fromkeys(e["method"] for e in entries):
+            pts = sorted(
+                (e["k"], e["mean_dice"], e["std_dice"]) for e in entries if e["method"] == method
+            )
+            ks, means, stds = zip(*pts, strict=True)
+            style = "--" if method.startswith((RANDOM, ITK)) else "-"
+            ax.errorbar(ks, means, yerr=stds, label=method, linestyle=style, marker="o", capsize=3)
+        ax.set_title(group, fontsize=10)
+        ax.set_xlabel("k labelled")
+        ax.set_ylabel("mean Dice (unlabelled)")
+        ax.set_ylim(0, 1)
+        ax.set_xticks(sorted({e["k"] for e in entries}))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(
+    out_dir: Path,
+    rows: list[Row],
+    encoders: list[EncoderRecord],
+    context: dict[str, Any],
+    notes: list[str],
+) -> dict[str, Path]:
+    """Write ``fewshot.md``, ``fewshot.json`` and ``fewshot.png`` into ``out_dir`` (atomically).
+
+    Args:
+        out_dir: target folder (created).
+        rows: every scored row.
+        encoders: the pretrained encoders used.
+        context: ``command``, ``profile``, ``machine``, ``wall_seconds``, ``selected`` (best
+            objective per set) and anything else worth keeping in the JSON.
+        notes: extra markdown bullet lines (choices and caveats of this run).
+
+    Returns:
+        The three paths by suffix.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarise(rows)
+    paths = {s: out_dir / f"fewshot.{s}" for s in ("md", "json", "png")}
+    payload = {
+        **context,
+        "encoders": [asdict(e) for e in encoders],
+        "summary": summary,
+        "rows": [asdict(r) for r in rows],
+    }
+    _atomic_text(paths["json"], json.dumps(payload, indent=1, default=str, allow_nan=True) + "\n")
+    machine = context.get("machine", {})
+    lines = [
+        "# Few-shot segmentation benchmark",
+        "",
+        f"Regenerate: `{context.get('command', '')}`",
+        "",
+        f"Profile `{context.get('profile', {}).get('name', '?')}`; total wall time "
+        f"{context.get('wall_seconds', 0) / 60:.1f} min on {machine.get('cpu', '?')} "
+        f"({machine.get('logical_cores', '?')} logical cores, torch {machine.get('torch', '?')}, "
+        f"{machine.get('memory_gb', '?')} GB RAM).",
+        "",
+        "Cells: mean Dice over classes on the *unlabelled* slices (slice propagation) or the "
+        "held-out volumes (cross-volume), mean ± std over seeds. `fit s`: mean wall time of "
+        "fitting one segmenter (pretraining excluded; see the encoder table).",
+        "",
+    ]
+    for group in dict.fromkeys(e["group"] for e in summary):
+        entries = [e for e in summary if e["group"] == group]
+        lines += [f"## {group}", "", *_table(entries), ""]
+        if "slice propagation" in group:
+            checks = _targets(entries)
+            if checks:
+                lines += ["Targets (issue 3):", "", *checks, ""]
+    lines += [
+        "## Pretrained encoders",
+        "",
+        "| encoder | data | volumes | slices | steps × batch | crop | channels | time s | slices/s | peak RSS MB | reused from cache |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in encoders:
+        lines.append(
+            f"| {e.name} | {e.data} | {e.volumes} | {e.slices} | {e.steps} × {e.batch_size} | "
+            f"{e.image_size} | {'-'.join(map(str, e.channels))} | {e.seconds:.0f} | "
+            f"{e.slices_per_second:.1f} | {e.peak_rss_mb:.0f} | {'yes' if e.cached else 'no'} |"
+        )
+    lines += ["", "## Notes", "", *notes, ""]
+    _atomic_text(paths["md"], "\n".join(lines))
+    _plot(summary, paths["png"])
+    return paths

@@ -1,0 +1,385 @@
+"""The ``segassist`` console script: a thin argparse layer around plain functions.
+
+Sub-commands: ``serve``, ``worker`` (start the service), ``segment`` (upload → pretrain or reuse →
+few-shot fit → predict → download), ``pretrain``, ``jobs``, ``models``, ``demo``, ``bench``.
+Server-side code (``worker``, ``bench``, ``models``) is imported lazily, only by the sub-commands that
+need it, so the client runs with the base install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from client.api import JobFailedError, SegAssistAPIError, SegAssistClient, job_status
+from client.local import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    ServiceStartError,
+    default_data_dir,
+    ensure_local_service,
+)
+from client.segment import METHODS, OBJECTIVES, SegmentRequest, run_segment
+
+__all__ = ["build_parser", "main", "make_progress"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def make_progress() -> Progress:
+    """The progress bar shown while jobs run (on stderr, so stdout stays parseable)."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+
+
+def _json_arg(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _names_arg(text: str) -> dict[int, str]:
+    """``"1=L1,2=L2"`` or ``"liver,spleen"`` (classes 1, 2, …) → ``{1: "liver", …}``."""
+    names: dict[int, str] = {}
+    for i, part in enumerate(p for p in text.split(",") if p.strip()):
+        key, sep, name = part.partition("=")
+        if sep:
+            names[int(key)] = name.strip()
+        else:
+            names[i + 1] = part.strip()
+    return names
+
+
+def _server_url(args: argparse.Namespace, start: bool) -> str:
+    """``--server`` if given; else the local embedded service, started when ``start``."""
+    if args.server:
+        return str(args.server)
+    if not start:
+        return os.environ.get("SEGASSIST_SERVER", f"http://{DEFAULT_HOST}:{DEFAULT_PORT}")
+    url, started = ensure_local_service(data_dir=args.data_dir)
+    if started:
+        err_console.print(f"started the local segassist service at {url} (data: {args.data_dir})")
+    return url
+
+
+# -- sub-commands --------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the API and one embedded Celery worker in the foreground."""
+    from worker.serve import run_embedded
+
+    run_embedded(args.host, args.port, Path(args.data_dir))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a Celery worker alone (deployment with Redis and PostgreSQL)."""
+    from worker.serve import run_worker
+
+    run_worker()
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Upload, (pretrain or reuse), few-shot fit, predict, download."""
+    for path in (args.image, args.labels):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    request = SegmentRequest(
+        image=args.image,
+        labels=args.labels,
+        output=args.output,
+        objective=args.objective,
+        method=args.method,
+        encoder_id=args.encoder,
+        reuse=args.reuse,
+        clusters=args.clusters,
+        modality=args.modality,
+        axis=args.axis,
+        steps=args.steps,
+        pretrain_config=args.pretrain_config or {},
+        fit_config=args.fit_config or {},
+        label_names=args.label_names or {},
+    )
+    url = _server_url(args, start=True)
+    with SegAssistClient(url) as api, make_progress() as progress:
+        result = run_segment(api, request, progress)
+    console.print(f"segmentation written to [bold]{result.output}[/bold]")
+    if result.clusters is not None:
+        console.print(f"cluster map written to [bold]{result.clusters}[/bold]")
+    if result.clusters_png is not None:
+        console.print(f"cluster montage written to [bold]{result.clusters_png}[/bold]")
+    console.print(
+        f"dataset {result.dataset_id} · image {result.image_id} · "
+        f"encoder {result.encoder_id or 'none (random initialisation)'} · "
+        f"segmenter {result.segmenter_id}"
+    )
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Pretrain an encoder on a dataset (existing, or made from uploaded images)."""
+    url = _server_url(args, start=True)
+    with SegAssistClient(url) as api, make_progress() as progress:
+        dataset_id = args.dataset
+        if dataset_id is None:
+            if not args.images:
+                raise ValueError("give IMAGE files to upload or --dataset ID")
+            dataset = api.create_dataset(args.name, args.modality, {1: "foreground"})
+            dataset_id = dataset["id"]
+            upload = progress.add_task("upload", total=len(args.images))
+            for image in args.images:
+                api.upload_image(dataset_id, image)
+                progress.advance(upload)
+        params: dict[str, Any] = {"objective": args.objective}
+        if args.steps is not None:
+            params["steps"] = args.steps
+        if args.config:
+            params["config"] = args.config
+        job = api.create_job("pretrain", dataset_id, params)
+        task = progress.add_task(f"pretrain {args.objective}", total=None)
+
+        def show(job: dict[str, Any]) -> None:
+            info = job.get("progress") or {}
+            if info.get("total"):
+                progress.update(task, completed=info.get("step") or 0, total=info["total"])
+
+        done = api.wait_for_job(job["id"], show)
+    console.print(f"encoder [bold]{done['result']['encoder_id']}[/bold] (dataset {dataset_id})")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """List jobs, or show one job's logs, or cancel one."""
+    with SegAssistClient(_server_url(args, start=False)) as api:
+        if args.logs:
+            console.print(api.job_logs(args.logs), markup=False, highlight=False, end="")
+            return 0
+        if args.cancel:
+            job = api.cancel_job(args.cancel)
+            console.print(f"job {job['id']}: {job_status(job)}")
+            return 0
+        jobs = api.list_jobs(dataset_id=args.dataset, status=args.status)
+    if args.json:
+        console.print_json(data=jobs)
+        return 0
+    table = Table("id", "kind", "status", "progress", "dataset", "created", "error")
+    for job in jobs:
+        info = job.get("progress") or {}
+        done = f"{info.get('step', 0)}/{info['total']}" if info.get("total") else ""
+        table.add_row(
+            str(job.get("id")),
+            str(job.get("kind")),
+            job_status(job),
+            done,
+            str(job.get("dataset_id", "")),
+            str(job.get("created_at", "")),
+            str(job.get("error") or ""),
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the model registry."""
+    with SegAssistClient(_server_url(args, start=False)) as api:
+        models = api.list_models(kind=args.kind, dataset_id=args.dataset, modality=args.modality)
+    if args.json:
+        console.print_json(data=models)
+        return 0
+    table = Table("id", "kind", "modality", "dataset", "lineage", "metrics")
+    for model in models:
+        table.add_row(
+            str(model.get("id")),
+            str(model.get("kind")),
+            str(model.get("modality", "")),
+            str(model.get("dataset_id", "")),
+            json.dumps(model.get("lineage") or {}, sort_keys=True),
+            json.dumps(model.get("metrics") or {}, sort_keys=True),
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Segment a real CT from three labelled slices and print the Dice."""
+    from client.demo import run_demo
+
+    data_dir = Path(args.data_dir)
+    out_dir = Path(args.out_dir) if args.out_dir else data_dir / "demo"
+    return run_demo(
+        data_dir=data_dir, out_dir=out_dir, steps=args.steps, console=console, server=args.server
+    )
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark (``fewshot`` or ``service``) with its own arguments."""
+    if args.suite == "fewshot":
+        from bench.fewshot import main as bench_main
+    else:
+        from bench.service import main as bench_main
+    return int(bench_main(list(args.bench_args)) or 0)
+
+
+# -- parser --------------------------------------------------------------------------------------
+def _add_server(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server",
+        default=os.environ.get("SEGASSIST_SERVER"),
+        help="server root URL (default: the local embedded service at "
+        f"http://{DEFAULT_HOST}:{DEFAULT_PORT}, started if needed; env SEGASSIST_SERVER)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="data directory of a local service started by this command",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``segassist`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="segassist",
+        description="Self-hosted annotation assistant: self-supervised pretraining and "
+        "few-shot segmentation of medical volumes.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the API and one embedded worker (SQLite, file broker)")
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--data-dir", type=Path, default=default_data_dir())
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker alone (settings from SEGASSIST_*)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("segment", help="segment IMAGE from a few labelled slices")
+    p.add_argument("image", type=Path, metavar="IMAGE", help=".nii, .nii.gz or DICOM .zip")
+    p.add_argument("--labels", type=Path, required=True, metavar="SPARSE", help="255 = unannotated")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
+    p.add_argument("--objective", choices=OBJECTIVES, default="pix2rep")
+    p.add_argument("--method", choices=METHODS, default="linear")
+    p.add_argument("--encoder", metavar="ID", help="reuse a registered encoder (no pretraining)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse the newest encoder of the same modality and objective if one exists",
+    )
+    p.add_argument("--clusters", type=Path, metavar="CLUSTERS.nii.gz", help="also write clusters")
+    p.add_argument("--modality", default="CT")
+    p.add_argument(
+        "--axis", type=int, choices=(0, 1, 2), help="slice axis (default: the labels' own)"
+    )
+    p.add_argument("--steps", type=int, help="pretraining steps")
+    p.add_argument("--label-names", type=_names_arg, help='e.g. "1=L1,2=L2" or "liver,spleen"')
+    p.add_argument("--pretrain-config", type=_json_arg, metavar="JSON")
+    p.add_argument("--fit-config", type=_json_arg, metavar="JSON")
+    _add_server(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("pretrain", help="pretrain an encoder on images or a dataset")
+    p.add_argument("images", type=Path, nargs="*", metavar="IMAGE")
+    p.add_argument("--dataset", metavar="ID", help="pretrain on this dataset's images")
+    p.add_argument("--name", default="pretraining", help="name of the dataset created")
+    p.add_argument("--objective", choices=OBJECTIVES[1:], default="pix2rep")
+    p.add_argument("--modality", default="CT")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--config", type=_json_arg, metavar="JSON")
+    _add_server(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("jobs", help="list jobs, show logs, cancel")
+    p.add_argument("--dataset", metavar="ID")
+    p.add_argument("--status")
+    p.add_argument("--logs", metavar="JOB_ID", help="print a job's log")
+    p.add_argument("--cancel", metavar="JOB_ID", help="cancel a job")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_server(p)
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("models", help="list registered encoders and segmenters")
+    p.add_argument("--kind", choices=("encoder", "segmenter"))
+    p.add_argument("--dataset", metavar="ID")
+    p.add_argument("--modality")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_server(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="segment a real spine CT from 3 labelled slices")
+    p.add_argument("--data-dir", default=str(default_data_dir()), help="local service's data")
+    p.add_argument("--out-dir", help="where outputs are written (default: DATA_DIR/demo)")
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps")
+    p.add_argument("--server", help="use this server instead of the local embedded one")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks: fewshot or service (arguments passed on)")
+    p.add_argument("suite", choices=("fewshot", "service"))
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``segassist`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except SegAssistAPIError as exc:
+        err_console.print(f"[red]error:[/red] the server refused: {exc.detail}", highlight=False)
+        return 1
+    except JobFailedError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 1
+    except (httpx.TransportError, ServiceStartError) as exc:
+        err_console.print(f"[red]error:[/red] cannot reach the server: {exc}", highlight=False)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,519 @@
+"""Few-shot segmentation from sparse labels on top of a (pretrained or random) encoder.
+
+Three methods (METHODS.md, "Downstream"):
+
+- ``"linear"``: linear probe. The encoder is frozen; the head features of the annotated slices
+  are computed once, the annotated pixels gathered, and only the segmentation head trains on them
+  (Dice + cross-entropy). Seconds on a CPU: the interactive path.
+- ``"finetune"``: encoder and head train together (encoder lr ≪ head lr) on augmented
+  annotated slices, with early stopping on held-out labelled pixels.
+- ``"mean_teacher"``: ``"finetune"`` plus a consistency loss between the student and an EMA
+  teacher on the unannotated slices of the same volumes (Tarvainen & Valpola, 2017). Early
+  stopping evaluates both; the weights (teacher's or student's) with the lowest held-out loss are
+  returned (the teacher's final weights when nothing is held out).
+
+Training slices are the annotated ones (any voxel ≠ 255 along ``axis``) at native resolution,
+zero-padded (labels: ignore) to a common size that is a multiple of the encoder's
+``size_divisor``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import (
+    Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+)
+
+from models.networks.segmenter import SegmenterNet
+from models.pretrain import Encoder
+from models.progress import Progress, ProgressCallback
+from models.segloss import MaskedDiceCELoss
+from models.volumes import IGNORE_INDEX, SparseLabels, annotated_slices
+
+__all__ = ["METHODS", "FewShotConfig", "fit_segmenter"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("linear", "finetune", "mean_teacher")
+
+Method = Literal["linear", "finetune", "mean_teacher"]
+
+
+@dataclass(frozen=True)
+class FewShotConfig:
+    """Settings of few-shot training; defaults from METHODS.md where it gives them.
+
+    Attributes:
+        axis: slice axis; ``None`` = the encoder's pretraining axis.
+        head: ``"linear"`` (1×1 conv) or ``"mlp"`` (1×1 conv, ReLU, 1×1 conv) segmentation head.
+        multiscale: whether the head also reads the coarser decoder maps.
+        seed: seed of the head's initial weights, batches, hold-out and augmentation.
+        linear_lr: Adam lr of the linear probe (7.6e-3, Pix2Rep).
+        linear_steps: full-batch steps of the linear probe.
+        linear_max_pixels: annotated pixels per probe step; beyond, a random subset each step.
+        encoder_lr: Adam lr of the encoder when fine-tuning (5e-5, Pix2Rep).
+        head_lr: Adam lr of the head when fine-tuning (1e-2, Pix2Rep).
+        weight_decay: Adam weight decay.
+        steps: maximum steps of ``"finetune"`` / ``"mean_teacher"``.
+        batch_size: annotated slices per step (drawn with replacement).
+        eval_every: steps between evaluations of the held-out loss.
+        patience: evaluations without improvement before stopping early.
+        holdout_fraction: share of the labelled pixels held out for early stopping. The papers
+            are silent; with 1–3 annotated slices, holding out whole slices would remove a large
+            part of the supervision, so instead every annotated slice is cut into
+            ``holdout_tile``×``holdout_tile`` tiles and this fraction of the tiles (drawn with
+            the seed) is held out: spatial blocks are less correlated with the training pixels
+            than random pixels. The weights with the lowest held-out loss are returned.
+        holdout_tile: tile side in pixels.
+        ema_decay: Mean Teacher EMA decay (0.99).
+        consistency_weight: Mean Teacher maximum consistency weight (10).
+        consistency_rampup: share of ``steps`` over which the weight ramps up as
+            ``w·exp(−5(1−t)²)`` (the Mean Teacher paper's sigmoid ramp-up).
+        unlabelled_batch_size: unannotated slices per Mean Teacher step.
+        augment: whether ``"finetune"`` / ``"mean_teacher"`` augment the annotated slices.
+        aug_prob: probability of the random affine per slice.
+        rotate_degrees: affine rotation range ±degrees.
+        scale_range: affine zoom range ±fraction.
+        translate_fraction: affine translation range ±fraction of the slice size.
+        device: torch device.
+    """
+
+    axis: int | None = None
+    head: Literal["linear", "mlp"] = "linear"
+    multiscale: bool = False
+    seed: int = 0
+    linear_lr: float = 7.6e-3
+    linear_steps: int = 300
+    linear_max_pixels: int = 65_536
+    encoder_lr: float = 5e-5
+    head_lr: float = 1e-2
+    weight_decay: float = 1e-5
+    steps: int = 500
+    batch_size: int = 4
+    eval_every: int = 25
+    patience: int = 6
+    holdout_fraction: float = 0.2
+    holdout_tile: int = 32
+    ema_decay: float = 0.99
+    consistency_weight: float = 10.0
+    consistency_rampup: float = 0.3
+    unlabelled_batch_size: int = 4
+    augment: bool = True
+    aug_prob: float = 0.8
+    rotate_degrees: float = 15.0
+    scale_range: float = 0.1
+    translate_fraction: float = 0.05
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.axis not in (None, 0, 1, 2):
+            raise ValueError(f"axis must be None, 0, 1 or 2, got {self.axis}")
+        for name in ("linear_steps", "steps", "batch_size", "eval_every", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    @classmethod
+    def for_scratch(cls, **overrides: Any) -> FewShotConfig:
+        """Settings for the random-initialisation baseline (``Encoder.random`` + ``"finetune"``).
+
+        A scratch encoder needs a far larger encoder lr (1e-3) than a pretrained one, more steps
+        and patience, and stronger augmentation (±30°, ±20 % zoom, ±10 % shift, always applied).
+        """
+        base = cls(
+            encoder_lr=1e-3,
+            head_lr=1e-3,
+            steps=1500,
+            patience=10,
+            aug_prob=1.0,
+            rotate_degrees=30.0,
+            scale_range=0.2,
+            translate_fraction=0.1,
+        )
+        return replace(base, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FewShotConfig:
+        """Inverse of :meth:`to_dict`; missing keys take their defaults.
+
+        Raises:
+            ValueError: on unknown keys.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown few-shot config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class _TrainingSlices:
+    """Slices at a common padded size ``H×W`` (a multiple of the encoder's size divisor)."""
+
+    images: np.ndarray  # S×H×W float32, zero-padded
+    labels: np.ndarray  # S×H×W uint8, IGNORE_INDEX where unannotated or padded
+    unlabelled: np.ndarray  # U×H×W float32: non-constant slices without any annotation
+
+
+def _pad_to(array: np.ndarray, h: int, w: int, value: float) -> np.ndarray:
+    pad = [(0, 0)] * (array.ndim - 2) + [(0, h - array.shape[-2]), (0, w - array.shape[-1])]
+    return np.pad(array, pad, mode="constant", constant_values=value)
+
+
+def _collect(
+    images: list[np.ndarray],
+    labels: list[np.ndarray],
+    num_classes: int,
+    axis: int,
+    size_divisor: int,
+) -> _TrainingSlices:
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} label volumes")
+    if not images:
+        raise ValueError("no images to train on")
+    per_volume = []
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        if image.ndim != 3:
+            raise ValueError(f"image {i} must be 3D (X×Y×Z), got shape {image.shape}")
+        sparse = SparseLabels(np.asarray(label))
+        try:
+            sparse.check(num_classes, shape=image.shape)
+        except ValueError as err:
+            raise ValueError(f"label volume {i}: {err}") from err
+        annotated = annotated_slices(sparse.labels, axis)
+        image_slices = np.moveaxis(np.asarray(image, dtype=np.float32), axis, 0)
+        label_slices = np.moveaxis(sparse.labels.astype(np.uint8), axis, 0)
+        mask = np.zeros(len(image_slices), dtype=bool)
+        mask[annotated] = True
+        varying = np.ptp(image_slices.reshape(len(image_slices), -1), axis=1) > 0
+        per_volume.append((image_slices[mask], label_slices[mask], image_slices[~mask & varying]))
+    if not any(len(lab) for _, lab, _ in per_volume):
+        raise ValueError(
+            f"no slice is annotated along axis {axis}: every label voxel is {IGNORE_INDEX}"
+        )
+    h = max(img.shape[1] for img, _, _ in per_volume)
+    w = max(img.shape[2] for img, _, _ in per_volume)
+    h, w = (-(-d // size_divisor) * size_divisor for d in (h, w))
+    return _TrainingSlices(
+        images=np.concatenate([_pad_to(img, h, w, 0.0) for img, _, _ in per_volume]),
+        labels=np.concatenate([_pad_to(lab, h, w, IGNORE_INDEX) for _, lab, _ in per_volume]),
+        unlabelled=np.concatenate([_pad_to(u, h, w, 0.0) for _, _, u in per_volume]),
+    )
+
+
+def _split_holdout(
+    labels: np.ndarray, fraction: float, tile: int, seed: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Split labels into (train, held-out) by tiles; held-out is None if it would be empty."""
+    if fraction == 0:
+        return labels, None
+    rng = np.random.default_rng(seed)
+    s, h, w = labels.shape
+    tiles = rng.random((s, -(-h // tile), -(-w // tile))) < fraction
+    held = np.repeat(np.repeat(tiles, tile, axis=1), tile, axis=2)[:, :h, :w]
+    annotated = labels != IGNORE_INDEX
+    if not (held & annotated).any() or not (~held & annotated).any():
+        return labels, None
+    train = np.where(held, IGNORE_INDEX, labels).astype(np.uint8)
+    holdout = np.where(held, labels, IGNORE_INDEX).astype(np.uint8)
+    return train, holdout
+
+
+def _augmenter(config: FewShotConfig, h: int, w: int) -> Compose:
+    """Random affine (image and labels alike) and intensity changes, on ``1×H×W`` slices."""
+    rotate = math.radians(config.rotate_degrees)
+    shift = (config.translate_fraction * h, config.translate_fraction * w)
+    transforms = Compose(
+        [
+            RandAffined(
+                keys=["image", "label"],
+                prob=config.aug_prob,
+                rotate_range=rotate,
+                scale_range=(config.scale_range, config.scale_range),
+                translate_range=shift,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            RandAdjustContrastd(keys="image", prob=0.5, gamma=(0.7, 1.5)),
+            RandGaussianSmoothd(keys="image", prob=0.2, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0)),
+            RandGaussianNoised(keys="image", prob=0.3, std=0.03),
+        ]
+    )
+    transforms.set_random_state(seed=config.seed)
+    return transforms
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mean Teacher's input perturbation: Gaussian noise σ 0.03 and a random gamma."""
+    gamma = torch.exp(torch.empty(x.shape[0], 1, 1, 1).uniform_(-0.2, 0.2, generator=generator))
+    noisy = x.clamp(0, 1) ** gamma.to(x.device)
+    return noisy + 0.03 * torch.randn(x.shape, generator=generator).to(x.device)
+
+
+def fit_segmenter(
+    encoder: Encoder,
+    images: list[np.ndarray],
+    labels: list[np.ndarray],
+    num_classes: int,
+    method: Method = "linear",
+    config: FewShotConfig | None = None,
+    progress: ProgressCallback | None = None,
+) -> SegmenterNet:
+    """Train a segmenter from sparse labels.
+
+    Args:
+        encoder: the encoder to start from (not modified: it is copied).
+        images: ``X×Y×Z`` volumes normalised to [0, 1] with ``encoder.normalisation``.
+        labels: ``X×Y×Z`` label volumes, same shapes, ``0…num_classes−1`` or 255 (unannotated).
+        num_classes: L, background included.
+        method: ``"linear"``, ``"finetune"`` or ``"mean_teacher"``.
+        config: settings (defaults: :class:`FewShotConfig`).
+        progress: called after every step with ``Progress(step, total, loss, eta, method)``;
+            an exception it raises propagates (few-shot runs are short and not checkpointed).
+
+    Returns:
+        The segmenter (eval mode, CPU), its ``cluster_head`` a copy of the encoder's.
+
+    Raises:
+        ValueError: on an unknown method, mismatched shapes, label values ≥ ``num_classes``
+            (other than 255), or when no slice is annotated.
+    """
+    config = config or FewShotConfig()
+    if method not in METHODS:
+        raise ValueError(f"unknown few-shot method {method!r}; expected one of {METHODS}")
+    axis = encoder.config.axis if config.axis is None else config.axis
+    data = _collect(images, labels, num_classes, axis, encoder.size_divisor)
+    logger.info(
+        "few-shot %s: %d annotated slices, %d unlabelled, size %s",
+        method,
+        len(data.images),
+        len(data.unlabelled),
+        data.images.shape[1:],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        segmenter = SegmenterNet(
+            copy.deepcopy(encoder.network),
+            num_classes,
+            encoder.config.num_clusters,
+            head=config.head,
+            multiscale=config.multiscale,
+        )
+    segmenter.cluster_head = copy.deepcopy(encoder.cluster_head)
+    segmenter.cluster_head.requires_grad_(False)
+    device = torch.device(config.device)
+    segmenter.to(device)
+    if method == "linear":
+        _fit_linear(segmenter, data, config, device, progress)
+    else:
+        segmenter = _fit_finetune(segmenter, data, config, device, method, progress)
+    return segmenter.cpu().eval()
+
+
+class _Reporter:
+    """Progress reports with an ETA from the mean step time."""
+
+    def __init__(self, total: int, phase: str, callback: ProgressCallback | None) -> None:
+        self.total, self.phase, self.callback = total, phase, callback
+        self.began = time.monotonic()
+
+    def __call__(self, step: int, loss: float) -> None:
+        if self.callback is None:
+            return
+        eta = (time.monotonic() - self.began) / step * (self.total - step)
+        self.callback(Progress(step, self.total, loss, eta, self.phase))
+
+
+@torch.no_grad()
+def _head_features(
+    segmenter: SegmenterNet, images: np.ndarray, device: torch.device
+) -> torch.Tensor:
+    """``S×C_head×H×W`` head features of padded slices, computed slice by slice."""
+    segmenter.eval()
+    return torch.cat(
+        [segmenter.head_features(torch.from_numpy(s[None, None]).to(device)) for s in images]
+    )
+
+
+def _fit_linear(
+    segmenter: SegmenterNet,
+    data: _TrainingSlices,
+    config: FewShotConfig,
+    device: torch.device,
+    progress: ProgressCallback | None,
+) -> None:
+    """Train the head on cached features of the annotated pixels (the encoder stays frozen).
+
+    The head is pixel-wise (1×1 convs), so the annotated pixels are gathered into an
+    ``N×C_head×1×1`` batch once: a step costs O(N·C_head·L).
+    """
+    segmenter.encoder.requires_grad_(False)
+    features = _head_features(segmenter, data.images, device)
+    labels = torch.from_numpy(data.labels).long().to(device)
+    annotated = labels != IGNORE_INDEX
+    pixels = features.permute(0, 2, 3, 1)[annotated][:, :, None, None]  # N×C×1×1
+    targets = labels[annotated][:, None, None]  # N×1×1
+    del features
+    loss_fn = MaskedDiceCELoss()
+    generator = torch.Generator().manual_seed(config.seed)
+    head = segmenter.seg_head.train()
+    optimiser = torch.optim.Adam(
+        head.parameters(), lr=config.linear_lr, weight_decay=config.weight_decay
+    )
+    report = _Reporter(config.linear_steps, "linear", progress)
+    n = pixels.shape[0]
+    for step in range(config.linear_steps):
+        if n > config.linear_max_pixels:
+            pick = torch.randperm(n, generator=generator)[: config.linear_max_pixels].to(device)
+            x, y = pixels[pick], targets[pick]
+        else:
+            x, y = pixels, targets
+        loss = loss_fn(head(x), y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        report(step + 1, float(loss.item()))
+    segmenter.encoder.requires_grad_(True)
+
+
+def _fit_finetune(
+    segmenter: SegmenterNet,
+    data: _TrainingSlices,
+    config: FewShotConfig,
+    device: torch.device,
+    method: Method,
+    progress: ProgressCallback | None,
+) -> SegmenterNet:
+    """Fine-tune encoder and head (optionally with a Mean Teacher); returns the best model."""
+    train_labels, holdout = _split_holdout(
+        data.labels, config.holdout_fraction, config.holdout_tile, config.seed
+    )
+    if holdout is None:
+        logger.info("no held-out labelled pixels: training all %d steps", config.steps)
+    teacher: SegmenterNet | None = None
+    unlabelled = data.unlabelled
+    if method == "mean_teacher":
+        if len(unlabelled) == 0:
+            logger.warning("no unannotated slices: Mean Teacher reduces to fine-tuning")
+        teacher = copy.deepcopy(segmenter).requires_grad_(False)
+    optimiser = torch.optim.Adam(
+        [
+            {"params": segmenter.encoder.parameters(), "lr": config.encoder_lr},
+            {"params": segmenter.seg_head.parameters(), "lr": config.head_lr},
+        ],
+        weight_decay=config.weight_decay,
+    )
+    h, w = data.images.shape[1:]
+    augment = _augmenter(config, h, w) if config.augment else None
+    generator = torch.Generator().manual_seed(config.seed)
+    loss_fn = MaskedDiceCELoss()
+    candidates = [segmenter] if teacher is None else [teacher, segmenter]
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    stale = 0
+    report = _Reporter(config.steps, method, progress)
+    rampup = max(1.0, config.consistency_rampup * config.steps)
+    for step in range(config.steps):
+        segmenter.train()
+        idx = torch.randint(len(data.images), (config.batch_size,), generator=generator)
+        x, y = _batch(data.images, train_labels, idx.tolist(), augment)
+        logits, _ = segmenter(x.to(device))
+        loss = loss_fn(logits, y.to(device))
+        if teacher is not None and len(unlabelled) > 0:
+            u_idx = torch.randint(
+                len(unlabelled), (config.unlabelled_batch_size,), generator=generator
+            )
+            u = torch.from_numpy(unlabelled[u_idx.numpy()][:, None]).to(device)
+            with torch.no_grad():
+                target = teacher(_noise(u, generator))[0].softmax(dim=1)
+            student = segmenter(_noise(u, generator))[0].softmax(dim=1)
+            weight = config.consistency_weight * math.exp(-5 * (1 - min(step / rampup, 1.0)) ** 2)
+            loss = loss + weight * F.mse_loss(student, target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if teacher is not None:
+            _ema_update(teacher, segmenter, config.ema_decay)
+        report(step + 1, float(loss.item()))
+        if holdout is not None and (
+            (step + 1) % config.eval_every == 0 or step + 1 == config.steps
+        ):
+            values = [_holdout_loss(m, data.images, holdout, loss_fn, device) for m in candidates]
+            value = min(values)
+            if best is None or value < best[0]:
+                state = candidates[values.index(value)].state_dict()
+                best, stale = (value, copy.deepcopy(state)), 0
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    logger.info(
+                        "early stop at step %d (best held-out loss %.4f)", step + 1, best[0]
+                    )
+                    break
+    if best is not None:
+        candidates[0].load_state_dict(best[1])
+    return candidates[0]
+
+
+def _batch(
+    images: np.ndarray,
+    labels: np.ndarray,
+    idx: list[int],
+    augment: Callable[[dict[str, Any]], dict[str, Any]] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B×1×H×W`` images and ``B×H×W`` labels, augmented slice by slice when asked.
+
+    Labels are warped as ``label + 1`` with 0 for ignore, so pixels the affine brings in from
+    outside the slice (zero padding) come out as ignore, never as background.
+    """
+    xs, ys = [], []
+    for i in idx:
+        image, label = images[i][None], labels[i][None]
+        if augment is not None:
+            code = np.where(label == IGNORE_INDEX, 0, label.astype(np.float32) + 1)
+            out = augment({"image": image, "label": code.astype(np.float32)})
+            image = np.asarray(out["image"], dtype=np.float32)
+            warped = np.rint(np.asarray(out["label"])).astype(np.int64)
+            label = np.where(warped == 0, IGNORE_INDEX, warped - 1)
+        xs.append(torch.as_tensor(image, dtype=torch.float32))
+        ys.append(torch.as_tensor(label[0], dtype=torch.long))
+    return torch.stack(xs), torch.stack(ys)
+
+
+@torch.no_grad()
+def _ema_update(teacher: SegmenterNet, student: SegmenterNet, decay: float) -> None:
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+
+
+@torch.no_grad()
+def _holdout_loss(
+    model: SegmenterNet,
+    images: np.ndarray,
+    holdout: np.ndarray,
+    loss_fn: MaskedDiceCELoss,
+    device: torch.device,
+) -> float:
+    model.eval()
+    logits = torch.cat([model(torch.from_numpy(s[None, None]).to(device))[0] for s in images])
+    return float(loss_fn(logits, torch.from_numpy(holdout).long().to(device)).item())

@@ -1,0 +1,49 @@
+"""Atomic file replacement: write to a temporary sibling, fsync, then ``os.replace``.
+
+Readers of the destination see either the old file or the complete new one, never a partial
+write, because ``os.replace`` within one directory is atomic on POSIX and Windows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "sha256_file"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s directory; on success move it onto ``path``.
+
+    The temporary name keeps ``path``'s suffixes (``.nii.gz``, ``.png``…) so writers that pick a
+    format from the extension behave as for the final name. On error the temporary file is removed
+    and the destination is left untouched.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(
+        dir=dest.parent, prefix=f".{dest.name}.", suffix="".join(dest.suffixes) or ".tmp"
+    )
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,82 @@
+"""FastAPI dependencies as ``Annotated`` aliases: settings, DB session, storage, Celery."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.predictions import PredictorCache
+from server.settings import Settings
+from server.storage import Storage
+
+__all__ = [
+    "CeleryDep",
+    "PredictorsDep",
+    "SessionDep",
+    "SettingsDep",
+    "StorageDep",
+    "require_token",
+]
+
+
+def get_app_settings(request: Request) -> Settings:
+    """Settings the app was built with (``create_app(settings)``)."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request; the route commits what it wants kept."""
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    with factory() as session:
+        yield session
+
+
+def get_storage(request: Request) -> Storage:
+    """The datastore of the app's ``data_dir``."""
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+def get_celery(request: Request) -> Celery:
+    """The client-only Celery app used to enqueue jobs."""
+    celery: Celery = request.app.state.celery
+    return celery
+
+
+def get_predictors(request: Request) -> PredictorCache:
+    """The process-wide cache of ONNX Runtime sessions."""
+    predictors: PredictorCache = request.app.state.predictors
+    return predictors
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def require_token(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """When ``settings.api_token`` is set, require ``Authorization: Bearer <token>``."""
+    if not settings.api_token:
+        return
+    if credentials is None or not secrets.compare_digest(
+        credentials.credentials.encode(), settings.api_token.encode()
+    ):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or wrong API token (send 'Authorization: Bearer <SEGASSIST_API_TOKEN>')",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -1,0 +1,122 @@
+"""Celery configuration and the API's client-only Celery app.
+
+The API enqueues by task name (``segassist.<kind>``) with the job id as the only argument and
+never imports ``worker/``; the worker builds its app from the same :func:`celery_config`.
+
+Brokers: ``filesystem://`` (embedded default; message folder under ``<data_dir>/broker``) or
+``redis://…``. The SQL job row is the status of record; a result backend is configured only so
+tasks may report ``update_state(state="PROGRESS", …)`` (a file store under ``<data_dir>/broker``
+or the same Redis).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+
+if TYPE_CHECKING:
+    from server.db.tables import Job
+    from server.settings import Settings
+
+__all__ = [
+    "QUEUE_NAME",
+    "broker_folders",
+    "celery_config",
+    "check_broker",
+    "enqueue_job",
+    "make_celery",
+    "task_name",
+]
+
+logger = logging.getLogger(__name__)
+
+QUEUE_NAME = "segassist"
+_VISIBILITY_MARGIN_SECONDS = 3600
+
+
+def task_name(kind: str) -> str:
+    """Registered Celery name of the task running jobs of ``kind``."""
+    return f"segassist.{kind}"
+
+
+def broker_folders(settings: Settings) -> dict[str, str]:
+    """Folders of the filesystem transport (created if missing).
+
+    Producer and consumer share one message folder: the API writes to ``data_folder_out``, the
+    worker reads ``data_folder_in``.
+    """
+    messages = settings.broker_dir / "messages"
+    processed = settings.broker_dir / "processed"
+    for folder in (messages, processed):
+        folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(messages),
+        "data_folder_out": str(messages),
+        "processed_folder": str(processed),
+    }
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings shared by the API (client) and the worker.
+
+    Late acknowledgement, prefetch 1 and reject-on-worker-lost make a task that dies with its
+    worker run again (tasks are idempotent on the job id); on Redis the visibility timeout exceeds
+    the hard time limit so a long task is not redelivered while it still runs.
+    """
+    config: dict[str, Any] = {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "task_time_limit": settings.task_hard_time_limit,
+        "task_default_queue": QUEUE_NAME,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_track_started": True,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+    }
+    if settings.broker_url.startswith("filesystem://"):
+        results = settings.broker_dir / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        config |= {
+            "broker_url": "filesystem://",
+            "broker_transport_options": broker_folders(settings),
+            "result_backend": f"file://{results}",
+        }
+    else:
+        visibility = settings.task_hard_time_limit + _VISIBILITY_MARGIN_SECONDS
+        config |= {
+            "broker_url": settings.broker_url,
+            "broker_transport_options": {"visibility_timeout": visibility},
+            "result_backend": settings.broker_url,
+            "result_backend_transport_options": {"visibility_timeout": visibility},
+        }
+    return config
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A client-only Celery app (no tasks registered) for enqueuing from the API."""
+    app = Celery("segassist-api", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def enqueue_job(celery: Celery, job: Job) -> str:
+    """Send the task of ``job`` by name with the job id only; returns the Celery task id.
+
+    The task id is the job id, so a duplicate send is recognisable by the worker; the caller
+    stores it in ``job.celery_task_id``.
+    """
+    result = celery.send_task(task_name(job.kind), args=[job.id], task_id=job.id, queue=QUEUE_NAME)
+    logger.info("enqueued %s job %s", job.kind, job.id)
+    return str(result.id)
+
+
+def check_broker(celery: Celery) -> None:
+    """Raise if the broker cannot be reached (one connection attempt, short timeout)."""
+    with celery.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=2)

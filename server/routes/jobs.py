@@ -1,0 +1,207 @@
+"""Jobs: create (validated, then enqueued by task name), poll, cancel, logs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, status
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import exists, select, update
+from sqlalchemy.orm import Session
+
+from server.db.tables import (
+    FINAL_TAG,
+    Dataset,
+    Image,
+    Job,
+    JobKind,
+    JobStatus,
+    Label,
+    ModelKind,
+    ModelRecord,
+    utcnow,
+)
+from server.deps import CeleryDep, SessionDep, StorageDep
+from server.errors import format_errors, not_found, unprocessable
+from server.queue import enqueue_job
+from server.schemas import (
+    FinetuneParams,
+    JobCreate,
+    JobPublic,
+    PredictParams,
+    PretrainParams,
+)
+
+__all__ = ["router"]
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+_PARAMS: dict[JobKind, type[BaseModel]] = {
+    JobKind.pretrain: PretrainParams,
+    JobKind.finetune: FinetuneParams,
+    JobKind.predict: PredictParams,
+}
+
+
+def _conflict(message: str) -> HTTPException:
+    return HTTPException(status.HTTP_409_CONFLICT, message)
+
+
+def _check_images(session: Session, dataset: Dataset, image_ids: list[str] | None) -> None:
+    if image_ids is None:
+        if not session.scalar(select(exists().where(Image.dataset_id == dataset.id))):
+            raise _conflict(f"dataset {dataset.id!r} has no images: upload a volume first")
+        return
+    if not image_ids:
+        raise unprocessable("params.image_ids is empty (omit it to use every image)")
+    found = set(
+        session.scalars(
+            select(Image.id).where(Image.id.in_(image_ids), Image.dataset_id == dataset.id)
+        )
+    )
+    missing = [i for i in image_ids if i not in found]
+    if missing:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"images not found in dataset {dataset.id!r}: {missing}"
+        )
+
+
+def _check_model(session: Session, model_id: str, kind: ModelKind, dataset: Dataset) -> None:
+    model = session.get(ModelRecord, model_id)
+    if model is None:
+        raise not_found(str(kind), model_id)
+    if model.kind != kind:
+        raise unprocessable(f"model {model_id!r} is a {model.kind}, not a {kind}")
+    if model.modality.lower() != dataset.modality.lower():
+        raise unprocessable(
+            f"{kind} {model_id!r} was trained on {model.modality}, "
+            f"dataset {dataset.id!r} is {dataset.modality}"
+        )
+
+
+def _check_labels(session: Session, dataset: Dataset, label_ids: list[str] | None) -> None:
+    in_dataset = select(Label.id).join(Image).where(Image.dataset_id == dataset.id)
+    if label_ids is None:
+        if session.scalar(select(exists(in_dataset.where(Label.tag == FINAL_TAG)))):
+            return
+        raise _conflict(
+            f"dataset {dataset.id!r} has no labels: upload a label volume "
+            f"(tag '{FINAL_TAG}') for at least one image before fine-tuning"
+        )
+    if not label_ids:
+        raise unprocessable("params.label_ids is empty (omit it to use every final label)")
+    found = set(session.scalars(in_dataset.where(Label.id.in_(label_ids))))
+    missing = [i for i in label_ids if i not in found]
+    if missing:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"labels not found in dataset {dataset.id!r}: {missing}"
+        )
+
+
+def _validated_params(session: Session, dataset: Dataset, body: JobCreate) -> dict[str, Any]:
+    try:
+        params = _PARAMS[body.kind].model_validate(body.params)
+    except ValidationError as exc:
+        raise unprocessable(format_errors(exc.errors(), prefix="params")) from exc
+    if isinstance(params, PretrainParams):
+        _check_images(session, dataset, params.image_ids)
+    elif isinstance(params, FinetuneParams):
+        if params.encoder_id is not None:
+            _check_model(session, params.encoder_id, ModelKind.encoder, dataset)
+        _check_labels(session, dataset, params.label_ids)
+    elif isinstance(params, PredictParams):
+        _check_model(session, params.model_id, ModelKind.segmenter, dataset)
+        _check_images(session, dataset, params.image_ids)
+    return params.model_dump(mode="json")
+
+
+def _get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED)
+def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep) -> JobPublic:
+    """Validate, record (``queued``) and enqueue a job; the worker picks it up by id."""
+    dataset = session.get(Dataset, body.dataset_id)
+    if dataset is None:
+        raise not_found("dataset", body.dataset_id)
+    job = Job(
+        kind=body.kind, dataset_id=dataset.id, params=_validated_params(session, dataset, body)
+    )
+    session.add(job)
+    session.commit()
+    try:
+        job.celery_task_id = enqueue_job(celery, job)
+    except Exception as exc:
+        logger.exception("could not enqueue job %s", job.id)
+        job.status = JobStatus.failed
+        job.error = f"could not reach the task broker: {exc}"
+        job.finished_at = utcnow()
+        session.commit()
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, f"job {job.id} not queued: {job.error}"
+        ) from exc
+    session.commit()
+    return JobPublic.model_validate(job)
+
+
+@router.get("")
+def list_jobs(
+    session: SessionDep,
+    dataset_id: str | None = None,
+    state: Annotated[JobStatus | None, Query(alias="status")] = None,
+) -> list[JobPublic]:
+    """Jobs, newest first, optionally of one dataset and/or in one state."""
+    query = select(Job).order_by(Job.created_at.desc())
+    if dataset_id is not None:
+        query = query.where(Job.dataset_id == dataset_id)
+    if state is not None:
+        query = query.where(Job.status == state)
+    return [JobPublic.model_validate(job) for job in session.scalars(query)]
+
+
+@router.get("/{job_id}")
+def get_job(job_id: str, session: SessionDep) -> JobPublic:
+    """State, progress, result and error of a job."""
+    return JobPublic.model_validate(_get_job(session, job_id))
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(job_id: str, session: SessionDep) -> JobPublic:
+    """Cancel a job: a queued job is cancelled at once; a running one gets ``cancel_requested``
+    and stops at its next progress report. Finished jobs answer 409."""
+    job = _get_job(session, job_id)
+    now = utcnow()
+    # Conditional updates: the worker may move the job from queued to running concurrently.
+    cancelled = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now, updated_at=now)
+    )
+    if not cancelled.rowcount:  # type: ignore[attr-defined]
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.running)
+            .values(cancel_requested=True, updated_at=now)
+        )
+    session.commit()
+    session.refresh(job)
+    if job.status.finished and job.status != JobStatus.cancelled:
+        raise _conflict(f"job {job_id!r} already {job.status}; nothing to cancel")
+    return JobPublic.model_validate(job)
+
+
+@router.get("/{job_id}/logs", response_class=PlainTextResponse)
+def job_logs(job_id: str, session: SessionDep, storage: StorageDep) -> PlainTextResponse:
+    """The job's log (``data_dir/jobs/<id>/log.txt``); empty until the worker writes one."""
+    _get_job(session, job_id)
+    path = storage.job_log(job_id)
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    return PlainTextResponse(text)

@@ -1,0 +1,153 @@
+"""Labels: versioned label volumes per image (every save kept; one ``final`` per image)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+
+from fastapi import APIRouter, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from server.db.tables import FINAL_TAG, PREVIOUS_TAG, Image, Label, new_id
+from server.deps import SessionDep, SettingsDep, StorageDep
+from server.errors import not_found, unprocessable
+from server.ingest import validate_label
+from server.routes.images import remove_stored, typed_upload_path
+from server.schemas import LabelPublic
+from server.storage import Storage, temporary_path
+from server.uploads import receive_upload
+
+__all__ = ["router"]
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["labels"])
+
+_TAG = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Version numbering and the final-tag swap of one image must not interleave (same process);
+# PostgreSQL additionally locks the image row for other processes.
+_VERSION_LOCK = threading.Lock()
+
+
+def _store_label(
+    session: Session, storage: Storage, image: Image, src: Path, tag: str
+) -> LabelPublic:
+    allowed = image.dataset.label_values()
+    folder = storage.label_path(image.id, 0).parent
+    with temporary_path(folder, suffix=".nii.gz") as validated:
+        info = validate_label(src, validated, Path(image.path), allowed)
+        with _VERSION_LOCK:
+            session.execute(select(Image.id).where(Image.id == image.id).with_for_update())
+            version = 1 + (
+                session.scalar(select(func.max(Label.version)).where(Label.image_id == image.id))
+                or 0
+            )
+            dst = storage.label_path(image.id, version)
+            try:
+                if tag == FINAL_TAG:
+                    session.execute(
+                        update(Label)
+                        .where(Label.image_id == image.id, Label.tag == FINAL_TAG)
+                        .values(tag=PREVIOUS_TAG)
+                    )
+                label = Label(
+                    id=new_id(),
+                    image_id=image.id,
+                    version=version,
+                    tag=tag,
+                    path=str(dst),
+                    sha256=info.sha256,
+                    classes_present=sorted(int(c) for c in info.classes_present),
+                    annotated_slices={
+                        str(axis): sorted(int(i) for i in indices)
+                        for axis, indices in info.annotated_slices.items()
+                    },
+                )
+                session.add(label)
+                session.flush()
+                os.replace(validated, dst)
+                session.commit()
+            except BaseException:
+                session.rollback()
+                remove_stored(dst)
+                raise
+    logger.info("stored label v%d (%s) of image %s", version, tag, image.id)
+    return LabelPublic.model_validate(label)
+
+
+@router.post(
+    "/images/{image_id}/labels",
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "tag": {"type": "string", "default": FINAL_TAG},
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+async def upload_label(
+    image_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> LabelPublic:
+    """Save a new label version (multipart ``file``: NIfTI on the image's grid; 255 = unannotated).
+
+    Values must be 0, 255 or a class of the dataset's schema (422 names the others). Tag ``final``
+    (default) re-tags the previous final version as ``previous``; every version is kept.
+    """
+    image = await run_in_threadpool(session.get, Image, image_id)
+    if image is None:
+        raise not_found("image", image_id)
+    with storage.upload_tmp() as tmp:
+        upload = await receive_upload(request, tmp, settings.max_upload_bytes)
+        tag = upload.fields.get("tag") or FINAL_TAG
+        if not _TAG.match(tag):
+            raise unprocessable(f"tag {tag!r} must be 1-64 letters, digits, '_', '-' or '.'")
+        typed = typed_upload_path(upload)
+        try:
+            return await run_in_threadpool(_store_label, session, storage, image, typed, tag)
+        finally:
+            typed.unlink(missing_ok=True)
+
+
+@router.get("/images/{image_id}/labels")
+def list_labels(image_id: str, session: SessionDep) -> list[LabelPublic]:
+    """Every label version of an image, newest first."""
+    if session.get(Image, image_id) is None:
+        raise not_found("image", image_id)
+    labels = session.scalars(
+        select(Label).where(Label.image_id == image_id).order_by(Label.version.desc())
+    ).all()
+    return [LabelPublic.model_validate(label) for label in labels]
+
+
+@router.get("/labels/{label_id}/file", response_class=FileResponse)
+def download_label(label_id: str, session: SessionDep) -> FileResponse:
+    """The stored label NIfTI of one version."""
+    label = session.get(Label, label_id)
+    if label is None:
+        raise not_found("label", label_id)
+    return FileResponse(
+        label.path,
+        media_type="application/gzip",
+        filename=f"{label.image_id}_v{label.version}.nii.gz",
+    )

@@ -1,0 +1,228 @@
+"""Request and response bodies of the REST API (``…Create`` in, ``…Public`` out)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.db.tables import JobKind, JobStatus, ModelKind
+
+__all__ = [
+    "METHODS",
+    "OBJECTIVES",
+    "DatasetCreate",
+    "DatasetPublic",
+    "FinetuneParams",
+    "HealthPublic",
+    "ImagePublic",
+    "JobCreate",
+    "JobProgress",
+    "JobPublic",
+    "LabelClass",
+    "LabelPublic",
+    "ModelPublic",
+    "PredictParams",
+    "PredictionCreate",
+    "PredictionPublic",
+    "PretrainParams",
+]
+
+OBJECTIVES = ("pix2rep", "pix2rep_barlow", "iic_boundary")
+METHODS = ("linear", "finetune", "mean_teacher")
+
+Objective = Literal["pix2rep", "pix2rep_barlow", "iic_boundary"]
+Method = Literal["linear", "finetune", "mean_teacher"]
+Id = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class LabelClass(BaseModel):
+    """One class of a dataset's label schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    color: str = Field(default="#ff0000", pattern=r"^#[0-9a-fA-F]{6}$")
+
+
+class DatasetCreate(BaseModel):
+    """``POST /datasets``: class values are ``"1"``…``"254"`` (0 background, 255 unannotated)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=255)
+    modality: str = Field(min_length=1, max_length=32)
+    labels: dict[str, LabelClass] = Field(min_length=1)
+
+    @field_validator("labels")
+    @classmethod
+    def _class_values(cls, labels: dict[str, LabelClass]) -> dict[str, LabelClass]:
+        bad = [k for k in labels if not (k.isdigit() and 1 <= int(k) <= 254)]
+        if bad:
+            raise ValueError(
+                f"label values must be integers 1..254 (0 is background, 255 unannotated); got {bad}"
+            )
+        return {str(int(k)): v for k, v in labels.items()}
+
+
+class DatasetPublic(_Public):
+    """A dataset with its label schema and number of images."""
+
+    id: str
+    name: str
+    modality: str
+    labels: dict[str, LabelClass]
+    image_count: int
+    created_at: datetime
+
+
+class ImagePublic(_Public):
+    """A stored volume: geometry exactly as uploaded, checksum of the stored NIfTI."""
+
+    id: str
+    dataset_id: str
+    name: str
+    shape: list[int]
+    spacing: list[float]
+    affine: list[list[float]]
+    dtype: str
+    sha256: str
+    size_bytes: int
+    label_status: Literal["unlabelled", "labelled"]
+    final_label_id: str | None
+    label_versions: int
+    created_at: datetime
+
+
+class LabelPublic(_Public):
+    """One label version: ``annotated_slices`` maps axis (``"0"``, ``"1"``, ``"2"``) to indices."""
+
+    id: str
+    image_id: str
+    version: int
+    tag: str
+    sha256: str
+    classes_present: list[int]
+    annotated_slices: dict[str, list[int]]
+    created_at: datetime
+
+
+class PretrainParams(BaseModel):
+    """Params of a ``pretrain`` job (result ``{"encoder_id"}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: Objective
+    image_ids: list[Id] | None = None
+    steps: int | None = Field(default=None, gt=0)
+    config: dict[str, Any] | None = None
+
+
+class FinetuneParams(BaseModel):
+    """Params of a ``finetune`` job (``encoder_id`` null = random initialisation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder_id: Id | None = None
+    method: Method = "linear"
+    label_ids: list[Id] | None = None
+    config: dict[str, Any] | None = None
+
+
+class PredictParams(BaseModel):
+    """Params of a ``predict`` job (``image_ids`` null = every image of the dataset)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: Id
+    image_ids: list[Id] | None = None
+    probabilities: bool = False
+
+
+class JobCreate(BaseModel):
+    """``POST /jobs``; ``params`` is checked against the kind's params model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: JobKind
+    dataset_id: Id
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobProgress(BaseModel):
+    """Progress as the worker last reported it."""
+
+    step: int | None = None
+    total: int | None = None
+    loss: float | None = None
+    eta_seconds: float | None = None
+    phase: str | None = None
+
+
+class JobPublic(_Public):
+    """A job row: the status of record."""
+
+    id: str
+    kind: JobKind
+    dataset_id: str
+    status: JobStatus
+    params: dict[str, Any]
+    progress: JobProgress
+    result: dict[str, Any] | None
+    error: str | None
+    cancel_requested: bool
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class ModelPublic(_Public):
+    """A registry entry (encoder or segmenter) with lineage and metrics."""
+
+    id: str
+    kind: ModelKind
+    dataset_id: str | None
+    modality: str
+    objective: str | None
+    method: str | None
+    parent_id: str | None
+    job_id: str | None
+    lineage: dict[str, Any]
+    metrics: dict[str, Any]
+    created_at: datetime
+
+
+class PredictionCreate(BaseModel):
+    """``POST /models/{id}/predict``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_id: Id
+    probabilities: bool = False
+
+
+class PredictionPublic(BaseModel):
+    """Where the outputs of a prediction can be downloaded.
+
+    ``urls`` maps ``labels``, ``clusters``, ``clusters_png`` (and ``probabilities``,
+    ``uncertainty`` when asked) to API paths.
+    """
+
+    model_id: str
+    image_id: str
+    urls: dict[str, str]
+
+
+class HealthPublic(BaseModel):
+    """``GET /health``: ``"ok"`` or an error message per dependency."""
+
+    status: str
+    database: str
+    broker: str

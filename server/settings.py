@@ -1,0 +1,78 @@
+"""Service settings, read from ``SEGASSIST_*`` environment variables (pydantic-settings).
+
+Build them with :func:`get_settings` (cached), never at import time, so tests and the CLI can set
+the environment first. Every URL default derives from ``data_dir``: a fresh machine runs the
+embedded service (SQLite, Celery filesystem broker) with nothing else installed.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_API_TOKEN", "Settings", "get_settings"]
+
+DEFAULT_API_TOKEN = "changethis"
+"""Placeholder token; refused when ``environment="production"``."""
+
+
+class Settings(BaseSettings):
+    """Configuration of the API and the worker (same settings for both).
+
+    Attributes:
+        data_dir: root of the on-disk datastore (images, labels, models, jobs, broker, SQLite).
+        database_url: SQLAlchemy URL; default ``sqlite:///<data_dir>/segassist.db``.
+        broker_url: ``"filesystem://"`` (Celery filesystem transport under ``<data_dir>/broker``)
+            or ``"redis://…"``.
+        max_upload_bytes: largest accepted upload (bytes).
+        device: ONNX Runtime / torch device for predictions and training.
+        task_soft_time_limit: seconds after which a task gets ``SoftTimeLimitExceeded``.
+        task_hard_time_limit: seconds after which the worker kills the task.
+        environment: ``"production"`` refuses placeholder secrets.
+        api_token: bearer token clients must send when set (empty = no authentication).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SEGASSIST_", extra="ignore")
+
+    data_dir: Path = Path("./segassist-data")
+    database_url: str = ""
+    broker_url: str = "filesystem://"
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    task_soft_time_limit: int = Field(default=6 * 3600, gt=0)
+    task_hard_time_limit: int = Field(default=6 * 3600 + 300, gt=0)
+    environment: Literal["development", "production"] = "development"
+    api_token: str = ""
+
+    @model_validator(mode="after")
+    def _derive_and_check(self) -> Settings:
+        """Fill URL defaults from ``data_dir`` and fail fast on unsafe production settings."""
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'segassist.db'}"
+        if self.task_hard_time_limit <= self.task_soft_time_limit:
+            raise ValueError(
+                f"task_hard_time_limit ({self.task_hard_time_limit}) must exceed "
+                f"task_soft_time_limit ({self.task_soft_time_limit})"
+            )
+        if self.environment == "production" and self.api_token == DEFAULT_API_TOKEN:
+            raise ValueError(
+                "SEGASSIST_API_TOKEN is still the placeholder 'changethis'; set a secret "
+                "or leave it empty to disable authentication"
+            )
+        return self
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the embedded Celery filesystem transport."""
+        return self.data_dir / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings from the environment, built once per process."""
+    return Settings()

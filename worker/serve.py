@@ -1,0 +1,220 @@
+"""Run the service: the embedded default (API + one worker) or a worker alone.
+
+``run_embedded`` is what ``segassist serve`` calls: it settles the settings (SQLite and the
+filesystem broker under the data directory unless ``SEGASSIST_DATABASE_URL`` /
+``SEGASSIST_BROKER_URL`` say otherwise), migrates the database, starts one Celery worker
+subprocess (logging to ``<data_dir>/worker.log``, restarted if it dies), writes
+``<data_dir>/server.json`` (``{"url", "pid", "host", "port"}``) and serves the API with uvicorn in
+the foreground. SIGINT/SIGTERM stop uvicorn, then the worker (warm shutdown, then cold).
+
+The service is ready when ``GET <url>/api/v1/health`` answers 200; jobs enqueued before the
+worker has started wait in the broker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+from server.db import migrate
+from server.queue import QUEUE_NAME
+from server.settings import Settings, get_settings
+from server.storage import atomic_write_bytes
+
+__all__ = ["SERVER_FILE", "WorkerProcess", "run_embedded", "run_worker", "worker_command"]
+
+logger = logging.getLogger(__name__)
+
+SERVER_FILE = "server.json"
+"""Written in the data directory while an embedded service runs: its URL and process id."""
+
+_STOP_GRACE_SECONDS = 20.0
+_RESTART_DELAY_SECONDS = (1.0, 60.0)
+
+
+def worker_command(concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
+    """The command line of one Celery worker consuming the segassist queue."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "worker",
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        "-Q",
+        QUEUE_NAME,
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def _environment(settings: Settings) -> dict[str, str]:
+    """The parent's environment with the resolved locations, so the worker sees the same ones."""
+    env = dict(os.environ)
+    env |= {
+        "SEGASSIST_DATA_DIR": str(settings.data_dir),
+        "SEGASSIST_DATABASE_URL": settings.database_url,
+        "SEGASSIST_BROKER_URL": settings.broker_url,
+        "PYTHONUNBUFFERED": "1",
+    }
+    return env
+
+
+class WorkerProcess:
+    """One Celery worker subprocess, restarted when it exits unexpectedly.
+
+    Args:
+        settings: settings the worker inherits through ``SEGASSIST_*`` variables.
+        log_path: file receiving the worker's output (appended).
+        command: the worker's command line (default :func:`worker_command`).
+    """
+
+    def __init__(
+        self, settings: Settings, log_path: Path, command: list[str] | None = None
+    ) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.command = command or worker_command()
+        self.restarts = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._monitor = threading.Thread(target=self._watch, name="worker-monitor", daemon=True)
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the current worker, if one runs."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
+    def start(self) -> None:
+        """Start the worker and the thread that restarts it when it dies."""
+        self._spawn()
+        self._monitor.start()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            if self._log is None:
+                self._log = self.log_path.open("ab")
+            # Its own session: a terminal's Ctrl-C reaches the API, which then stops the worker
+            # in order, instead of both at once.
+            self._process = subprocess.Popen(
+                self.command,
+                env=_environment(self.settings),
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            logger.info("started worker pid %d (log %s)", self._process.pid, self.log_path)
+
+    def _watch(self) -> None:
+        delay = _RESTART_DELAY_SECONDS[0]
+        started = time.monotonic()
+        while not self._stopping.wait(1.0):
+            process = self._process
+            if process is None or process.poll() is None:
+                continue
+            if time.monotonic() - started > _RESTART_DELAY_SECONDS[1]:
+                delay = _RESTART_DELAY_SECONDS[0]
+            logger.warning(
+                "worker pid %d exited with %s; restarting in %.0f s",
+                process.pid,
+                process.returncode,
+                delay,
+            )
+            if self._stopping.wait(delay):
+                return
+            self._spawn()
+            self.restarts += 1
+            started = time.monotonic()
+            delay = min(delay * 2, _RESTART_DELAY_SECONDS[1])
+
+    def stop(self) -> None:
+        """Stop the worker: warm shutdown (SIGTERM), then cold (SIGQUIT), then SIGKILL.
+
+        A job interrupted by the cold shutdown is taken up again at the next start (its message
+        is restored, or re-enqueued by :mod:`worker.recovery`; pretraining resumes from its
+        checkpoint).
+        """
+        with self._lock:
+            self._stopping.set()
+            process = self._process
+        if self._monitor.is_alive():
+            self._monitor.join()
+        if process is not None and process.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGKILL):
+                try:
+                    os.killpg(process.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    process.wait(timeout=_STOP_GRACE_SECONDS)
+                    break
+                except subprocess.TimeoutExpired:
+                    logger.warning("worker pid %d still running after %s", process.pid, sig.name)
+            logger.info("worker stopped (exit code %s)", process.returncode)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _embedded_settings(data_dir: Path | None) -> Settings:
+    """Settings of the embedded service: ``data_dir`` (if given) wins over the environment."""
+    if data_dir is not None:
+        os.environ["SEGASSIST_DATA_DIR"] = str(Path(data_dir).expanduser().resolve())
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def run_embedded(host: str = "127.0.0.1", port: int = 8000, data_dir: Path | None = None) -> None:
+    """Serve the API and run one worker until SIGINT/SIGTERM (see the module docstring)."""
+    import uvicorn
+
+    from server.main import create_app
+
+    settings = _embedded_settings(data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(settings.database_url)
+    worker = WorkerProcess(settings, settings.data_dir / "worker.log")
+    server_file = settings.data_dir / SERVER_FILE
+    worker.start()
+    try:
+        url = f"http://{host}:{port}"
+        info = {"url": url, "pid": os.getpid(), "host": host, "port": port}
+        atomic_write_bytes(json.dumps(info).encode(), server_file)
+        logger.info("segassist API at %s/docs, data in %s", url, settings.data_dir)
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        server_file.unlink(missing_ok=True)
+        worker.stop()
+
+
+def run_worker(concurrency: int = 1, loglevel: str = "INFO") -> None:
+    """Become a worker (deployed: Redis + PostgreSQL); never returns.
+
+    Migrates the database, then replaces this process with :func:`worker_command`, so signals
+    from a container runtime reach Celery directly and its exit code is the process's.
+    """
+    settings = get_settings()
+    migrate(settings.database_url)
+    command = worker_command(concurrency, loglevel)
+    os.execve(command[0], command, _environment(settings))

@@ -1,0 +1,43 @@
+"""Celery tasks ``segassist.pretrain``, ``segassist.finetune``, ``segassist.predict``.
+
+Each takes only a job id; :func:`worker.jobs.run_job` re-reads the row and runs the pipeline of
+:mod:`worker.pipelines`. The return value (the job's status) is informative only: the SQL job row
+is the status of record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, shared_task
+
+from server.settings import get_settings
+from worker import pipelines
+from worker.jobs import Pipeline, run_job
+
+__all__ = ["finetune", "predict", "pretrain"]
+
+
+def _run(task: Task, job_id: str, pipeline: Pipeline) -> str:
+    def publish(state: dict[str, Any]) -> None:
+        task.update_state(state="PROGRESS", meta=state)
+
+    return run_job(job_id, pipeline, get_settings(), publish=publish)
+
+
+@shared_task(name="segassist.pretrain", bind=True)
+def pretrain(self: Task, job_id: str) -> str:
+    """Self-supervised pretraining of an encoder on a dataset's volumes."""
+    return _run(self, job_id, pipelines.pretrain)
+
+
+@shared_task(name="segassist.finetune", bind=True)
+def finetune(self: Task, job_id: str) -> str:
+    """Few-shot fit of a segmenter on labelled slices, exported to ONNX."""
+    return _run(self, job_id, pipelines.finetune)
+
+
+@shared_task(name="segassist.predict", bind=True)
+def predict(self: Task, job_id: str) -> str:
+    """ONNX predictions of a segmenter on a dataset's images."""
+    return _run(self, job_id, pipelines.predict)
