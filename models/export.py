@@ -5,9 +5,10 @@ both written atomically. The graph has dynamic batch, height and width; parity w
 checked with ONNX Runtime on an input whose batch size and H×W differ from the traced example, so a
 silently specialised dimension fails the export instead of failing in production.
 
-Exporter: ``torch.onnx.export(dynamo=True)`` (``torch.export`` + onnxscript), the default and
-maintained path in torch 2.13. The legacy TorchScript exporter gives the same parity (≈1e-6) and is
-faster, but it is deprecated ("will be removed") and exports instance norm in training mode.
+Exporter: the TorchScript exporter (``dynamo=False``) first, because the user waits for it: on
+the default network it takes ~1–5 s where ``torch.export`` + onnxscript (``dynamo=True``) takes
+~45 s on 2 CPU cores, with the same parity (≈1e-6). It is deprecated; where a torch release no
+longer has it, the ``dynamo=True`` path runs instead. Both are held to the same parity check.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,41 @@ def _check_parity(
             f"{tolerance:g} × scale {cluster_scale:.3g}"
         )
     return logits_diff
+
+
+def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    """Write ``model`` as ONNX with dynamic batch, H and W (see the module docstring)."""
+    common: dict[str, Any] = {
+        "input_names": [INPUT_NAME],
+        "output_names": list(OUTPUT_NAMES),
+        "opset_version": opset,
+        "verbose": False,
+    }
+    axes = {0: "batch", 2: "height", 3: "width"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                os.fspath(path),
+                dynamo=False,
+                dynamic_axes={name: axes for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                **common,
+            )
+        return
+    except (RuntimeError, TypeError, ValueError) as exc:  # exporter removed or op unsupported
+        logger.warning("TorchScript ONNX export failed (%s); using torch.export", exc)
+    dim = torch.export.Dim.AUTO
+    torch.onnx.export(
+        model,
+        (example,),
+        os.fspath(path),
+        dynamo=True,
+        dynamic_shapes=({0: dim, 2: dim, 3: dim},),
+        external_data=False,
+        **common,
+    )
 
 
 def export_segmenter(
@@ -178,20 +215,8 @@ def export_segmenter(
             output_names=OUTPUT_NAMES,
         )
         device = _device(model)
-        dim = torch.export.Dim.AUTO
         with atomic_path(out_dir / ONNX_NAME) as tmp:
-            torch.onnx.export(
-                model,
-                (torch.from_numpy(example).to(device),),
-                os.fspath(tmp),
-                dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
-                dynamic_shapes=({0: dim, 2: dim, 3: dim},),
-                opset_version=opset,
-                external_data=False,
-                verbose=False,
-            )
+            _torch_export(model, torch.from_numpy(example).to(device), tmp, opset)
             parity = _check_parity(tmp, check, reference, tolerance)
             manifest = dataclasses.replace(
                 draft, onnx_sha256=sha256_file(tmp), parity_max_abs_diff=parity

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -65,7 +65,11 @@ class Objective(nn.Module):
     """
 
     name: str = ""
-    cluster_head: nn.Conv2d | None = None
+
+    @property
+    def cluster_head(self) -> nn.Conv2d | None:
+        """The 1×1 convolution ``C→K`` of the cluster map, or ``None`` (k-means later)."""
+        return None
 
     def forward(
         self,
@@ -191,10 +195,14 @@ class IICBoundaryObjective(Objective):
         self.heads = nn.ModuleList(
             nn.Conv2d(feature_channels, num_clusters, 1) for _ in range(num_heads)
         )
-        self.cluster_head = self.heads[0]  # type: ignore[assignment]
         self.loss = IICBoundaryLoss(
             w_rmi=w_rmi, w_cc=w_cc, alpha=alpha, lam=lam, eps=eps, gamma=gamma, window=window
         )
+
+    @property
+    def cluster_head(self) -> nn.Conv2d:
+        """The first sub-head, ``C→K``; its argmax is the cluster map."""
+        return cast(nn.Conv2d, self.heads[0])
 
     def forward(
         self,

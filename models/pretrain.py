@@ -143,9 +143,10 @@ def _build_objective(config: PretrainConfig, feature_channels: int) -> Objective
 
 
 def _objective_cluster_head(objective: Objective) -> nn.Conv2d:
-    if objective.cluster_head is None:
+    head = objective.cluster_head
+    if head is None:
         raise ValueError(f"objective {objective.name!r} has no cluster head")
-    return objective.cluster_head
+    return head
 
 
 ClusterHeadSource = Literal["objective", "kmeans", "random"]

@@ -25,7 +25,7 @@ import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -171,7 +171,8 @@ def ingest_dicom_zip(src: Path, dst: Path, *, max_bytes: int = MAX_VOLUME_BYTES)
     image = volume_to_nifti(volume)
     with temporary_path(dst.parent, suffix=".nii.gz") as tmp:
         nib.save(image, tmp)
-        info = _volume_info(image, tmp)
+        # Report the affine as stored (float32 in the header), not the float64 it came from.
+        info = _volume_info(nib.load(tmp), tmp)
         _commit(tmp, dst)
     logger.info(
         "stored DICOM series %s (%d slices) as %s %s at %s",
@@ -360,7 +361,7 @@ def _write_gzip_with_header(src: Path, nifti: _Nifti, tmp: Path) -> None:
         shutil.copyfileobj(stream, out, 1 << 20)
 
 
-def _volume_info(image: nib.Nifti1Image, stored: Path) -> VolumeInfo:
+def _volume_info(image: Any, stored: Path) -> VolumeInfo:
     affine = np.asarray(image.affine, dtype=np.float64)
     shape = tuple(int(n) for n in image.shape[:3])
     spacing = tuple(float(s) for s in nib.affines.voxel_sizes(affine))

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -50,9 +50,9 @@ def _postgres_reachable(url: str) -> str | None:
     return None
 
 
-def _wait(check: object, what: str) -> None:
+def _wait(check: Callable[[], bool], what: str) -> None:
     for _ in range(_START_ATTEMPTS):
-        if callable(check) and check():
+        if check():
             return
         time.sleep(0.1)
     raise RuntimeError(f"{what} did not come up")

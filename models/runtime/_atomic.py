@@ -35,6 +35,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        # mkstemp creates 0600; artifacts are read by other processes (API, worker containers).
+        os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

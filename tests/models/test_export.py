@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -23,7 +24,7 @@ NORM = Normalisation(kind="ct_window", low=-1000.0, high=1000.0)
 
 def _segmenter(multiscale: bool = False) -> SegmenterNet:
     torch.manual_seed(0)
-    head = "mlp" if multiscale else "linear"
+    head: Literal["linear", "mlp"] = "mlp" if multiscale else "linear"
     encoder = DenseUNet(channels=(4, 8, 16))
     return SegmenterNet(encoder, num_classes=3, num_clusters=5, head=head, multiscale=multiscale)
 

@@ -13,8 +13,12 @@ from models.losses.pix2rep_barlow import standardise
 def _naive_barlow(
     z1: torch.Tensor, z2: torch.Tensor, valid: torch.Tensor, lam: float, eps: float = 1e-5
 ) -> float:
-    rows_1 = [z1[b, :, i, j] for b, i, j in zip(*torch.nonzero(valid[:, 0], as_tuple=True), strict=True)]
-    rows_2 = [z2[b, :, i, j] for b, i, j in zip(*torch.nonzero(valid[:, 0], as_tuple=True), strict=True)]
+    rows_1 = [
+        z1[b, :, i, j] for b, i, j in zip(*torch.nonzero(valid[:, 0], as_tuple=True), strict=True)
+    ]
+    rows_2 = [
+        z2[b, :, i, j] for b, i, j in zip(*torch.nonzero(valid[:, 0], as_tuple=True), strict=True)
+    ]
     n, d = len(rows_1), z1.shape[1]
 
     def column_stats(rows: list[torch.Tensor], k: int) -> tuple[float, float]:
@@ -27,13 +31,16 @@ def _naive_barlow(
     loss = 0.0
     for i in range(d):
         for j in range(d):
-            c = sum(
-                (float(r1[i]) - stats_1[i][0])
-                / stats_1[i][1]
-                * (float(r2[j]) - stats_2[j][0])
-                / stats_2[j][1]
-                for r1, r2 in zip(rows_1, rows_2, strict=True)
-            ) / n
+            c = (
+                sum(
+                    (float(r1[i]) - stats_1[i][0])
+                    / stats_1[i][1]
+                    * (float(r2[j]) - stats_2[j][0])
+                    / stats_2[j][1]
+                    for r1, r2 in zip(rows_1, rows_2, strict=True)
+                )
+                / n
+            )
             loss += (1 - c) ** 2 if i == j else lam * c**2
     return loss
 
@@ -82,4 +89,6 @@ def test_bad_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="lambda_offdiag"):
         PixelBarlowTwinsLoss(lambda_offdiag=-1.0)
     with pytest.raises(ValueError, match="valid mask"):
-        PixelBarlowTwinsLoss()(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool))
+        PixelBarlowTwinsLoss()(
+            torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool)
+        )

@@ -23,6 +23,12 @@ def _oblique_affine() -> np.ndarray:
     return affine
 
 
+def _load(path: Path) -> nib.Nifti1Image:
+    image = nib.load(path)
+    assert isinstance(image, nib.Nifti1Image)
+    return image
+
+
 def _lps_affine() -> np.ndarray:
     return np.array(
         [
@@ -59,8 +65,8 @@ def test_round_trip_keeps_geometry(
 
     out = write_nifti_atomic(labels, tmp_path / "labels.nii.gz", (ref_affine, ref_header), np.uint8)
     data, out_affine, out_header = read_nifti(out)
-    ref = nib.load(ref_path)
-    written = nib.load(out)
+    ref = _load(ref_path)
+    written = _load(out)
 
     assert np.array_equal(out_affine, ref_affine)
     assert np.array_equal(written.header.get_sform(), ref.header.get_sform())
@@ -79,7 +85,7 @@ def test_reference_scaling_does_not_leak_into_labels(tmp_path: Path) -> None:
     nib.save(image, ref_path)
     labels = np.full((4, 4, 3), 3, np.uint8)
 
-    out = write_nifti_atomic(labels, tmp_path / "labels.nii", nib.load(ref_path), np.uint8)
+    out = write_nifti_atomic(labels, tmp_path / "labels.nii", _load(ref_path), np.uint8)
 
     assert np.array_equal(read_nifti(out)[0], labels)
 
@@ -88,11 +94,11 @@ def test_float_probabilities_with_extra_axis(tmp_path: Path) -> None:
     ref_path = _reference(tmp_path, _oblique_affine(), 1, 2)
     probs = np.random.default_rng(1).random((7, 6, 5, 3)).astype(np.float32)
 
-    out = write_nifti_atomic(probs, tmp_path / "p.nii.gz", nib.load(ref_path), np.float32)
+    out = write_nifti_atomic(probs, tmp_path / "p.nii.gz", _load(ref_path), np.float32)
     data, affine, _ = read_nifti(out)
 
     assert np.array_equal(data, probs)
-    assert np.array_equal(affine, nib.load(ref_path).affine)
+    assert np.array_equal(affine, _load(ref_path).affine)
 
 
 def test_rejects_values_that_do_not_fit(tmp_path: Path) -> None:

@@ -100,16 +100,19 @@ def test_iic_encoder_keeps_its_cluster_head_and_round_trips(tmp_path: Path) -> N
     assert loaded.config == config and loaded.objective == "iic_boundary"
 
 
-def test_kmeans_head_separates_disc_from_background(tmp_path: Path) -> None:
+def test_kmeans_head_clusters_the_encoder_features(tmp_path: Path) -> None:
     volume = _volume(depth=4)
-    encoder = pretrain([volume], _config(steps=2, num_clusters=2), tmp_path)
+    encoder = pretrain([volume], _config(steps=2, num_clusters=3), tmp_path)
     assert encoder.cluster_head_source == "kmeans"
-    slices = np.moveaxis(volume, 2, 0)
-    clusters = encoder.cluster_head(encoder.features(slices)).argmax(1).numpy()
-    disc = slices > 0.45
-    # One cluster dominates the disc, the other the background.
-    assert (clusters[disc] == np.bincount(clusters[disc]).argmax()).mean() > 0.8
-    assert np.bincount(clusters[disc]).argmax() != np.bincount(clusters[~disc]).argmax()
+    features = encoder.features(np.moveaxis(volume, 2, 0))
+    scores = encoder.cluster_head(features)
+    assert scores.shape == (4, 3, 32, 32)
+    # argmax of the head = nearest centroid (w = 2c), and every cluster is used.
+    centroids = encoder.cluster_head.weight[:, :, 0, 0] / 2
+    pixels = features.permute(0, 2, 3, 1).reshape(-1, 4)
+    nearest = torch.cdist(pixels, centroids).argmin(1)
+    assert torch.equal(scores.permute(0, 2, 3, 1).reshape(-1, 3).argmax(1), nearest)
+    assert set(nearest.tolist()) == {0, 1, 2}
 
 
 def test_rejects_unnormalised_volumes(tmp_path: Path) -> None:

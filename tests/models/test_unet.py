@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -58,9 +59,15 @@ def test_features_of_a_slice_do_not_depend_on_the_rest_of_the_batch() -> None:
 
 
 @pytest.mark.parametrize(("head", "multiscale"), [("linear", False), ("mlp", True)])
-def test_segmenter_outputs_and_head_features(head: str, multiscale: bool) -> None:
+def test_segmenter_outputs_and_head_features(
+    head: Literal["linear", "mlp"], multiscale: bool
+) -> None:
     net = SegmenterNet(
-        DenseUNet(channels=(4, 8, 16)), num_classes=3, num_clusters=5, head=head, multiscale=multiscale
+        DenseUNet(channels=(4, 8, 16)),
+        num_classes=3,
+        num_clusters=5,
+        head=head,
+        multiscale=multiscale,
     ).eval()
     x = torch.rand(2, 1, 16, 32)
     logits, clusters = net(x)

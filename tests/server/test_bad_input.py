@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from server.settings import Settings
-from tests.server.conftest import MAX_UPLOAD_BYTES, SHAPE, Api, nifti_bytes, sparse_label, volume
+from tests.server.conftest import MAX_UPLOAD_BYTES, Api, nifti_bytes, sparse_label, volume
 
 
 def _stored_files(data_dir: Path) -> list[str]:
@@ -102,4 +102,3 @@ def test_malformed_requests_are_422_with_a_message(api: Api) -> None:
     ]:
         assert response.status_code == 422, response.text
         assert needle in response.json()["detail"]
-    assert SHAPE  # the label-shape case above uses SHAPE-sized images

@@ -23,9 +23,7 @@ def _broker_messages(data_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.msg"))]
 
 
-def test_queued_job_reaches_the_broker_and_can_be_cancelled(
-    api: Api, settings: Settings
-) -> None:
+def test_queued_job_reaches_the_broker_and_can_be_cancelled(api: Api, settings: Settings) -> None:
     dataset = api.dataset()
     api.image(dataset["id"])
     created = api.client.post(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 
@@ -15,6 +16,7 @@ from tests.server.conftest import (
     sparse_label,
     volume,
 )
+from tests.server.dicom_factory import SeriesSpec, write_series, zip_files
 
 
 def test_uploaded_image_keeps_its_affine_and_voxels_exactly(api: Api) -> None:
@@ -78,3 +80,22 @@ def test_every_label_version_is_kept_and_one_is_final(api: Api) -> None:
     assert np.array_equal(np.asanyarray(stored.dataobj), sparse_label((1,)))
     image_file = load_nifti(api.client.get(f"/api/v1/images/{image['id']}/file").content)
     assert np.array_equal(stored.affine, image_file.affine)
+
+
+def test_zipped_dicom_series_is_stored_as_nifti(api: Api, tmp_path: Path) -> None:
+    spec = SeriesSpec(
+        pixels=np.arange(4 * 6 * 5, dtype=np.uint16).reshape(4, 6, 5),
+        orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        origin=(-10.0, 20.0, 30.0),
+        pixel_spacing=(0.7, 0.9),
+        slice_step=2.0,
+    )
+    archive = zip_files(write_series(spec, tmp_path / "dcm"), tmp_path / "series.zip")
+    dataset = api.dataset()
+    response = api.upload_image(dataset["id"], archive.read_bytes(), "series.zip")
+    assert response.status_code == 201, response.text
+    image = response.json()
+    assert sorted(image["shape"]) == [4, 5, 6]
+    stored = load_nifti(api.client.get(f"/api/v1/images/{image['id']}/file").content)
+    # The affine reported is the one stored in the file's header, exactly.
+    assert np.array_equal(stored.affine, np.array(image["affine"]))

@@ -26,7 +26,7 @@ def _threshold_segmenter(folder: Path, sign: float) -> None:
     seg_b = numpy_helper.from_array(np.array([sign, 0.0, -sign], np.float32) * 5, "seg_b")
     clu_w = numpy_helper.from_array(np.array([-10.0, 10.0], np.float32).reshape(2, 1, 1, 1), "cw")
     clu_b = numpy_helper.from_array(np.array([5.0, -5.0], np.float32), "cb")
-    dims = ["B", 1, "H", "W"]
+    dims: list[str | int] = ["B", 1, "H", "W"]
     graph = helper.make_graph(
         [
             helper.make_node("Conv", ["image", "seg_w", "seg_b"], ["logits"]),

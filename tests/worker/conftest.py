@@ -139,6 +139,8 @@ class Worker:
             "SEGASSIST_DATA_DIR": str(settings.data_dir),
             "SEGASSIST_DATABASE_URL": settings.database_url,
             "SEGASSIST_BROKER_URL": settings.broker_url,
+            "SEGASSIST_TASK_SOFT_TIME_LIMIT": str(settings.task_soft_time_limit),
+            "SEGASSIST_TASK_HARD_TIME_LIMIT": str(settings.task_hard_time_limit),
             "SEGASSIST_DEVICE": "cpu",
             "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": "1",
@@ -177,8 +179,13 @@ class Worker:
 
 @pytest.fixture(params=["embedded", "deployed"])
 def settings(request: pytest.FixtureRequest, data_dir: Path) -> Settings:
-    """``embedded``: filesystem broker + SQLite; ``deployed``: Redis + PostgreSQL."""
-    if request.param == "embedded":
+    """``embedded``: filesystem broker + SQLite; ``deployed``: Redis + PostgreSQL.
+
+    A test may narrow the back-ends and set time limits by indirect parametrisation with
+    ``("embedded" | "deployed", {"task_soft_time_limit": …, …})``.
+    """
+    backend, extra = (request.param, {}) if isinstance(request.param, str) else request.param
+    if backend == "embedded":
         database_url, broker_url = f"sqlite:///{data_dir / 'segassist.db'}", "filesystem://"
     else:
         database_url = str(request.getfixturevalue("postgres_url"))
@@ -189,6 +196,7 @@ def settings(request: pytest.FixtureRequest, data_dir: Path) -> Settings:
         broker_url=broker_url,
         device="cpu",
         api_token="",
+        **extra,
     )
 
 

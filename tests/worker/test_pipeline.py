@@ -66,7 +66,9 @@ def test_pretrain_finetune_predict(service: Service, start_worker: Callable[[], 
     urls = predicted["result"]["predictions"][image_id]
     labels = _load(service.client.get(urls["labels"]).content)
     assert labels.shape == SHAPE
-    np.testing.assert_array_equal(labels.affine, AFFINE)
+    stored = _load(service.client.get(f"/api/v1/images/{image_id}/file").content)
+    np.testing.assert_array_equal(labels.affine, stored.affine)
+    np.testing.assert_allclose(labels.affine, AFFINE, atol=1e-6)  # NIfTI keeps float32
     clusters = _load(service.client.get(urls["clusters"]).content)
     assert clusters.shape == SHAPE
     png = service.client.get(urls["clusters_png"])
