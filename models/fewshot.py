@@ -365,15 +365,16 @@ def _fit_linear(
 ) -> None:
     """Train the head on cached features of the annotated pixels (the encoder stays frozen).
 
-    The head is pixel-wise (1×1 convs), so the annotated pixels are gathered into an
-    ``N×C_head×1×1`` batch once: a step costs O(N·C_head·L).
+    The head is pixel-wise (1×1 convs), so the annotated pixels are gathered once into a single
+    ``1×C_head×N×1`` "image" (one image, not N: a 1×1 conv over it is one matrix product):
+    a step costs O(N·C_head·L).
     """
     segmenter.encoder.requires_grad_(False)
     features = _head_features(segmenter, data.images, device)
     labels = torch.from_numpy(data.labels).long().to(device)
     annotated = labels != IGNORE_INDEX
-    pixels = features.permute(0, 2, 3, 1)[annotated][:, :, None, None]  # N×C×1×1
-    targets = labels[annotated][:, None, None]  # N×1×1
+    pixels = features.permute(1, 0, 2, 3)[:, annotated][None, :, :, None]  # 1×C×N×1
+    targets = labels[annotated][None, :, None]  # 1×N×1
     del features
     loss_fn = MaskedDiceCELoss()
     generator = torch.Generator().manual_seed(config.seed)
@@ -382,11 +383,11 @@ def _fit_linear(
         head.parameters(), lr=config.linear_lr, weight_decay=config.weight_decay
     )
     report = _Reporter(config.linear_steps, "linear", progress)
-    n = pixels.shape[0]
+    n = pixels.shape[2]
     for step in range(config.linear_steps):
         if n > config.linear_max_pixels:
             pick = torch.randperm(n, generator=generator)[: config.linear_max_pixels].to(device)
-            x, y = pixels[pick], targets[pick]
+            x, y = pixels[:, :, pick], targets[:, pick]
         else:
             x, y = pixels, targets
         loss = loss_fn(head(x), y)

@@ -193,26 +193,48 @@ def _execute(ctx: JobContext, pipeline: Pipeline) -> str:
     try:
         ctx.check_cancelled()
         result = pipeline(ctx)
-    except LeaseLost as exc:
-        logger.error("%s job %s: %s; this attempt stops here", ctx.kind, ctx.job_id, exc)
-    except JobCancelled as exc:
-        logger.info("%s job %s cancelled (%s)", ctx.kind, ctx.job_id, exc)
-        _finish(ctx.job_id, ctx.sessions, JobStatus.cancelled)
-    except SoftTimeLimitExceeded:
-        limit = ctx.settings.task_soft_time_limit
-        message = (
-            f"the job ran longer than the time limit of {limit} s "
-            "(SEGASSIST_TASK_SOFT_TIME_LIMIT) and was stopped"
-        )
-        logger.error("%s job %s failed: %s", ctx.kind, ctx.job_id, message)
-        _finish(ctx.job_id, ctx.sessions, JobStatus.failed, error=message)
     except Exception as exc:
-        logger.exception("%s job %s failed", ctx.kind, ctx.job_id)
-        _finish(ctx.job_id, ctx.sessions, JobStatus.failed, error=_describe(exc))
+        cause = _control_cause(exc)
+        if isinstance(cause, LeaseLost):
+            logger.error("%s job %s: %s; this attempt stops here", ctx.kind, ctx.job_id, cause)
+        elif isinstance(cause, JobCancelled):
+            logger.info("%s job %s cancelled (%s)", ctx.kind, ctx.job_id, cause)
+            _finish(ctx.job_id, ctx.sessions, JobStatus.cancelled)
+        elif isinstance(cause, SoftTimeLimitExceeded):
+            limit = ctx.settings.task_soft_time_limit
+            message = (
+                f"the job ran longer than the time limit of {limit} s "
+                "(SEGASSIST_TASK_SOFT_TIME_LIMIT) and was stopped"
+            )
+            logger.error("%s job %s failed: %s", ctx.kind, ctx.job_id, message)
+            _finish(ctx.job_id, ctx.sessions, JobStatus.failed, error=message)
+        else:
+            logger.exception("%s job %s failed", ctx.kind, ctx.job_id)
+            _finish(ctx.job_id, ctx.sessions, JobStatus.failed, error=_describe(exc))
     else:
         logger.info("%s job %s succeeded: %s", ctx.kind, ctx.job_id, result)
         _finish(ctx.job_id, ctx.sessions, JobStatus.succeeded, result=result)
     return _status(ctx.job_id, ctx.sessions)
+
+
+_CONTROL = (LeaseLost, JobCancelled, SoftTimeLimitExceeded)
+
+
+def _control_cause(exc: BaseException) -> BaseException | None:
+    """The cancel, lease-loss or time-limit exception behind ``exc``, if any.
+
+    Libraries wrap what is raised inside them (MONAI re-raises an error inside a transform as
+    ``RuntimeError("applying transform …")``), and the soft time limit is raised asynchronously
+    wherever the job happens to be, so the chain of causes is searched.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, _CONTROL):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _describe(exc: BaseException) -> str:

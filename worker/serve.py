@@ -185,25 +185,46 @@ def _embedded_settings(data_dir: Path | None) -> Settings:
     return get_settings()
 
 
+class _Stop(Exception):
+    """SIGINT/SIGTERM received: leave the API loop and stop the worker."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
 def run_embedded(host: str = "127.0.0.1", port: int = 8000, data_dir: Path | None = None) -> None:
-    """Serve the API and run one worker until SIGINT/SIGTERM (see the module docstring)."""
+    """Serve the API and run one worker until SIGINT/SIGTERM (see the module docstring).
+
+    Returns normally after a signal, once the worker has stopped. (uvicorn hands a signal it
+    caught back to the previous handler when it exits; ours turns it into a clean return.)
+    """
     import uvicorn
 
     from server.main import create_app
 
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     settings = _embedded_settings(data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.database_url)
     worker = WorkerProcess(settings, settings.data_dir / "worker.log")
     server_file = settings.data_dir / SERVER_FILE
-    worker.start()
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        worker.start()
         url = f"http://{host}:{port}"
         info = {"url": url, "pid": os.getpid(), "host": host, "port": port}
         atomic_write_bytes(json.dumps(info).encode(), server_file)
         logger.info("segassist API at %s/docs, data in %s", url, settings.data_dir)
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    except _Stop as stop:
+        logger.info("%s received; stopping", stop)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         server_file.unlink(missing_ok=True)
         worker.stop()
 

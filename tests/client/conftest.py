@@ -25,14 +25,14 @@ from client.local import ServiceStartError, start_service, wait_until_healthy
 TINY_PRETRAIN = {
     "batch_size": 2,
     "image_size": 32,
-    "channels": [4, 8],
+    "channels": [16, 32],
     "num_clusters": 3,
     "kmeans_slices": 4,
     "checkpoint_every": 1,
 }
 """Pretraining config small enough for a test (a few seconds on 2 cores)."""
 
-TINY_FIT = {"linear_steps": 30, "steps": 5, "eval_every": 5}
+TINY_FIT = {"linear_steps": 100, "steps": 5, "eval_every": 5}
 """Few-shot config small enough for a test."""
 
 OBLIQUE_AFFINE = np.array(

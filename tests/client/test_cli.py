@@ -82,11 +82,11 @@ def test_segment_writes_a_segmentation_on_the_inputs_grid(
     labels = np.asanyarray(result.dataobj)
     assert labels.shape == volume.reference.shape
     assert set(np.unique(labels)) <= {0, 1, 2}
-    # even a 3-step encoder separates a bright and a dark blob from background on unseen slices
-    scores = dice_on_unlabelled(
-        labels, volume.reference, volume.axis, list(volume.labelled), {1: "bright", 2: "dark"}
+    # the bright structure annotated on 3 slices is found on the slices nobody labelled
+    (bright,) = dice_on_unlabelled(
+        labels, volume.reference, volume.axis, list(volume.labelled), {1: "bright"}
     )
-    assert min(s.dice for s in scores) > 0.5, scores
+    assert bright.dice > 0.5, bright
 
 
 def test_segment_writes_the_cluster_map_and_its_picture(segmented: Segmented) -> None:

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.fewshot import FewShotConfig, _augmenter, _batch, fit_segmenter
+from models.networks.segmenter import SegmenterNet
+from models.pretrain import Encoder, PretrainConfig, pretrain
+from models.progress import Progress
+from models.volumes import IGNORE_INDEX
+
+ANNOTATED = [2, 9]
+
+
+def _disc_volume(depth: int = 16, size: int = 38, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A bright disc whose radius grows then shrinks through the slices (axis 2), 2 classes.
+
+    38 is not a multiple of the encoder's size divisor: slices are padded, labels ignored there.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    image = np.empty((size, size, depth), np.float32)
+    labels = np.empty((size, size, depth), np.uint8)
+    for z in range(depth):
+        r = 5 + 10 * np.sin(np.pi * (z + 0.5) / depth)
+        disc = (yy - size / 2) ** 2 + (xx - size / 2.2) ** 2 < r**2
+        image[..., z] = 0.2 + 0.5 * disc + 0.05 * rng.standard_normal((size, size))
+        labels[..., z] = disc
+    return np.clip(image, 0, 1), labels
+
+
+def _sparse(labels: np.ndarray, slices: list[int]) -> np.ndarray:
+    sparse = np.full_like(labels, IGNORE_INDEX)
+    sparse[..., slices] = labels[..., slices]
+    return sparse
+
+
+def _dice_on_unannotated(segmenter: SegmenterNet, image: np.ndarray, labels: np.ndarray) -> float:
+    x = np.moveaxis(image, 2, 0)[:, None]
+    x = np.pad(x, [(0, 0), (0, 0), (0, 2), (0, 2)])  # to a multiple of 4, as the runtime does
+    with torch.no_grad():
+        pred = segmenter(torch.from_numpy(x))[0].argmax(1).numpy()[:, :38, :38]
+    keep = np.setdiff1d(np.arange(labels.shape[2]), ANNOTATED)
+    p, g = pred[keep] == 1, np.moveaxis(labels, 2, 0)[keep] == 1
+    return float(2 * (p & g).sum() / (p.sum() + g.sum()))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Encoder:
+    """A short Pix2Rep pretraining on the volume itself (the product's path)."""
+    image, _ = _disc_volume()
+    config = PretrainConfig(
+        channels=(8, 16, 32),
+        image_size=40,
+        batch_size=4,
+        steps=40,
+        lr=3e-3,
+        num_clusters=4,
+        kmeans_slices=2,
+        objective_overrides={"projection_dim": 32},
+    )
+    return pretrain([image], config, Path(tmp_path_factory.mktemp("pretrain")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "config"),
+    [
+        ("linear", FewShotConfig()),
+        ("finetune", FewShotConfig(steps=60)),
+        ("mean_teacher", FewShotConfig(steps=80)),
+    ],
+)
+def test_methods_segment_the_unannotated_slices(
+    pretrained: Encoder, method: str, config: FewShotConfig
+) -> None:
+    image, labels = _disc_volume()
+    reports: list[Progress] = []
+    segmenter = fit_segmenter(
+        pretrained,
+        [image],
+        [_sparse(labels, ANNOTATED)],
+        num_classes=2,
+        method=method,  # type: ignore[arg-type]
+        config=config,
+        progress=reports.append,
+    )
+
+    assert _dice_on_unannotated(segmenter, image, labels) > 0.8
+    assert reports and reports[0].step == 1 and reports[0].phase == method
+    assert reports[-1].total == (config.linear_steps if method == "linear" else config.steps)
+    assert all(r.eta_seconds >= 0 for r in reports)
+    # The cluster head is the encoder's, untouched by training.
+    assert torch.equal(segmenter.cluster_head.weight, pretrained.cluster_head.weight)
+
+
+@pytest.mark.slow
+def test_random_init_baseline_finetunes(pretrained: Encoder) -> None:
+    image, labels = _disc_volume()
+    scratch = Encoder.random(pretrained.config, pretrained.normalisation)
+    before = [p.clone() for p in scratch.parameters()]
+    segmenter = fit_segmenter(
+        scratch,
+        [image],
+        [_sparse(labels, ANNOTATED)],
+        num_classes=2,
+        method="finetune",
+        config=FewShotConfig.for_scratch(steps=60),
+    )
+    assert _dice_on_unannotated(segmenter, image, labels) > 0.8
+    # The encoder passed in is copied, not trained in place.
+    assert all(torch.equal(a, b) for a, b in zip(before, scratch.parameters(), strict=True))
+
+
+def test_label_values_out_of_range_are_rejected(pretrained: Encoder) -> None:
+    image, labels = _disc_volume(depth=4)
+    bad = _sparse(labels, [1])
+    bad[3, 3, 1] = 2
+    with pytest.raises(ValueError, match=r"label values \[2\] out of range for 2 classes"):
+        fit_segmenter(pretrained, [image], [bad], num_classes=2)
+
+
+def test_no_annotated_slice_is_rejected(pretrained: Encoder) -> None:
+    image, labels = _disc_volume(depth=4)
+    with pytest.raises(ValueError, match="no slice is annotated"):
+        fit_segmenter(pretrained, [image], [_sparse(labels, [])], num_classes=2)
+    with pytest.raises(ValueError, match="differs from image shape"):
+        fit_segmenter(pretrained, [image], [labels[:, :, :3]], num_classes=2)
+
+
+def test_augmentation_marks_pixels_from_outside_the_slice_as_ignored() -> None:
+    config = FewShotConfig(aug_prob=1.0, rotate_degrees=45.0, scale_range=0.0)
+    images = np.full((1, 16, 16), 0.5, np.float32)
+    labels = np.ones((1, 16, 16), np.uint8)
+    labels[0, :, :8] = 0
+    x, y = _batch(images, labels, [0], _augmenter(config, 16, 16))
+
+    assert x.shape == (1, 1, 16, 16) and y.shape == (1, 16, 16)
+    values = set(torch.unique(y).tolist())
+    # A 45° rotation brings outside pixels into the corners: ignored, never background.
+    assert values == {0, 1, IGNORE_INDEX}
+    assert (y[0, 0, 0] == IGNORE_INDEX).item()

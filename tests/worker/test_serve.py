@@ -1,0 +1,136 @@
+"""The embedded service: API + one worker from one process, the worker restarted if it dies."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.worker.conftest import (
+    JOB_DEADLINE_SECONDS,
+    LABEL_SCHEMA,
+    TINY_FEWSHOT,
+    nifti_bytes,
+    sparse_label,
+    synthetic_volume,
+)
+from worker.serve import SERVER_FILE
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid`` (of all its threads: the worker is restarted from a thread)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return sorted(children)
+
+
+def _until(check: object, what: str) -> None:
+    end = time.monotonic() + JOB_DEADLINE_SECONDS
+    while time.monotonic() < end:
+        if callable(check) and check():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client, Path]]:
+    """``run_embedded`` in a subprocess on a free port; answers once /health is 200."""
+    data_dir = tmp_path / "data"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGASSIST_")}
+    env |= {"SEGASSIST_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    code = f"from worker.serve import run_embedded; run_embedded('127.0.0.1', {port}, {str(data_dir)!r})"
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=30)
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"the service exited: {(tmp_path / 'serve.log').read_text()}")
+        try:
+            return client.get("/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    _until(healthy, "the embedded API")
+    try:
+        yield process, client, data_dir
+    finally:
+        client.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _segment(client: httpx.Client) -> dict[str, object]:
+    """Upload a volume and a sparse label, fit on a random encoder; the finished job."""
+    dataset = client.post(
+        "/datasets", json={"name": "box", "modality": "CT", "labels": LABEL_SCHEMA}
+    ).json()
+    image = client.post(
+        f"/datasets/{dataset['id']}/images",
+        files={"file": ("ct.nii.gz", io.BytesIO(nifti_bytes(synthetic_volume())), "x")},
+    ).json()
+    client.post(
+        f"/images/{image['id']}/labels",
+        files={"file": ("l.nii.gz", io.BytesIO(nifti_bytes(sparse_label())), "x")},
+    ).raise_for_status()
+    config = {"encoder": {"channels": [4, 8], "num_clusters": 3}, **TINY_FEWSHOT}
+    body = {"kind": "finetune", "dataset_id": dataset["id"], "params": {"config": config}}
+    job = client.post("/jobs", json=body).json()
+    state: dict[str, object] = {}
+
+    def finished() -> bool:
+        state.update(client.get(f"/jobs/{job['id']}").json())
+        return state["status"] in ("succeeded", "failed", "cancelled")
+
+    _until(finished, f"job {job['id']}")
+    return state
+
+
+def test_embedded_service_runs_jobs_and_restarts_a_dead_worker(
+    embedded: tuple[subprocess.Popen[bytes], httpx.Client, Path],
+) -> None:
+    process, client, data_dir = embedded
+    info = json.loads((data_dir / SERVER_FILE).read_text())
+    assert info["pid"] == process.pid
+    assert (data_dir / "segassist.db").exists()  # SQLite under the data directory
+
+    assert _segment(client)["status"] == "succeeded"
+    assert any((data_dir / "broker").rglob("*")), "the filesystem broker lives in the data dir"
+
+    (worker_pid,) = _children(process.pid)
+    os.killpg(worker_pid, signal.SIGKILL)
+    _until(lambda: _children(process.pid) not in ([], [worker_pid]), "a new worker")
+    (restarted,) = _children(process.pid)
+    assert _segment(client)["status"] == "succeeded"
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0
+    assert not (data_dir / SERVER_FILE).exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(restarted, 0)  # the worker stopped with the service
