@@ -23,7 +23,8 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ from monai.transforms import (
     RandGaussianNoised,
     RandGaussianSmoothd,
 )
+from torch import nn
 
 from models.networks.segmenter import SegmenterNet
 from models.pretrain import Encoder
@@ -98,7 +100,7 @@ class FewShotConfig:
     seed: int = 0
     linear_lr: float = 7.6e-3
     linear_steps: int = 300
-    linear_max_pixels: int = 65_536
+    linear_max_pixels: int = 32_768
     encoder_lr: float = 5e-5
     head_lr: float = 1e-2
     weight_decay: float = 1e-5
@@ -356,6 +358,29 @@ def _head_features(
     )
 
 
+def _pointwise(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a head of 1×1 convs and activations to ``N×C`` pixel rows (as matrix products)."""
+    if isinstance(head, nn.Sequential):
+        for layer in head:
+            x = _pointwise(layer, x)
+        return x
+    if isinstance(head, nn.Conv2d):
+        if head.kernel_size != (1, 1):
+            raise ValueError(f"the linear probe needs a pixel-wise head, found {head}")
+        return F.linear(x, head.weight[:, :, 0, 0], head.bias)
+    return head(x)
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _fit_linear(
     segmenter: SegmenterNet,
     data: _TrainingSlices,
@@ -365,16 +390,16 @@ def _fit_linear(
 ) -> None:
     """Train the head on cached features of the annotated pixels (the encoder stays frozen).
 
-    The head is pixel-wise (1×1 convs), so the annotated pixels are gathered once into a single
-    ``1×C_head×N×1`` "image" (one image, not N: a 1×1 conv over it is one matrix product):
-    a step costs O(N·C_head·L).
+    The head is pixel-wise (1×1 convs), so the annotated pixels are gathered once into an
+    ``N×C_head`` matrix and the head runs as matrix products: a step costs O(N·C_head·L). On
+    the CPU these small products run on one thread: measured on the 2-core machine, a step over
+    65,536 pixels took 21 ms on one thread and 140–430 ms on two (thread contention).
     """
-    segmenter.encoder.requires_grad_(False)
     features = _head_features(segmenter, data.images, device)
     labels = torch.from_numpy(data.labels).long().to(device)
     annotated = labels != IGNORE_INDEX
-    pixels = features.permute(1, 0, 2, 3)[:, annotated][None, :, :, None]  # 1×C×N×1
-    targets = labels[annotated][None, :, None]  # 1×N×1
+    pixels = features.permute(0, 2, 3, 1)[annotated]  # N×C
+    targets = labels[annotated]  # N
     del features
     loss_fn = MaskedDiceCELoss()
     generator = torch.Generator().manual_seed(config.seed)
@@ -383,19 +408,20 @@ def _fit_linear(
         head.parameters(), lr=config.linear_lr, weight_decay=config.weight_decay
     )
     report = _Reporter(config.linear_steps, "linear", progress)
-    n = pixels.shape[2]
-    for step in range(config.linear_steps):
-        if n > config.linear_max_pixels:
-            pick = torch.randperm(n, generator=generator)[: config.linear_max_pixels].to(device)
-            x, y = pixels[:, :, pick], targets[:, pick]
-        else:
-            x, y = pixels, targets
-        loss = loss_fn(head(x), y)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        report(step + 1, float(loss.item()))
-    segmenter.encoder.requires_grad_(True)
+    n = pixels.shape[0]
+    with _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+        for step in range(config.linear_steps):
+            if n > config.linear_max_pixels:
+                pick = torch.randperm(n, generator=generator)[: config.linear_max_pixels]
+                x, y = pixels[pick.to(device)], targets[pick.to(device)]
+            else:
+                x, y = pixels, targets
+            logits = _pointwise(head, x)  # N×L, as a 1×L×N×1 map for the loss
+            loss = loss_fn(logits.T[None, :, :, None], y[None, :, None])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            report(step + 1, float(loss.item()))
 
 
 def _fit_finetune(
