@@ -15,7 +15,14 @@ import numpy as np
 from bench.protocol import labelled_mask
 from models.volumes import IGNORE_INDEX, annotated_slices
 
-__all__ = ["fill_between_slices"]
+__all__ = ["fill_between_slices", "warm_up"]
+
+
+def warm_up() -> None:
+    """Import ITK and load the interpolator's modules now (ITK loads them lazily, 10–40 s)."""
+    import itk
+
+    itk.MorphologicalContourInterpolator[itk.Image[itk.UC, 3]].New()
 
 
 def fill_between_slices(sparse: np.ndarray, axis: int) -> np.ndarray:

@@ -13,39 +13,48 @@ Protocol (DESIGN.md, :mod:`bench.protocol`):
 - Rows, side by side: ``random-init · finetune`` (the same U-Net from scratch, strongly augmented,
   :meth:`FewShotConfig.for_scratch`) and ``random-init · linear`` (a probe on random features,
   the control of what pretraining adds to the probe); each objective × {linear probe,
-  fine-tune}; Mean Teacher on the best objective; ITK's fill-between-slices for ``k ≥ 2``.
-- Extra rows (METHODS.md, "Where the few-shot gain may come from"), with the set's best
-  objective: an MLP head and a multi-scale head on the frozen encoder, a multi-scale fine-tune,
-  and an encoder pretrained on the modality's whole pool (every registry volume of that
-  modality, :func:`models.datasets.load_pool`) — the product's "reuse an encoder" path.
-- "Best objective" of a set: highest mean Dice over its linear and fine-tune rows (all volumes,
-  ``k`` and seeds) — chosen on the test slices, so the Mean Teacher and extra rows carry a
-  mild selection bias in their favour; the table says which objective was chosen.
-- Encoders are pretrained on the set's own volumes of the modality (what the product does with a
-  unit's unlabelled uploads), with seed 0: the ± is over few-shot seeds (head init, batches,
-  augmentation, and the random-init network), not over pretraining runs. They are cached under
-  ``<cache>/encoders/<key>.pt``, ``key`` = hash of (normalised data, objective, full config),
-  and reused by later runs; the encoder table reports the original pretraining time.
+  fine-tune} (the default profile fine-tunes only the best objective, see below); Mean Teacher on
+  the best objective; ITK's fill-between-slices for ``k ≥ 2``.
+- Encoders: for the registry sets, one encoder per (modality, objective) pretrained on the
+  modality's whole pool — every registry volume of that modality, the evaluated one included,
+  unlabelled (:func:`models.datasets.load_pool`): the product's "pretrain once per modality and
+  reuse" path, and the most data we have. MSD folders pretrain on their own images. Seed 0: the ±
+  is over few-shot seeds (head init, batches, augmentation, and the random-init network), not
+  over pretraining runs. Encoders are cached under ``<cache>/encoders/<key>.pt``, ``key`` = hash
+  of (normalised data, objective, full config), and reused by later runs; the encoder table
+  reports the original pretraining time.
+- "Best objective" of a set: highest mean Dice over its objective rows of the first pass (linear
+  probes, plus fine-tunes when the profile fine-tunes all) — chosen on the test slices, so the
+  rows built on it carry a mild selection bias in their favour; the report names it.
+- Extra rows (METHODS.md, "Where the few-shot gain may come from"), with the best objective: an
+  MLP head and a multi-scale head on the frozen encoder; in ``full`` (and ``quick``) also a
+  multi-scale fine-tune and an encoder pretrained on the set's own volumes only (vs the pool).
 
-Budget of the default profile (≤ 90 min on 2 cores). Step times measured on this machine
-(2 logical cores, torch 2.13 CPU, 2 threads, *while ~8 other processes shared the cores*, so
-they are pessimistic), default network channels 16-32-64-128:
+Budget of the default profile (target ≤ 90 min on 2 cores). Measured on this machine (AMD EPYC,
+2 logical cores, torch 2.13 CPU, 2 threads) while ~8 other processes saturated it (load 7–11), so
+as CPU seconds per step; the idle wall time is estimated as CPU s / 1.5 (two threads, imperfect
+scaling), an upper bound. Network channels 16-32-64-128 (the product default).
 
-- pretraining, batch 8 (two views each), crops up to 128×128: 0.9–1.3 s/step on 128×104
-  slices (TotalSegmentator CT), 1.0–1.4 s/step on 104×120 (MNI); ~0.5 s on 80×80 (TPTBox).
-- fine-tune, batch 4: ~0.11 s/step on 128×104 (scratch and pretrained alike); Mean Teacher
-  ~0.3 s/step (two more forward passes and a backward on unlabelled slices); linear probe:
-  ~0.01 s/step plus ~1 s of feature caching.
+- Pretraining, batch 8 (two views each), 128×104 crops (TotalSegmentator CT): pix2rep 8.8,
+  pix2rep_barlow 8.6, iic_boundary 4.1 CPU s/step (MNI 104×120: 8.6 / 9.2 / 3.8; TPTBox 80×80:
+  5.8 / 5.9 / 3.3). pix2rep without projection head: 2.6 — the projection head, applied to every
+  valid pixel before 1000 are sampled, is ~70 % of a pix2rep/barlow step. View sampling: 0.15.
+- Few-shot on 128×104 slices, batch 4: fine-tune 1.85, Mean Teacher 3.4, linear probe 0.095
+  CPU s/step (+0.4 s feature caching); predicting a 112-slice volume: 7.2 CPU s.
 
-Pretraining: 4 modality groups (TPTBox CT, TPTBox MR, TotalSegmentator CT, MNI MR) × 3
-objectives + 2 pool encoders = 14 runs. At 300 steps: 12 × 300 × ~1 s ≈ 60 min — too much
-next to the few-shot fits, so the default uses 150 steps (≈ 30 min for all 14, ~2.5 min each;
-a ``--full`` run uses 1000). Few-shot fits per (volume, k, seed): 6 fine-tunes (scratch ≤ 300
-steps with early stopping, 3 objectives, multi-scale, pool; pretrained ≤ 200 steps), 1 Mean
-Teacher (≤ 200 steps), 6 linear probes: ≈ 6 × 20 s + 60 s + 6 × 4 s ≈ 3.4 min upper bound,
-typically ~2 min with early stopping. 4 volumes × 3 k × 3 seeds = 36 cells ≈ 72 min upper
-bound at the contended step times, ~45–55 min on an idle 2-core machine. Total ≈ 75–100 min
-contended, ≤ 90 min alone; encoders cached by an earlier run cut ~30 min.
+Pretraining: 2 modality pools × 3 objectives = 6 encoders. Crops of 64×64 (0.31× the pixels of
+128×104, same pixel scale) cost ≈ 2.7 / 2.7 / 1.3 CPU s/step → (2.7 + 2.7 + 1.3) / 1.5 ≈ 4.5 s
+idle for one step of all three; 2 pools × 100 steps ≈ 900 s ≈ 15 min. 1000 steps at 128×128
+(``--full``) would take ≈ 6 h, hence the cache.
+
+Few-shot, per (volume, k, seed) cell, batch 2 (half the batch-4 cost): 6 linear probes × (60 ×
+0.063 + 0.3 + 3 predict) ≈ 43 s; random-init fine-tune ≤ 100 × 0.62 ≈ 62 s; best-objective
+fine-tune ≤ 50 × 0.62 ≈ 31 s; Mean Teacher ≤ 50 × 1.15 ≈ 58 s; predictions ≈ 9 s → ≈ 200 s on a
+128×104×112 volume (TotalSegmentator, MNI), ≈ 95 s on TPTBox (80×80, ~50 slices). Cells: 4
+volumes × 3 k × 3 seeds = 36 → 18 × 200 + 18 × 95 ≈ 88 min upper bound; early stopping and an
+idle machine should bring it to ≈ 50–60 min, ≈ 65–75 min in total with pretraining. Check with
+the first real run: the report gives the wall time of every fit and every encoder. If it runs
+over, the cheapest cut is ``--no-extras`` (−2 linear rows per cell).
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ import numpy as np
 import psutil
 import torch
 
-from bench.baselines import fill_between_slices
+from bench.baselines import fill_between_slices, warm_up
 from bench.protocol import (
     cross_volume_splits,
     dice_per_class,
@@ -106,7 +115,11 @@ class Profile:
         pretrain: pretraining settings (objective and modality are filled in per encoder).
         finetune: few-shot settings of the pretrained rows (axis and seed filled in).
         scratch: few-shot settings of the random-init fine-tune.
-        extras: whether to run the METHODS.md hypothesis rows.
+        finetune_all: fine-tune every objective's encoder; otherwise only the best objective's
+            (best by the linear probe), to fit the time budget.
+        extras: METHODS.md hypothesis rows to run: ``"mlp"`` and ``"multiscale"`` (linear probe
+            with an MLP / multi-scale head), ``"multiscale_finetune"``, ``"own_volumes"`` (an
+            encoder pretrained on the set's own volumes only, vs the modality pool).
     """
 
     name: str
@@ -117,7 +130,8 @@ class Profile:
     pretrain: PretrainConfig
     finetune: FewShotConfig
     scratch: FewShotConfig
-    extras: bool = True
+    finetune_all: bool = True
+    extras: tuple[str, ...] = ("mlp", "multiscale", "multiscale_finetune", "own_volumes")
 
 
 PROFILES = {
@@ -125,7 +139,7 @@ PROFILES = {
         name="quick",
         sets=("tptbox-spine",),
         seeds=1,
-        ks=(1, 3),
+        ks=(2,),
         cross_ks=(1,),
         pretrain=PretrainConfig(
             steps=2, batch_size=2, image_size=32, channels=(4, 8), num_clusters=4, kmeans_slices=2
@@ -139,9 +153,18 @@ PROFILES = {
         seeds=3,
         ks=(1, 3, 5),
         cross_ks=(1, 2),
-        pretrain=PretrainConfig(steps=150, checkpoint_every=25),
-        finetune=FewShotConfig(steps=200, eval_every=20, patience=4),
-        scratch=FewShotConfig.for_scratch(steps=300, eval_every=20, patience=5),
+        pretrain=PretrainConfig(steps=100, batch_size=8, image_size=64, checkpoint_every=25),
+        finetune=FewShotConfig(
+            steps=50,
+            batch_size=2,
+            linear_steps=60,
+            eval_every=10,
+            patience=3,
+            unlabelled_batch_size=2,
+        ),
+        scratch=FewShotConfig.for_scratch(steps=100, batch_size=2, eval_every=10, patience=3),
+        finetune_all=False,
+        extras=("mlp", "multiscale"),
     ),
     "full": Profile(
         name="full",
@@ -210,6 +233,7 @@ class EncoderCache:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.records: list[EncoderRecord] = []
+        self._loaded: dict[str, Encoder] = {}
 
     def get(
         self, name: str, data: str, volumes: list[np.ndarray], config: PretrainConfig
@@ -223,6 +247,8 @@ class EncoderCache:
             "normalisation": norm.to_dict(),
         }
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+        if key in self._loaded:
+            return self._loaded[key]
         weights, meta_path = self.folder / f"{key}.pt", self.folder / f"{key}.json"
         if weights.is_file() and meta_path.is_file():
             meta = json.loads(meta_path.read_text())
@@ -253,6 +279,7 @@ class EncoderCache:
                 key=key,
             )
         )
+        self._loaded[key] = encoder
         return encoder
 
     def _train(
@@ -313,6 +340,7 @@ class _Run:
     extras: bool
     rows: list[Row] = field(default_factory=list)
     selected: dict[str, str] = field(default_factory=dict)
+    pools: dict[tuple[str, str], Encoder] = field(default_factory=dict)
 
     def pretrain_config(self, objective: str, modality: str) -> PretrainConfig:
         return replace(self.profile.pretrain, objective=objective, modality=modality, axis=2)
@@ -447,87 +475,86 @@ def _best_objective(run: _Run, set_name: str) -> str:
     return max(OBJECTIVES, key=lambda o: float(np.mean(scores[o])) if scores[o] else -1.0)
 
 
-def _run_set(run: _Run, set_name: str, cases: list[Case], pool: bool) -> None:
+def _run_set(run: _Run, set_name: str, cases: list[Case], registry: bool) -> None:
+    """All rows of one set: cheap rows first, then those that use the set's best objective.
+
+    Registry sets read encoders pretrained on the modality pool; MSD folders on their own images.
+    """
     volumes = [_Volume.load(c) for c in cases]
     profile = run.profile
     by_modality: dict[str, list[_Volume]] = {}
     for v in volumes:
         by_modality.setdefault(v.case.modality, []).append(v)
-    encoders: dict[tuple[str, str], Encoder] = {}
-    for modality, members in by_modality.items():
-        for objective in OBJECTIVES:
+
+    def encoder(
+        modality: str, objective: str, own: bool = not registry
+    ) -> Callable[[int], Encoder]:
+        if own:
+            members = by_modality[modality]
             name = f"{objective} · {set_name}/{modality}"
-            config = run.pretrain_config(objective, modality)
             data = ", ".join(v.case.name for v in members)
-            encoders[modality, objective] = run.cache.get(name, data, _axial_stack(members), config)
+            config = run.pretrain_config(objective, modality)
+            trained = run.cache.get(name, data, _axial_stack(members), config)
+        else:
+            trained = _pool_encoder(run, modality, objective)
+        return lambda seed: trained
 
-    def pretrained(modality: str, objective: str) -> Callable[[int], Encoder]:
-        return lambda seed: encoders[modality, objective]
-
-    def main_fits(modality: str) -> list[_Fit]:
+    def first_fits(modality: str) -> list[_Fit]:
+        kinds: tuple[Method, ...] = ("linear", "finetune") if profile.finetune_all else ("linear",)
         fits = [
-            _Fit(f"{RANDOM} · finetune", run.random_encoder(modality), "finetune", profile.scratch),
-            _Fit(f"{RANDOM} · linear", run.random_encoder(modality), "linear", profile.finetune),
+            _Fit(f"{RANDOM} · linear", run.random_encoder(modality), "linear", profile.finetune)
         ]
-        kinds: tuple[Method, ...] = ("linear", "finetune")
         for objective in OBJECTIVES:
-            encoder = pretrained(modality, objective)
-            fits += [
-                _Fit(f"{objective} · {kind}", encoder, kind, profile.finetune) for kind in kinds
-            ]
+            enc = encoder(modality, objective)
+            fits += [_Fit(f"{objective} · {k}", enc, k, profile.finetune) for k in kinds]
         return fits
 
     groups = _cross_groups(volumes)
     for v in volumes:
-        _slice_propagation(run, set_name, v, main_fits(v.case.modality), with_itk=True)
+        _slice_propagation(run, set_name, v, first_fits(v.case.modality), with_itk=True)
     for members in groups:
-        _cross_volume(run, set_name, members, main_fits(members[0].case.modality))
+        _cross_volume(run, set_name, members, first_fits(members[0].case.modality))
 
     best = _best_objective(run, set_name)
     run.selected[set_name] = best
     logger.info("%s: best objective %s", set_name, best)
 
-    def second_fits(modality: str) -> list[_Fit]:
-        enc = pretrained(modality, best)
-        fits = [_Fit(f"{best} · mean teacher", enc, "mean_teacher", profile.finetune)]
-        if run.extras:
-            fits += [
-                _Fit(
-                    f"{best} · linear, mlp head",
-                    enc,
-                    "linear",
-                    replace(profile.finetune, head="mlp"),
-                ),
-                _Fit(
-                    f"{best} · linear, multiscale",
-                    enc,
-                    "linear",
-                    replace(profile.finetune, multiscale=True),
-                ),
-                _Fit(
-                    f"{best} · finetune, multiscale",
-                    enc,
-                    "finetune",
-                    replace(profile.finetune, multiscale=True),
-                ),
-            ]
-            if pool:
-                pooled = _pool_encoder(run, modality, best)
-                fits += [
-                    _Fit(f"{best} (modality pool) · linear", pooled, "linear", profile.finetune),
-                    _Fit(
-                        f"{best} (modality pool) · finetune", pooled, "finetune", profile.finetune
-                    ),
-                ]
+    def second_fits(modality: str, cross: bool) -> list[_Fit]:
+        enc = encoder(modality, best)
+        ft = profile.finetune
+        fits = [
+            _Fit(f"{RANDOM} · finetune", run.random_encoder(modality), "finetune", profile.scratch)
+        ]
+        if not profile.finetune_all:
+            fits.append(_Fit(f"{best} · finetune", enc, "finetune", ft))
+        fits.append(_Fit(f"{best} · mean teacher", enc, "mean_teacher", ft))
+        if cross:
+            return fits
+        extras = set(profile.extras) if run.extras else set()
+        if "mlp" in extras:
+            fits.append(_Fit(f"{best} · linear, mlp head", enc, "linear", replace(ft, head="mlp")))
+        if "multiscale" in extras:
+            multi = replace(ft, multiscale=True)
+            fits.append(_Fit(f"{best} · linear, multiscale", enc, "linear", multi))
+        if "multiscale_finetune" in extras:
+            multi = replace(ft, multiscale=True)
+            fits.append(_Fit(f"{best} · finetune, multiscale", enc, "finetune", multi))
+        if "own_volumes" in extras and registry:
+            own = encoder(modality, best, own=True)
+            fits.append(_Fit(f"{best} (own volumes) · linear", own, "linear", ft))
+            fits.append(_Fit(f"{best} (own volumes) · finetune", own, "finetune", ft))
         return fits
 
     for v in volumes:
-        _slice_propagation(run, set_name, v, second_fits(v.case.modality), with_itk=False)
+        _slice_propagation(run, set_name, v, second_fits(v.case.modality, False), with_itk=False)
     for members in groups:
-        _cross_volume(run, set_name, members, second_fits(members[0].case.modality)[:1])
+        _cross_volume(run, set_name, members, second_fits(members[0].case.modality, True))
 
 
-def _pool_encoder(run: _Run, modality: str, objective: str) -> Callable[[int], Encoder]:
+def _pool_encoder(run: _Run, modality: str, objective: str) -> Encoder:
+    """Encoder pretrained on every registry volume of ``modality`` (shared across sets)."""
+    if (modality, objective) in run.pools:
+        return run.pools[modality, objective]
     paths = load_pool(modality)
     norm = default_normalisation(modality)
     volumes = []
@@ -535,9 +562,10 @@ def _pool_encoder(run: _Run, modality: str, objective: str) -> Callable[[int], E
         raw, affine = load_volume(path)
         volumes.append(np.moveaxis(normalise(raw, norm), slice_axis(affine), 2))
     name = f"{objective} · {modality} pool"
-    data = ", ".join(p.name for p in paths)
+    data = ", ".join(f"{p.parent.name}/{p.name}" for p in paths)
     encoder = run.cache.get(name, data, volumes, run.pretrain_config(objective, modality))
-    return lambda seed: encoder
+    run.pools[modality, objective] = encoder
+    return encoder
 
 
 def _cross_groups(volumes: list[_Volume]) -> list[list[_Volume]]:
@@ -558,11 +586,13 @@ def run(
 ) -> dict[str, Path]:
     """Run the benchmark and write the report; returns the written paths."""
     began = time.perf_counter()
-    state = _Run(profile, EncoderCache(encoder_dir), extras and profile.extras)
+    state = _Run(profile, EncoderCache(encoder_dir), extras)
+    if max(profile.ks) >= 2:
+        warm_up()  # ITK loads its modules lazily (10–40 s): keep that out of the timings
     for name in sets:
-        _run_set(state, name, load_set(name), pool=True)
+        _run_set(state, name, load_set(name), registry=True)
     for folder in folders:
-        _run_set(state, f"msd:{folder.name}", load_msd_folder(folder), pool=False)
+        _run_set(state, f"msd:{folder.name}", load_msd_folder(folder), registry=False)
     context = {
         "command": command,
         "profile": {

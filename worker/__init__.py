@@ -1,0 +1,1 @@
+"""Celery worker: tasks, job life cycle, pipelines over models/, and the embedded service."""

@@ -30,7 +30,7 @@ from server.db import Job, JobStatus, session_factory
 from server.db.tables import utcnow
 from server.settings import Settings
 from server.storage import Storage
-from worker.lease import LeaseKeeper, lease_path, read_lease
+from worker.lease import LeaseKeeper, lease_path, owner_gone
 
 __all__ = [
     "MAX_ATTEMPTS",
@@ -170,10 +170,10 @@ def run_job(
         claimed = _claim(job_id, sessions, storage)
         if claimed is None:
             return _status(job_id, sessions)
+        if not _mark_running(job_id, claimed, sessions):
+            logger.info("job %s was claimed by another worker meanwhile", job_id)
+            return _status(job_id, sessions)
         with LeaseKeeper(lease_path(storage, job_id)) as lease:
-            if not _mark_running(job_id, claimed, sessions):
-                logger.info("job %s was claimed by another worker meanwhile", job_id)
-                return _status(job_id, sessions)
             ctx = JobContext(
                 job_id=job_id,
                 kind=str(claimed.kind),
@@ -268,16 +268,13 @@ def _claim(job_id: str, sessions: sessionmaker[Session], storage: Storage) -> _C
             status=JobStatus(job.status),
             attempts=job.attempts,
         )
-        cancel_requested = job.cancel_requested
+        cancel_requested, updated_at = job.cancel_requested, job.updated_at
     if claim.status.finished:
         logger.info("job %s already %s; duplicate delivery ignored", job_id, claim.status)
         return None
     if claim.status is JobStatus.running:
-        lease = read_lease(lease_path(storage, job_id))
-        if lease is not None and not lease.is_stale() and not lease.is_mine():
-            logger.info(
-                "job %s is running on %s (pid %d); duplicate ignored", job_id, lease.host, lease.pid
-            )
+        if not owner_gone(lease_path(storage, job_id), updated_at):
+            logger.info("job %s is running on a live worker; duplicate delivery ignored", job_id)
             return None
         logger.warning(
             "job %s lost its worker during attempt %d; taking it over", job_id, claim.attempts

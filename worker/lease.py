@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from server.storage import Storage, atomic_write_bytes
@@ -30,6 +31,7 @@ __all__ = [
     "Lease",
     "LeaseKeeper",
     "lease_path",
+    "owner_gone",
     "read_lease",
 ]
 
@@ -91,6 +93,20 @@ def read_lease(path: Path) -> Lease | None:
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def owner_gone(path: Path, updated_at: datetime) -> bool:
+    """Whether a ``running`` job (lease at ``path``, row last updated ``updated_at``) lost its worker.
+
+    Without a lease file, the owner counts as gone once the row has been quiet for
+    :data:`LEASE_TIMEOUT_SECONDS` (a worker writes its lease just after marking the row).
+    """
+    lease = read_lease(path)
+    if lease is not None:
+        return lease.is_stale()
+    if updated_at.tzinfo is None:  # SQLite hands timezone-aware columns back naive (UTC)
+        updated_at = updated_at.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - updated_at).total_seconds() > LEASE_TIMEOUT_SECONDS
 
 
 class LeaseKeeper:

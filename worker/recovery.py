@@ -38,7 +38,7 @@ from server.db.tables import utcnow
 from server.queue import QUEUE_NAME, broker_folders, enqueue_job
 from server.settings import Settings
 from server.storage import Storage
-from worker.lease import LEASE_TIMEOUT_SECONDS, lease_path, read_lease
+from worker.lease import lease_path, owner_gone
 
 __all__ = [
     "QUEUED_GRACE_SECONDS",
@@ -62,21 +62,20 @@ def recover_orphaned_jobs(celery: Celery, settings: Settings) -> list[str]:
     storage = Storage(settings.data_dir)
     embedded = settings.broker_url.startswith("filesystem://")
     pending = _messages_in_folder(settings) if embedded else set()
-    now = utcnow()
+    now = datetime.now(UTC)
     recovered: list[str] = []
     with sessions() as session:
         candidates = session.scalars(
             select(Job).where(Job.status.in_([JobStatus.queued, JobStatus.running]))
         ).all()
     for job in candidates:
-        age = (now - _aware(job.updated_at)).total_seconds()
         if job.status == JobStatus.running:
-            lease = read_lease(lease_path(storage, job.id))
-            orphaned = lease.is_stale() if lease is not None else age > LEASE_TIMEOUT_SECONDS
-            if not orphaned or not _requeue_row(job, sessions):
+            if not owner_gone(lease_path(storage, job.id), job.updated_at):
+                continue
+            if not _requeue_row(job, sessions):
                 continue
             _note(storage.job_log(job.id), f"the worker running attempt {job.attempts} was lost")
-        elif not (embedded and age > QUEUED_GRACE_SECONDS):
+        elif not (embedded and _age(job.updated_at, now) > QUEUED_GRACE_SECONDS):
             continue
         if job.id in pending:
             continue
@@ -86,9 +85,10 @@ def recover_orphaned_jobs(celery: Celery, settings: Settings) -> list[str]:
     return recovered
 
 
-def _aware(moment: datetime) -> datetime:
+def _age(moment: datetime, now: datetime) -> float:
     # SQLite hands timezone-aware columns back naive (stored in UTC).
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return (now - aware).total_seconds()
 
 
 def _requeue_row(job: Job, sessions: sessionmaker[Session]) -> bool:

@@ -153,8 +153,8 @@ def test_quick_profile_runs_every_row_and_writes_the_report(tmp_path: Path) -> N
         f"{best} · linear, mlp head",
         f"{best} · linear, multiscale",
         f"{best} · finetune, multiscale",
-        f"{best} (modality pool) · linear",
-        f"{best} (modality pool) · finetune",
+        f"{best} (own volumes) · linear",
+        f"{best} (own volumes) · finetune",
     }
     assert expected <= methods, expected - methods
     settings = {(r["set"], r["setting"]) for r in report["rows"]}
@@ -166,6 +166,7 @@ def test_quick_profile_runs_every_row_and_writes_the_report(tmp_path: Path) -> N
     assert all(r["k"] >= 2 for r in report["rows"] if r["method"].startswith("fill-between"))
     encoders = report["encoders"]
     assert {e["objective"] for e in encoders} == set(OBJECTIVES)
+    assert {"CT pool", "MR pool"} <= {e["name"].split(" · ")[1] for e in encoders}
     assert all(e["slices_per_second"] > 0 and e["peak_rss_mb"] > 0 for e in encoders)
 
     markdown = (out / "fewshot.md").read_text()

@@ -108,7 +108,7 @@ def test_kmeans_head_clusters_the_encoder_features(tmp_path: Path) -> None:
     scores = encoder.cluster_head(features)
     assert scores.shape == (4, 3, 32, 32)
     # argmax of the head = nearest centroid (w = 2c), and every cluster is used.
-    centroids = encoder.cluster_head.weight[:, :, 0, 0] / 2
+    centroids = encoder.cluster_head.state_dict()["weight"][:, :, 0, 0] / 2
     pixels = features.permute(0, 2, 3, 1).reshape(-1, 4)
     nearest = torch.cdist(pixels, centroids).argmin(1)
     assert torch.equal(scores.permute(0, 2, 3, 1).reshape(-1, 3).argmax(1), nearest)
