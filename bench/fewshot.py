@@ -340,7 +340,7 @@ class _Run:
     extras: bool
     rows: list[Row] = field(default_factory=list)
     selected: dict[str, str] = field(default_factory=dict)
-    pools: dict[tuple[str, str], Encoder] = field(default_factory=dict)
+    pools: dict[str, tuple[str, list[np.ndarray]]] = field(default_factory=dict)
 
     def pretrain_config(self, objective: str, modality: str) -> PretrainConfig:
         return replace(self.profile.pretrain, objective=objective, modality=modality, axis=2)
@@ -553,19 +553,17 @@ def _run_set(run: _Run, set_name: str, cases: list[Case], registry: bool) -> Non
 
 def _pool_encoder(run: _Run, modality: str, objective: str) -> Encoder:
     """Encoder pretrained on every registry volume of ``modality`` (shared across sets)."""
-    if (modality, objective) in run.pools:
-        return run.pools[modality, objective]
-    paths = load_pool(modality)
-    norm = default_normalisation(modality)
-    volumes = []
-    for path in paths:
-        raw, affine = load_volume(path)
-        volumes.append(np.moveaxis(normalise(raw, norm), slice_axis(affine), 2))
+    if modality not in run.pools:
+        paths = load_pool(modality)
+        norm = default_normalisation(modality)
+        volumes = []
+        for path in paths:
+            raw, affine = load_volume(path)
+            volumes.append(np.moveaxis(normalise(raw, norm), slice_axis(affine), 2))
+        run.pools[modality] = (", ".join(f"{p.parent.name}/{p.name}" for p in paths), volumes)
+    data, volumes = run.pools[modality]
     name = f"{objective} · {modality} pool"
-    data = ", ".join(f"{p.parent.name}/{p.name}" for p in paths)
-    encoder = run.cache.get(name, data, volumes, run.pretrain_config(objective, modality))
-    run.pools[modality, objective] = encoder
-    return encoder
+    return run.cache.get(name, data, volumes, run.pretrain_config(objective, modality))
 
 
 def _cross_groups(volumes: list[_Volume]) -> list[list[_Volume]]:

@@ -943,11 +943,16 @@ def memory_table(sampler: MemorySampler) -> Table:
     return table
 
 
+def _load_average() -> float:
+    """1-minute load average (how busy the machine was: these numbers are noisy above cores)."""
+    return round(os.getloadavg()[0], 2)
+
+
 def machine() -> dict[str, Any]:
     """The machine and library versions (:func:`bench.report.machine_info` + ONNX Runtime)."""
     import onnxruntime as ort
 
-    return machine_info() | {"onnxruntime": ort.__version__, "load_average_1m": os.getloadavg()[0]}
+    return machine_info() | {"onnxruntime": ort.__version__, "load_average_1m": _load_average()}
 
 
 def write_results(
@@ -1005,7 +1010,7 @@ def run(profile: Profile, out: Path) -> tuple[Path, Path]:
         inference = bench_inference(profile, work)
     service, memory = tables[:3], tables[3]
     info = started | {
-        "load_average_1m_end": os.getloadavg()[0],
+        "load_average_1m_end": _load_average(),
         "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     return write_results([*service, *inference, memory], info, profile, out)
