@@ -43,18 +43,24 @@ scaling), an upper bound. Network channels 16-32-64-128 (the product default).
   CPU s/step (+0.4 s feature caching); predicting a 112-slice volume: 7.2 CPU s.
 
 Pretraining: 2 modality pools × 3 objectives = 6 encoders. Crops of 64×64 (0.31× the pixels of
-128×104, same pixel scale) cost ≈ 2.7 / 2.7 / 1.3 CPU s/step → (2.7 + 2.7 + 1.3) / 1.5 ≈ 4.5 s
-idle for one step of all three; 2 pools × 100 steps ≈ 900 s ≈ 15 min. 1000 steps at 128×128
-(``--full``) would take ≈ 6 h, hence the cache.
+128×104, same pixel scale), measured directly as wall time at a lower load (≈ 5, i.e. ~2.5
+runnable processes per core; an idle machine should be up to ~2× faster — not measurable here):
+pix2rep 1.9, pix2rep_barlow 1.75, iic_boundary 0.7 s/step (the same run at 128×104: 9.9 / 10.8 /
+2.4) → 4.3 s for one step of all three; 2 pools × 100 steps ≈ 870 s ≈ 15 min at that load,
+≈ 8–15 min idle. 1000 steps at
+128×128 (``--full``) take ≈ 6 h, hence the cache.
 
-Few-shot, per (volume, k, seed) cell, batch 2 (half the batch-4 cost): 6 linear probes × (60 ×
+Few-shot, per (volume, k, seed) cell, batch 2: fine-tune measured 1.26 wall s/step at load ≈ 5
+(predicting a 112-slice volume 5.6 s), taken as ≈ 0.62 s idle (the ~2× load factor above, and
+half the batch-4 CPU cost); Mean Teacher ≈ 1.85× a fine-tune step. 6 linear probes × (60 ×
 0.063 + 0.3 + 3 predict) ≈ 43 s; random-init fine-tune ≤ 100 × 0.62 ≈ 62 s; best-objective
 fine-tune ≤ 50 × 0.62 ≈ 31 s; Mean Teacher ≤ 50 × 1.15 ≈ 58 s; predictions ≈ 9 s → ≈ 200 s on a
 128×104×112 volume (TotalSegmentator, MNI), ≈ 95 s on TPTBox (80×80, ~50 slices). Cells: 4
-volumes × 3 k × 3 seeds = 36 → 18 × 200 + 18 × 95 ≈ 88 min upper bound; early stopping and an
-idle machine should bring it to ≈ 50–60 min, ≈ 65–75 min in total with pretraining. Check with
-the first real run: the report gives the wall time of every fit and every encoder. If it runs
-over, the cheapest cut is ``--no-extras`` (−2 linear rows per cell).
+volumes × 3 k × 3 seeds = 36 → 18 × 200 + 18 × 95 ≈ 88 min without early stopping; early
+stopping should bring it to ≈ 55–65 min, ≈ 65–80 min in total with pretraining — inside 90 min
+only on an idle machine, and the idle factor is an estimate. Check with the first real run (the
+report gives the wall time of every fit and every encoder); if it runs over, cut ``--no-extras``
+(−2 linear rows per cell) or the fine-tune steps, and say so in the table's command.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +124,9 @@ class Profile:
         scratch: few-shot settings of the random-init fine-tune.
         finetune_all: fine-tune every objective's encoder; otherwise only the best objective's
             (best by the linear probe), to fit the time budget.
-        extras: METHODS.md hypothesis rows to run: ``"mlp"`` and ``"multiscale"`` (linear probe
-            with an MLP / multi-scale head), ``"multiscale_finetune"``, ``"own_volumes"`` (an
+        extras: METHODS.md hypothesis rows to run: ``"mlp"`` and ``"single_scale"`` (linear
+            probe with an MLP head / reading only the last decoder block, where the default head
+            reads every decoder map), ``"single_scale_finetune"``, ``"own_volumes"`` (an
             encoder pretrained on the set's own volumes only, vs the modality pool).
     """
 
@@ -131,7 +139,7 @@ class Profile:
     finetune: FewShotConfig
     scratch: FewShotConfig
     finetune_all: bool = True
-    extras: tuple[str, ...] = ("mlp", "multiscale", "multiscale_finetune", "own_volumes")
+    extras: tuple[str, ...] = ("mlp", "single_scale", "single_scale_finetune", "own_volumes")
 
 
 PROFILES = {
@@ -164,7 +172,7 @@ PROFILES = {
         ),
         scratch=FewShotConfig.for_scratch(steps=100, batch_size=2, eval_every=10, patience=3),
         finetune_all=False,
-        extras=("mlp", "multiscale"),
+        extras=("mlp", "single_scale"),
     ),
     "full": Profile(
         name="full",
@@ -533,12 +541,12 @@ def _run_set(run: _Run, set_name: str, cases: list[Case], registry: bool) -> Non
         extras = set(profile.extras) if run.extras else set()
         if "mlp" in extras:
             fits.append(_Fit(f"{best} · linear, mlp head", enc, "linear", replace(ft, head="mlp")))
-        if "multiscale" in extras:
-            multi = replace(ft, multiscale=True)
-            fits.append(_Fit(f"{best} · linear, multiscale", enc, "linear", multi))
-        if "multiscale_finetune" in extras:
-            multi = replace(ft, multiscale=True)
-            fits.append(_Fit(f"{best} · finetune, multiscale", enc, "finetune", multi))
+        if "single_scale" in extras:
+            single = replace(ft, multiscale=False)
+            fits.append(_Fit(f"{best} · linear, last block only", enc, "linear", single))
+        if "single_scale_finetune" in extras:
+            single = replace(ft, multiscale=False)
+            fits.append(_Fit(f"{best} · finetune, last block only", enc, "finetune", single))
         if "own_volumes" in extras and registry:
             own = encoder(modality, best, own=True)
             fits.append(_Fit(f"{best} (own volumes) · linear", own, "linear", ft))
@@ -582,15 +590,29 @@ def run(
     command: str,
     extras: bool = True,
 ) -> dict[str, Path]:
-    """Run the benchmark and write the report; returns the written paths."""
+    """Run the benchmark and write the report; returns the written paths.
+
+    The report is rewritten after each set, so a run stopped part-way still leaves the tables of
+    the sets it finished.
+    """
     began = time.perf_counter()
     state = _Run(profile, EncoderCache(encoder_dir), extras)
     if max(profile.ks) >= 2:
         warm_up()  # ITK loads its modules lazily (10–40 s): keep that out of the timings
-    for name in sets:
-        _run_set(state, name, load_set(name), registry=True)
-    for folder in folders:
-        _run_set(state, f"msd:{folder.name}", load_msd_folder(folder), registry=False)
+    jobs: list[tuple[str, Callable[[], list[Case]], bool]] = [
+        (name, partial(load_set, name), True) for name in sets
+    ]
+    jobs += [(f"msd:{f.name}", partial(load_msd_folder, f), False) for f in folders]
+    written: dict[str, Path] = {}
+    for set_name, load, registry in jobs:
+        _run_set(state, set_name, load(), registry=registry)
+        written = _write(state, profile, out_dir, command, time.perf_counter() - began)
+    return written
+
+
+def _write(
+    state: _Run, profile: Profile, out_dir: Path, command: str, wall_seconds: float
+) -> dict[str, Path]:
     context = {
         "command": command,
         "profile": {
@@ -603,7 +625,7 @@ def run(
             "scratch": profile.scratch.to_dict(),
         },
         "machine": machine_info(),
-        "wall_seconds": time.perf_counter() - began,
+        "wall_seconds": wall_seconds,
         "selected": state.selected,
     }
     notes = [

@@ -62,7 +62,12 @@ class FewShotConfig:
     Attributes:
         axis: slice axis; ``None`` = the encoder's pretraining axis.
         head: ``"linear"`` (1×1 conv) or ``"mlp"`` (1×1 conv, ReLU, 1×1 conv) segmentation head.
-        multiscale: whether the head also reads the coarser decoder maps.
+        multiscale: whether the head also reads the coarser decoder maps (upsampled). On by
+            default: measured on the TPTBox spine CT (3 labelled slices), a linear probe on the
+            last decoder block alone (16 channels) could not even fit the labelled slices for
+            the vertebral body (Dice 0.02 on them), reading all decoder maps it reached 0.58 on
+            them and 0.36 on the unlabelled slices; a structure defined by its context rather
+            than its intensity needs the coarser maps.
         seed: seed of the head's initial weights, batches, hold-out and augmentation.
         linear_lr: Adam lr of the linear probe (7.6e-3, Pix2Rep).
         linear_steps: full-batch steps of the linear probe.
@@ -96,7 +101,7 @@ class FewShotConfig:
 
     axis: int | None = None
     head: Literal["linear", "mlp"] = "linear"
-    multiscale: bool = False
+    multiscale: bool = True
     seed: int = 0
     linear_lr: float = 7.6e-3
     linear_steps: int = 300

@@ -151,8 +151,8 @@ def test_quick_profile_runs_every_row_and_writes_the_report(tmp_path: Path) -> N
         *(f"{o} · {m}" for o in OBJECTIVES for m in ("linear", "finetune")),
         f"{best} · mean teacher",
         f"{best} · linear, mlp head",
-        f"{best} · linear, multiscale",
-        f"{best} · finetune, multiscale",
+        f"{best} · linear, last block only",
+        f"{best} · finetune, last block only",
         f"{best} (own volumes) · linear",
         f"{best} (own volumes) · finetune",
     }
