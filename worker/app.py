@@ -60,6 +60,19 @@ def _fresh_connections(**_: Any) -> None:
     make_engine(get_settings().database_url).dispose(close=False)
 
 
+@signals.worker_process_init.connect
+def _warm_up(**_: Any) -> None:
+    """Import the ML stack before the first job, not while a user waits for it.
+
+    The first optimiser step of a process imports ``torch._dynamo`` (~5 s on 2 cores), and
+    torch + MONAI take seconds more: paid here once per pool process instead of in the first
+    few-shot fit after labels are submitted.
+    """
+    import torch._dynamo  # noqa: F401
+
+    import worker.pipelines  # noqa: F401
+
+
 @signals.worker_ready.connect
 def _start_recovery(sender: Any = None, **_: Any) -> None:
     """Re-enqueue jobs lost with a dead worker, now and periodically."""
