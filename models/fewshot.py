@@ -495,7 +495,7 @@ def _fit_finetune(
         loss.backward()
         optimiser.step()
         if teacher is not None:
-            _ema_update(teacher, segmenter, config.ema_decay)
+            _ema_update(teacher, segmenter, min(1 - 1 / (step + 2), config.ema_decay))
         report(step + 1, float(loss.item()))
         if holdout is not None and (
             (step + 1) % config.eval_every == 0 or step + 1 == config.steps
@@ -544,6 +544,12 @@ def _batch(
 
 @torch.no_grad()
 def _ema_update(teacher: SegmenterNet, student: SegmenterNet, decay: float) -> None:
+    """``θ_teacher ← decay·θ_teacher + (1 − decay)·θ_student``.
+
+    The caller warms the decay up as ``min(1 − 1/(t + 1), ema_decay)`` (t = updates so far, as in
+    Tarvainen & Valpola's code): with a fixed 0.99 the teacher of a short few-shot run stays
+    close to its random head and the consistency term pulls the student back to it.
+    """
     for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
         t.mul_(decay).add_(s.detach(), alpha=1 - decay)
 
