@@ -94,7 +94,29 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
-class Pix2RepObjective(Objective):
+class _ProjectedPixelObjective(Objective):
+    """A pixel loss on projections of the same drawn pixels of both views (Pix2Rep, v1 and v2).
+
+    Subclasses set ``projector`` (the head g) and ``loss`` (a pixel loss with ``num_samples``).
+    """
+
+    projector: nn.Module
+    loss: Pix2RepLoss | PixelBarlowTwinsLoss
+
+    def forward(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        valid: torch.Tensor,
+        image_warped: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        check_pair(z1, z2, valid)
+        p1, p2, rows = _sample_and_project(self.projector, z1, z2, valid, self.loss.num_samples)
+        loss = self.loss(p1, p2, rows)
+        return loss, {"loss": float(loss.detach()), "valid_fraction": float(valid.float().mean())}
+
+
+class Pix2RepObjective(_ProjectedPixelObjective):
     """Pix2Rep pixel InfoNCE (Seince et al.) behind a projection head.
 
     Args:
@@ -119,20 +141,8 @@ class Pix2RepObjective(Objective):
         self.projector = projection_head(feature_channels, projection_dim, projection_depth)
         self.loss = Pix2RepLoss(num_samples=num_samples, temperature=temperature)
 
-    def forward(
-        self,
-        z1: torch.Tensor,
-        z2: torch.Tensor,
-        valid: torch.Tensor,
-        image_warped: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        check_pair(z1, z2, valid)
-        p1, p2, rows = _sample_and_project(self.projector, z1, z2, valid, self.loss.num_samples)
-        loss = self.loss(p1, p2, rows)
-        return loss, {"loss": float(loss.detach()), "valid_fraction": float(valid.float().mean())}
 
-
-class Pix2RepBarlowObjective(Objective):
+class Pix2RepBarlowObjective(_ProjectedPixelObjective):
     """Pix2Rep-v2: pixel Barlow Twins (Seince et al.) behind a projection head.
 
     Args:
@@ -156,18 +166,6 @@ class Pix2RepBarlowObjective(Objective):
         super().__init__()
         self.projector = projection_head(feature_channels, projection_dim, projection_depth)
         self.loss = PixelBarlowTwinsLoss(lambda_offdiag=lambda_offdiag, num_samples=num_samples)
-
-    def forward(
-        self,
-        z1: torch.Tensor,
-        z2: torch.Tensor,
-        valid: torch.Tensor,
-        image_warped: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        check_pair(z1, z2, valid)
-        p1, p2, rows = _sample_and_project(self.projector, z1, z2, valid, self.loss.num_samples)
-        loss = self.loss(p1, p2, rows)
-        return loss, {"loss": float(loss.detach()), "valid_fraction": float(valid.float().mean())}
 
 
 class IICBoundaryObjective(Objective):

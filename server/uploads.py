@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from fastapi import HTTPException, Request, status
 from python_multipart.exceptions import FormParserError
@@ -18,7 +18,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.storage import UploadTooLargeError
 
-__all__ = ["ReceivedUpload", "receive_upload"]
+__all__ = ["ReceivedUpload", "multipart_openapi", "receive_upload"]
 
 _MAX_FIELD_BYTES = 64 * 1024
 _MULTIPART_OVERHEAD = 64 * 1024
@@ -161,3 +161,15 @@ async def receive_upload(
         sha256=receiver.digest.hexdigest(),
         fields=receiver.fields,
     )
+
+
+def multipart_openapi(**fields: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of an upload route: a required binary ``file`` plus ``fields``.
+
+    The routes parse the body themselves (streamed, size-limited), so FastAPI cannot infer it.
+    """
+    properties = {"file": {"type": "string", "format": "binary"}, **fields}
+    schema = {"type": "object", "required": ["file"], "properties": properties}
+    return {
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+    }

@@ -19,7 +19,7 @@ from server.errors import not_found
 from server.ingest import ingest_dicom_zip, ingest_nifti
 from server.schemas import ImagePublic
 from server.storage import Storage
-from server.uploads import ReceivedUpload, receive_upload
+from server.uploads import ReceivedUpload, multipart_openapi, receive_upload
 
 __all__ = ["image_publics", "remove_stored", "router", "typed_upload_path"]
 
@@ -136,23 +136,7 @@ def _store_image(
 @router.post(
     "/datasets/{dataset_id}/images",
     status_code=status.HTTP_201_CREATED,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {"type": "string", "format": "binary"},
-                            "name": {"type": "string"},
-                        },
-                    }
-                }
-            },
-        }
-    },
+    openapi_extra=multipart_openapi(name={"type": "string"}),
 )
 async def upload_image(
     dataset_id: str,

@@ -21,7 +21,7 @@ from server.ingest import validate_label
 from server.routes.images import remove_stored, typed_upload_path
 from server.schemas import LabelPublic
 from server.storage import Storage, temporary_path
-from server.uploads import receive_upload
+from server.uploads import multipart_openapi, receive_upload
 
 __all__ = ["router"]
 
@@ -84,23 +84,7 @@ def _store_label(
 @router.post(
     "/images/{image_id}/labels",
     status_code=status.HTTP_201_CREATED,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {"type": "string", "format": "binary"},
-                            "tag": {"type": "string", "default": FINAL_TAG},
-                        },
-                    }
-                }
-            },
-        }
-    },
+    openapi_extra=multipart_openapi(tag={"type": "string", "default": FINAL_TAG}),
 )
 async def upload_label(
     image_id: str,
