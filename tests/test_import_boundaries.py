@@ -1,0 +1,47 @@
+"""The package boundaries of docs/internals.md, checked in fresh interpreters.
+
+A user deploys the API image without torch and runs the ML core without the service stack: an
+import that crosses a boundary breaks one of them at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+_PROBE = """
+import importlib, json, pkgutil, sys
+package = importlib.import_module({package!r})
+for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+    if ".migrations" in info.name:
+        continue  # Alembic scripts, loaded by Alembic itself
+    importlib.import_module(info.name)
+print(json.dumps(sorted({{name.split(".")[0] for name in sys.modules}})))
+"""
+
+
+def _top_level_modules_after_importing(package: str) -> set[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(package=package)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("models", {"fastapi", "celery", "sqlalchemy", "server", "worker"}),
+        ("server", {"torch", "monai", "worker"}),
+        ("client", {"torch", "monai", "celery", "sqlalchemy", "worker"}),
+    ],
+)
+def test_package_imports_stay_inside_their_boundary(package: str, forbidden: set[str]) -> None:
+    loaded = _top_level_modules_after_importing(package)
+    assert package in loaded
+    assert not loaded & forbidden, f"importing {package} loads {sorted(loaded & forbidden)}"
