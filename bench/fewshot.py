@@ -124,10 +124,9 @@ class Profile:
         scratch: few-shot settings of the random-init fine-tune.
         finetune_all: fine-tune every objective's encoder; otherwise only the best objective's
             (best by the linear probe), to fit the time budget.
-        extras: METHODS.md hypothesis rows to run: ``"linear_head"`` and ``"single_scale"``
-            (frozen-encoder probe with a linear head instead of the default MLP / reading only the
-            last decoder block instead of every decoder map), ``"single_scale_finetune"``,
-            ``"own_volumes"`` (an
+        extras: METHODS.md hypothesis rows to run: ``"mlp"`` and ``"single_scale"`` (linear
+            probe with an MLP head / reading only the last decoder block, where the default head
+            reads every decoder map), ``"single_scale_finetune"``, ``"own_volumes"`` (an
             encoder pretrained on the set's own volumes only, vs the modality pool).
     """
 
@@ -140,12 +139,7 @@ class Profile:
     finetune: FewShotConfig
     scratch: FewShotConfig
     finetune_all: bool = True
-    extras: tuple[str, ...] = (
-        "linear_head",
-        "single_scale",
-        "single_scale_finetune",
-        "own_volumes",
-    )
+    extras: tuple[str, ...] = ("mlp", "single_scale", "single_scale_finetune", "own_volumes")
 
 
 PROFILES = {
@@ -178,7 +172,7 @@ PROFILES = {
         ),
         scratch=FewShotConfig.for_scratch(steps=100, batch_size=2, eval_every=10, patience=3),
         finetune_all=False,
-        extras=("linear_head", "single_scale"),
+        extras=("mlp", "single_scale"),
     ),
     "full": Profile(
         name="full",
@@ -545,9 +539,8 @@ def _run_set(run: _Run, set_name: str, cases: list[Case], registry: bool) -> Non
         if cross:
             return fits
         extras = set(profile.extras) if run.extras else set()
-        if "linear_head" in extras:
-            linear_head = replace(ft, head="linear")
-            fits.append(_Fit(f"{best} · linear, linear head", enc, "linear", linear_head))
+        if "mlp" in extras:
+            fits.append(_Fit(f"{best} · linear, mlp head", enc, "linear", replace(ft, head="mlp")))
         if "single_scale" in extras:
             single = replace(ft, multiscale=False)
             fits.append(_Fit(f"{best} · linear, last block only", enc, "linear", single))

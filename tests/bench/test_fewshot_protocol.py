@@ -150,7 +150,7 @@ def test_quick_profile_runs_every_row_and_writes_the_report(tmp_path: Path) -> N
         "fill-between-slices (ITK)",
         *(f"{o} · {m}" for o in OBJECTIVES for m in ("linear", "finetune")),
         f"{best} · mean teacher",
-        f"{best} · linear, linear head",
+        f"{best} · linear, mlp head",
         f"{best} · linear, last block only",
         f"{best} · finetune, last block only",
         f"{best} (own volumes) · linear",
