@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from server.ingest import IngestError, ingest_dicom_zip, ingest_nifti, validate_label
+from tests.conftest import unavailable
 from tests.server.dicom_factory import SeriesSpec, write_series, zip_files
 
 OBLIQUE = np.array(
@@ -359,7 +360,8 @@ def totalseg_reference() -> Path:
             "totalsegmentator", "2.18.0", [*TOTALSEG_DICOM, TOTALSEG_SEG], sdist=True
         )
     except RuntimeError as exc:
-        pytest.skip(f"package index unreachable: {exc}")
+        unavailable(f"package index unreachable: {exc}")
+        raise
 
 
 def test_real_ct_series_matches_totalsegmentators_dcm2niix_grid(
