@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -24,6 +25,26 @@ import pytest
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
 _START_ATTEMPTS = 100
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave without interpreter teardown once ITK has been loaded.
+
+    ITK's SWIG wrappers (loaded by the fill-between-slices baseline) sometimes segfault while
+    the interpreter finalises, after every test has passed and the summary is printed: seen once
+    in five CI runs, turning a green run into exit 139. Everything is reported and flushed by
+    now, so the real exit status is kept and the teardown skipped.
+    """
+    if "itk" in sys.modules and _exit_status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status[-1])
 
 
 def unavailable(reason: str) -> None:
