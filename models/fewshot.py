@@ -25,8 +25,8 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,143 +40,17 @@ from monai.transforms import (
 )
 from torch import nn
 
+from models.features import FeatureMaps, head_input
 from models.networks.segmenter import SegmenterNet
 from models.pretrain import Encoder
 from models.progress import Progress, ProgressCallback
+from models.runtime.configs import METHODS, FewShotConfig, Method
 from models.segloss import MaskedDiceCELoss
 from models.volumes import IGNORE_INDEX, SparseLabels, annotated_slices
 
-__all__ = ["METHODS", "FewShotConfig", "fit_segmenter"]
+__all__ = ["METHODS", "FewShotConfig", "Method", "fit_probe", "fit_segmenter"]
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("linear", "finetune", "mean_teacher")
-
-Method = Literal["linear", "finetune", "mean_teacher"]
-
-
-@dataclass(frozen=True)
-class FewShotConfig:
-    """Settings of few-shot training; defaults from METHODS.md where it gives them.
-
-    Attributes:
-        axis: slice axis; ``None`` = the encoder's pretraining axis.
-        head: ``"linear"`` (1×1 conv) or ``"mlp"`` (1×1 conv, ReLU, 1×1 conv) segmentation
-            head. In the few-shot benchmark the MLP head beat the linear one on frozen features
-            in every cell (+0.07 to +0.11 Dice at k = 3), but on a 4-channel toy encoder (the
-            service tests) it failed to learn a bright box the linear head finds in 5 steps;
-            linear stays the default until that is understood.
-        multiscale: whether the head also reads the coarser decoder maps (upsampled). On by
-            default: measured on the TPTBox spine CT (3 labelled slices), a linear probe on the
-            last decoder block alone (16 channels) could not even fit the labelled slices for
-            the vertebral body (Dice 0.02 on them), reading all decoder maps it reached 0.58 on
-            them and 0.36 on the unlabelled slices; a structure defined by its context rather
-            than its intensity needs the coarser maps.
-        seed: seed of the head's initial weights, batches, hold-out and augmentation.
-        linear_lr: Adam lr of the linear probe (7.6e-3, Pix2Rep).
-        linear_steps: full-batch steps of the linear probe.
-        linear_max_pixels: annotated pixels the probe trains on (full batch); beyond, a
-            uniform random subset drawn once.
-        encoder_lr: Adam lr of the encoder when fine-tuning (5e-5, Pix2Rep).
-        head_lr: Adam lr of the head when fine-tuning (1e-2, Pix2Rep).
-        weight_decay: Adam weight decay.
-        steps: maximum steps of ``"finetune"`` / ``"mean_teacher"``.
-        batch_size: annotated slices per step (drawn with replacement).
-        eval_every: steps between evaluations of the held-out loss.
-        patience: evaluations without improvement before stopping early.
-        holdout_fraction: share of the labelled pixels held out for early stopping. The papers
-            are silent; with 1–3 annotated slices, holding out whole slices would remove a large
-            part of the supervision, so instead every annotated slice is cut into
-            ``holdout_tile``×``holdout_tile`` tiles and this fraction of the tiles (drawn with
-            the seed) is held out: spatial blocks are less correlated with the training pixels
-            than random pixels. The weights with the lowest held-out loss are returned.
-        holdout_tile: tile side in pixels.
-        ema_decay: Mean Teacher EMA decay (0.99).
-        consistency_weight: Mean Teacher maximum consistency weight (10).
-        consistency_rampup: share of ``steps`` over which the weight ramps up as
-            ``w·exp(−5(1−t)²)`` (the Mean Teacher paper's sigmoid ramp-up).
-        unlabelled_batch_size: unannotated slices per Mean Teacher step.
-        augment: whether ``"finetune"`` / ``"mean_teacher"`` augment the annotated slices.
-        aug_prob: probability of the random affine per slice.
-        rotate_degrees: affine rotation range ±degrees.
-        scale_range: affine zoom range ±fraction.
-        translate_fraction: affine translation range ±fraction of the slice size.
-        device: torch device.
-    """
-
-    axis: int | None = None
-    head: Literal["linear", "mlp"] = "linear"
-    multiscale: bool = True
-    seed: int = 0
-    linear_lr: float = 7.6e-3
-    linear_steps: int = 300
-    linear_max_pixels: int = 65_536
-    encoder_lr: float = 5e-5
-    head_lr: float = 1e-2
-    weight_decay: float = 1e-5
-    steps: int = 500
-    batch_size: int = 4
-    eval_every: int = 25
-    patience: int = 6
-    holdout_fraction: float = 0.2
-    holdout_tile: int = 32
-    ema_decay: float = 0.99
-    consistency_weight: float = 10.0
-    consistency_rampup: float = 0.3
-    unlabelled_batch_size: int = 4
-    augment: bool = True
-    aug_prob: float = 0.8
-    rotate_degrees: float = 15.0
-    scale_range: float = 0.1
-    translate_fraction: float = 0.05
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.axis not in (None, 0, 1, 2):
-            raise ValueError(f"axis must be None, 0, 1 or 2, got {self.axis}")
-        for name in ("linear_steps", "steps", "batch_size", "eval_every", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if not 0 <= self.holdout_fraction < 1:
-            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-
-    @classmethod
-    def for_scratch(cls, **overrides: Any) -> FewShotConfig:
-        """Settings for the random-initialisation baseline (``Encoder.random`` + ``"finetune"``).
-
-        A scratch encoder needs a far larger encoder lr (1e-3) than a pretrained one, more steps
-        and patience, and stronger augmentation (±30°, ±20 % zoom, ±10 % shift, always applied).
-        """
-        base = cls(
-            encoder_lr=1e-3,
-            head_lr=1e-3,
-            steps=1500,
-            patience=10,
-            aug_prob=1.0,
-            rotate_degrees=30.0,
-            scale_range=0.2,
-            translate_fraction=0.1,
-        )
-        return replace(base, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FewShotConfig:
-        """Inverse of :meth:`to_dict`; missing keys take their defaults.
-
-        Raises:
-            ValueError: on unknown keys.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown few-shot config keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
 
 
 @dataclass
@@ -398,29 +272,39 @@ def _fit_linear(
     device: torch.device,
     progress: ProgressCallback | None,
 ) -> None:
-    """Train the head on cached features of the annotated pixels (the encoder stays frozen).
-
-    The head is pixel-wise (1×1 convs), so the annotated pixels are gathered once into an
-    ``N×C_head`` matrix and the head runs as matrix products: a step costs O(N·C_head·L). On
-    the CPU these small products run on one thread: measured on the 2-core machine, a step over
-    65,536 pixels took 21 ms on one thread and 140–430 ms on two (thread contention).
-    """
+    """Train the head on features of the annotated pixels (the encoder stays frozen)."""
     features = _head_features(segmenter, data.images, device)
     labels = torch.from_numpy(data.labels).long().to(device)
     annotated = labels != IGNORE_INDEX
     pixels = features.permute(0, 2, 3, 1)[annotated]  # N×C
-    targets = labels[annotated]  # N
     del features
+    _train_head(segmenter.seg_head, pixels, labels[annotated], config, device, progress)
+
+
+def _train_head(
+    head: nn.Module,
+    pixels: torch.Tensor,
+    targets: torch.Tensor,
+    config: FewShotConfig,
+    device: torch.device,
+    progress: ProgressCallback | None,
+) -> None:
+    """Full-batch Adam on the head over ``N×C_head`` annotated pixel features and ``N`` targets.
+
+    The head is pixel-wise (1×1 convs), so it runs as matrix products on the pixel rows: a step
+    costs O(N·C_head·L). On the CPU these small products run on one thread: measured on the
+    2-core machine, a step over 65,536 pixels took 21 ms on one thread and 140–430 ms on two
+    (thread contention).
+    """
     loss_fn = MaskedDiceCELoss()
     generator = torch.Generator().manual_seed(config.seed)
-    head = segmenter.seg_head.train()
+    head.train()
     optimiser = torch.optim.Adam(
         head.parameters(), lr=config.linear_lr, weight_decay=config.weight_decay
     )
-    report = _Reporter(config.linear_steps, "linear", progress)
+    report = _Reporter(config.linear_steps, "fit", progress)
     pick = _pixel_subset(targets.shape[0], config.linear_max_pixels, generator).to(device)
-    x, y = pixels[pick], targets[pick]
-    del pixels
+    x, y = pixels[pick].to(device), targets[pick].to(device)
     with _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
         for step in range(config.linear_steps):
             logits = _pointwise(head, x)  # N×L, as a 1×L×N×1 map for the loss
@@ -429,6 +313,79 @@ def _fit_linear(
             loss.backward()
             optimiser.step()
             report(step + 1, float(loss.item()))
+    head.eval()
+
+
+def fit_probe(
+    encoder: Encoder,
+    features: list[FeatureMaps],
+    labels: list[np.ndarray],
+    num_classes: int,
+    config: FewShotConfig | None = None,
+    progress: ProgressCallback | None = None,
+) -> SegmenterNet:
+    """Fit the probe head (``config.head``) on cached decoder maps; the encoder never runs.
+
+    The interactive path of the assist workflow: the same result as
+    ``fit_segmenter(..., method="linear")`` on the same slices, but reading the annotated
+    slices' head features from :class:`models.features.FeatureMaps` instead of running the
+    encoder on them.
+
+    Args:
+        encoder: the encoder the maps were computed with (copied into the segmenter).
+        features: one cached entry per labelled volume, all along the same axis.
+        labels: ``X×Y×Z`` label volumes (``0…L−1``, 255 unannotated), same order.
+        num_classes: L, background included.
+        config: settings (``head``, ``multiscale``, ``linear_*``, ``seed``, ``device``).
+        progress: called after every step with phase ``"fit"``.
+
+    Raises:
+        ValueError: mismatched shapes, label values ≥ ``num_classes``, or nothing annotated.
+    """
+    config = config or FewShotConfig()
+    if len(features) != len(labels):
+        raise ValueError(f"{len(features)} feature entries but {len(labels)} label volumes")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        segmenter = SegmenterNet(
+            copy.deepcopy(encoder.network),
+            num_classes,
+            encoder.config.num_clusters,
+            head=config.head,
+            multiscale=config.multiscale,
+        )
+    segmenter.cluster_head = copy.deepcopy(encoder.cluster_head)
+    segmenter.requires_grad_(False)
+    segmenter.seg_head.requires_grad_(True)
+    segmenter.eval()
+    rows, targets = [], []
+    for i, (entry, label) in enumerate(zip(features, labels, strict=True)):
+        sparse = SparseLabels(np.asarray(label))
+        try:
+            sparse.check(num_classes)
+        except ValueError as err:
+            raise ValueError(f"label volume {i}: {err}") from err
+        slices = np.moveaxis(sparse.labels.astype(np.uint8), entry.axis, 0)
+        if slices.shape != (entry.num_slices, *entry.size):
+            raise ValueError(
+                f"label volume {i} has shape {label.shape}; its features are of "
+                f"{entry.num_slices} slices of {entry.size} along axis {entry.axis}"
+            )
+        for s in annotated_slices(sparse.labels, entry.axis):
+            target = torch.from_numpy(slices[s].astype(np.int64))
+            mask = target != IGNORE_INDEX
+            with torch.no_grad():
+                x = head_input(segmenter, entry, [s])[0]  # C_head×H×W
+            rows.append(x.permute(1, 2, 0)[mask])
+            targets.append(target[mask])
+    if not rows:
+        raise ValueError(f"no slice is annotated: every label voxel is {IGNORE_INDEX}")
+    logger.info("probe (%s head) on %d annotated slices", config.head, len(rows))
+    device = torch.device(config.device)
+    segmenter.to(device)
+    _train_head(segmenter.seg_head, torch.cat(rows), torch.cat(targets), config, device, progress)
+    segmenter.requires_grad_(True)
+    return segmenter.cpu().eval()
 
 
 def _pixel_subset(n: int, limit: int, generator: torch.Generator) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 
 from models.losses import IICBoundaryLoss, Pix2RepLoss, PixelBarlowTwinsLoss
 from models.losses.pix2rep import check_pair, sample_valid_pixels
+from models.runtime.configs import OBJECTIVES
 
 __all__ = [
     "OBJECTIVES",
@@ -20,8 +21,6 @@ __all__ = [
     "build_objective",
     "projection_head",
 ]
-
-OBJECTIVES = ("pix2rep", "pix2rep_barlow", "iic_boundary")
 
 
 def projection_head(in_channels: int, dim: int = 256, depth: int = 2) -> nn.Module:

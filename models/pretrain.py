@@ -14,7 +14,6 @@ import copy
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +25,7 @@ from models.clusters import fit_kmeans_head
 from models.networks.unet import DenseUNet
 from models.objectives import Objective, build_objective
 from models.progress import Progress, ProgressCallback
+from models.runtime.configs import PretrainConfig
 from models.runtime.preprocess import (
     Normalisation,
     crop_to,
@@ -43,88 +43,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 _RESUME_FREE = frozenset({"steps", "checkpoint_every", "device"})
 """Config fields that may change between an interrupted run and its resumption."""
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """Settings of a pretraining run. Defaults are sized for a 2-core CPU.
-
-    Attributes:
-        objective: ``"pix2rep"``, ``"pix2rep_barlow"`` or ``"iic_boundary"`` (METHODS.md).
-        modality: ``"CT"``, ``"MR"``, …; passed to the objective (edge exponent of
-            ``iic_boundary``).
-        steps: optimisation steps. 1000 steps of 8 crops of 128×128 take tens of minutes on
-            2 CPU cores with the default channels.
-        batch_size: slices per step (each gives two views).
-        lr: Adam learning rate (the papers are silent on ours; 1e-3 is Adam's usual default).
-        weight_decay: Adam weight decay (L2), 1e-5.
-        image_size: side of the square training crop. Slices are kept at their native
-            resolution (the encoder runs at native resolution downstream, in few-shot training
-            and in the ONNX predictor, so pretraining sees the same pixel scale; the views'
-            zoom-crop adds scale variation around it): each slice is zero-padded to a multiple
-            of the network's ``size_divisor`` and a random ``image_size`` crop is taken; when a
-            slice of the batch is smaller, the whole batch uses the smallest padded size instead.
-        axis: voxel axis the slices are taken along (0, 1 or 2).
-        seed: seed of the initial weights, and (with the step index) of every step's draws.
-        checkpoint_every: steps between checkpoints.
-        channels: U-Net channels per level, fine to coarse (:class:`DenseUNet`).
-        num_clusters: K, the clusters of the cluster head (the objective's for
-            ``iic_boundary``, k-means on the features otherwise).
-        kmeans_slices: slices (spread evenly over the volumes) whose features feed k-means.
-        objective_overrides: keyword overrides of the objective's defaults, e.g.
-            ``{"temperature": 0.3}``.
-        device: torch device of the run (``"cpu"``, ``"cuda"``); bit-exact resumption is
-            guaranteed on the CPU only.
-    """
-
-    objective: str = "pix2rep"
-    modality: str = "MR"
-    steps: int = 1000
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    image_size: int = 128
-    axis: int = 2
-    seed: int = 0
-    checkpoint_every: int = 50
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    num_clusters: int = 20
-    kmeans_slices: int = 32
-    objective_overrides: dict[str, Any] = field(default_factory=dict)
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "image_size", "checkpoint_every", "num_clusters")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.axis not in (0, 1, 2):
-            raise ValueError(f"axis must be 0, 1 or 2, got {self.axis}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (tuples become lists)."""
-        data = asdict(self)
-        data["channels"] = list(self.channels)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
-        """Inverse of :meth:`to_dict`; missing keys take their defaults.
-
-        Raises:
-            ValueError: on unknown keys.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown pretraining config keys {unknown}; known: {sorted(known)}")
-        values = dict(data)
-        if "channels" in values:
-            values["channels"] = tuple(values["channels"])
-        return cls(**values)
 
 
 def _build_network(config: PretrainConfig) -> DenseUNet:

@@ -4,7 +4,7 @@ Volumes are numpy arrays ``X×Y×Z`` in the NIfTI's own voxel order: nothing her
 the affine returned by :func:`load_volume` is the file's and stays valid for every array derived
 from the volume. Label volumes are ``uint8``; :data:`IGNORE_INDEX` marks unannotated voxels.
 
-This module imports numpy and nibabel only (no torch), so the API process may use it.
+This module imports numpy, nibabel and pydantic only (no torch), so the API process may use it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from os import PathLike
 import nibabel as nib
 import numpy as np
 
+from models.runtime.configs import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX",
     "SparseLabels",
@@ -24,9 +26,6 @@ __all__ = [
     "load_volume",
     "stack_slices",
 ]
-
-IGNORE_INDEX = 255
-"""Label value of an unannotated voxel: it contributes no loss and no metric."""
 
 
 def _check_axis(volume: np.ndarray, axis: int, what: str = "volume") -> int:

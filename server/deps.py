@@ -7,17 +7,18 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.predictions import PredictorCache
+from server.db.tables import ID_PATTERN
 from server.settings import Settings
 from server.storage import Storage
 
 __all__ = [
     "CeleryDep",
-    "PredictorsDep",
+    "IdPath",
+    "IdQuery",
     "SessionDep",
     "SettingsDep",
     "StorageDep",
@@ -50,17 +51,16 @@ def get_celery(request: Request) -> Celery:
     return celery
 
 
-def get_predictors(request: Request) -> PredictorCache:
-    """The process-wide cache of ONNX Runtime sessions."""
-    predictors: PredictorCache = request.app.state.predictors
-    return predictors
-
-
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
-PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
+
+IdPath = Annotated[str, Path(pattern=ID_PATTERN, description="32 lowercase hex digits")]
+"""An id in the URL path. Ids end up in file paths: anything but :data:`ID_PATTERN` (``..``,
+``x/y``) is a 422 before any lookup or file access."""
+IdQuery = Annotated[str | None, Query(pattern=ID_PATTERN, description="32 lowercase hex digits")]
+"""An optional id in the query string (a filter), checked like :data:`IdPath`."""
 
 _bearer = HTTPBearer(auto_error=False)
 

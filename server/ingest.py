@@ -31,11 +31,11 @@ import nibabel as nib
 import numpy as np
 from nibabel.arrayproxy import ArrayProxy
 
+from models.runtime.configs import IGNORE_INDEX
 from server.storage import temporary_path
 
 __all__ = [
     "MAX_VOLUME_BYTES",
-    "UNANNOTATED",
     "IngestError",
     "LabelInfo",
     "VolumeInfo",
@@ -45,9 +45,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-UNANNOTATED = 255
-"""Label value of voxels nobody annotated (ignored in training)."""
 
 MAX_VOLUME_BYTES = 4 * 1024**3
 """Largest decompressed voxel data accepted (guards against gzip bombs and absurd headers)."""
@@ -228,7 +225,7 @@ def validate_label(
     header.set_slope_inter(None, None)
     header["cal_min"] = header["cal_max"] = 0
     stored = type(image)(labels, image.affine, header=header)
-    annotated = labels != UNANNOTATED
+    annotated = labels != IGNORE_INDEX
     with temporary_path(dst.parent, suffix=".nii.gz") as tmp:
         nib.save(stored, tmp)
         sha256, size = _digest(tmp)
@@ -418,17 +415,17 @@ def _label_values(data: np.ndarray, allowed_values: set[int]) -> np.ndarray:
         if fractional.size:
             examples = ", ".join(f"{v:g}" for v in np.unique(fractional)[:5])
             raise IngestError(f"label values must be integers; found {examples}")
-    if data.size and (data.min() < 0 or data.max() > UNANNOTATED):
+    if data.size and (data.min() < 0 or data.max() > IGNORE_INDEX):
         present = {int(v) for v in np.unique(data)}
     else:
         counts = np.bincount(data.astype(np.uint8).ravel(), minlength=256)
         present = {int(v) for v in np.flatnonzero(counts)}
-    allowed = set(allowed_values) | {UNANNOTATED}
+    allowed = set(allowed_values) | {IGNORE_INDEX}
     outside = present - allowed
     if outside:
         raise IngestError(
             f"label values {_format_set(outside)} are not in the dataset's label schema"
-            f" {_format_set(set(allowed_values))} ({UNANNOTATED} = unannotated)"
+            f" {_format_set(set(allowed_values))} ({IGNORE_INDEX} = unannotated)"
         )
     return np.ascontiguousarray(data, dtype=np.uint8)
 

@@ -16,9 +16,8 @@ from fastapi.concurrency import run_in_threadpool
 from server.db.session import migrate, session_factory
 from server.deps import require_token
 from server.errors import install_error_handlers
-from server.predictions import PredictorCache
 from server.queue import make_celery
-from server.routes import datasets, health, images, jobs, labels, models, predictions
+from server.routes import assist, datasets, health, images, jobs, labels, models, predictions
 from server.settings import Settings, get_settings
 from server.storage import Storage
 
@@ -49,13 +48,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = Storage(settings.data_dir)
     app.state.session_factory = session_factory(settings)
     app.state.celery = make_celery(settings)
-    app.state.predictors = PredictorCache(device=settings.device)
     install_error_handlers(app)
 
     api = APIRouter(prefix=API_PREFIX)
     api.include_router(health.router)
     protected = APIRouter(dependencies=[Depends(require_token)])
-    for module in (datasets, images, labels, jobs, models, predictions):
+    for module in (datasets, assist, images, labels, jobs, models, predictions):
         protected.include_router(module.router)
     api.include_router(protected)
     app.include_router(api)

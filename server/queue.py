@@ -21,18 +21,25 @@ if TYPE_CHECKING:
     from server.settings import Settings
 
 __all__ = [
+    "PREDICTION_QUEUE",
     "QUEUE_NAME",
     "broker_folders",
     "celery_config",
     "check_broker",
     "enqueue_job",
     "make_celery",
+    "queue_for",
     "task_name",
 ]
 
 logger = logging.getLogger(__name__)
 
 QUEUE_NAME = "segassist"
+"""The training queue: pretraining, fine-tuning, feature caching (long, one at a time)."""
+PREDICTION_QUEUE = "segassist-prediction"
+"""The interactive queue: predictions and assist runs that fit only a head (seconds each), so a
+user never waits behind a pretraining; its concurrency is ``prediction_concurrency``."""
+_ENCODER_METHODS = ("finetune", "mean_teacher")
 _VISIBILITY_MARGIN_SECONDS = 3600
 
 
@@ -41,20 +48,34 @@ def task_name(kind: str) -> str:
     return f"segassist.{kind}"
 
 
+def queue_for(kind: str, params: dict[str, Any] | None = None) -> str:
+    """The queue of a job: :data:`PREDICTION_QUEUE` for ``predict`` and for ``assist`` with a
+    probe method (cost: the head); :data:`QUEUE_NAME` for everything that trains an encoder."""
+    if kind == "predict":
+        return PREDICTION_QUEUE
+    if kind == "assist" and (params or {}).get("method", "linear") not in _ENCODER_METHODS:
+        return PREDICTION_QUEUE
+    return QUEUE_NAME
+
+
 def broker_folders(settings: Settings) -> dict[str, str]:
     """Folders of the filesystem transport (created if missing).
 
     Producer and consumer share one message folder: the API writes to ``data_folder_out``, the
-    worker reads ``data_folder_in``.
+    worker reads ``data_folder_in``. They also share the control folder (the exchange → queue
+    bindings, read by every publish and by broadcasts such as ``celery inspect``): kombu's
+    default is ``./control``, relative to each process's working directory.
     """
     messages = settings.broker_dir / "messages"
     processed = settings.broker_dir / "processed"
-    for folder in (messages, processed):
+    control = settings.broker_dir / "control"
+    for folder in (messages, processed, control):
         folder.mkdir(parents=True, exist_ok=True)
     return {
         "data_folder_in": str(messages),
         "data_folder_out": str(messages),
         "processed_folder": str(processed),
+        "control_folder": str(control),
     }
 
 
@@ -113,8 +134,9 @@ def enqueue_job(celery: Celery, job: Job) -> str:
     The task id is the job id, so a duplicate send is recognisable by the worker; the caller
     stores it in ``job.celery_task_id``.
     """
-    result = celery.send_task(task_name(job.kind), args=[job.id], task_id=job.id, queue=QUEUE_NAME)
-    logger.info("enqueued %s job %s", job.kind, job.id)
+    queue = queue_for(job.kind, job.params)
+    result = celery.send_task(task_name(job.kind), args=[job.id], task_id=job.id, queue=queue)
+    logger.info("enqueued %s job %s on %s", job.kind, job.id, queue)
     return str(result.id)
 
 

@@ -5,17 +5,36 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    field_serializer,
+    field_validator,
+)
 
-from server.db.tables import JobKind, JobStatus, ModelKind
+from models.runtime.configs import (
+    IGNORE_INDEX,
+    METHODS,
+    OBJECTIVES,
+    FewShotConfig,
+    Method,
+    Objective,
+    PretrainConfig,
+)
+from server.db.tables import ID_PATTERN, JobKind, JobStatus, ModelKind
 
 __all__ = [
     "METHODS",
     "OBJECTIVES",
+    "AssistCreate",
     "DatasetCreate",
     "DatasetPublic",
+    "FinetuneConfig",
     "FinetuneParams",
     "HealthPublic",
+    "Id",
     "ImagePublic",
     "JobCreate",
     "JobProgress",
@@ -29,12 +48,8 @@ __all__ = [
     "PretrainParams",
 ]
 
-OBJECTIVES = ("pix2rep", "pix2rep_barlow", "iic_boundary")
-METHODS = ("linear", "finetune", "mean_teacher")
-
-Objective = Literal["pix2rep", "pix2rep_barlow", "iic_boundary"]
-Method = Literal["linear", "finetune", "mean_teacher"]
-Id = Annotated[str, Field(min_length=1, max_length=64)]
+Id = Annotated[str, Field(pattern=ID_PATTERN)]
+"""An id in a request body: 32 lowercase hex digits (``server.deps.IdPath`` in paths)."""
 
 
 class _Public(BaseModel):
@@ -62,10 +77,11 @@ class DatasetCreate(BaseModel):
     @field_validator("labels")
     @classmethod
     def _class_values(cls, labels: dict[str, LabelClass]) -> dict[str, LabelClass]:
-        bad = [k for k in labels if not (k.isdigit() and 1 <= int(k) <= 254)]
+        bad = [k for k in labels if not (k.isdigit() and 1 <= int(k) < IGNORE_INDEX)]
         if bad:
             raise ValueError(
-                f"label values must be integers 1..254 (0 is background, 255 unannotated); got {bad}"
+                f"label values must be integers 1..{IGNORE_INDEX - 1} "
+                f"(0 is background, {IGNORE_INDEX} unannotated); got {bad}"
             )
         return {str(int(k)): v for k, v in labels.items()}
 
@@ -112,15 +128,42 @@ class LabelPublic(_Public):
     created_at: datetime
 
 
+def _keys_set(config: BaseModel | None, info: SerializationInfo) -> dict[str, Any] | None:
+    """A job's ``config`` as stored on its row: only the keys the user set, so the worker's
+    defaults (e.g. :meth:`FewShotConfig.for_scratch` for a random encoder) fill in the rest."""
+    return None if config is None else config.model_dump(mode=info.mode, exclude_unset=True)
+
+
 class PretrainParams(BaseModel):
-    """Params of a ``pretrain`` job (result ``{"encoder_id"}``)."""
+    """Params of a ``pretrain`` job (result ``{"encoder_id"}``).
+
+    ``config`` holds :class:`PretrainConfig` fields; its ``objective`` and ``modality`` are the
+    job's ``objective`` and the dataset's, and ``steps`` (when given) overrides its ``steps``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     objective: Objective
     image_ids: list[Id] | None = None
     steps: int | None = Field(default=None, gt=0)
-    config: dict[str, Any] | None = None
+    config: PretrainConfig | None = None
+
+    @field_serializer("config")
+    def _config_as_set(
+        self, config: PretrainConfig | None, info: SerializationInfo
+    ) -> dict[str, Any] | None:
+        return _keys_set(config, info)
+
+
+class FinetuneConfig(FewShotConfig):
+    """``config`` of a ``finetune`` job: :class:`FewShotConfig` fields, plus ``encoder``.
+
+    Attributes:
+        encoder: :class:`PretrainConfig` fields of the random encoder the worker builds when
+            ``encoder_id`` is null (e.g. its ``channels``); its ``modality`` is the dataset's.
+    """
+
+    encoder: PretrainConfig | None = None
 
 
 class FinetuneParams(BaseModel):
@@ -131,7 +174,13 @@ class FinetuneParams(BaseModel):
     encoder_id: Id | None = None
     method: Method = "linear"
     label_ids: list[Id] | None = None
-    config: dict[str, Any] | None = None
+    config: FinetuneConfig | None = None
+
+    @field_serializer("config")
+    def _config_as_set(
+        self, config: FinetuneConfig | None, info: SerializationInfo
+    ) -> dict[str, Any] | None:
+        return _keys_set(config, info)
 
 
 class PredictParams(BaseModel):
@@ -226,3 +275,44 @@ class HealthPublic(BaseModel):
     status: str
     database: str
     broker: str
+
+
+class AssistCreate(BaseModel):
+    """``POST /datasets/{id}/assist``: segment images from the labelled slices in one job.
+
+    Everything is optional: by default every image's ``final`` labels train a probe head on the
+    dataset's encoder (else the newest of the modality, else a short pretraining) and every
+    image of the dataset is segmented. The slice axis and the classes come from the labels.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_ids: list[Id] | None = Field(
+        default=None, min_length=1, description="images to segment (default: every image)"
+    )
+    label_ids: list[Id] | None = Field(
+        default=None,
+        min_length=1,
+        description="label versions to learn from (default: every image's final labels)",
+    )
+    encoder_id: Id | None = Field(
+        default=None, description="encoder to use (default: reuse or pretrain, see above)"
+    )
+    objective: Objective | Literal["none"] | None = Field(
+        default=None,
+        description="reuse or pretrain only an encoder of this objective; 'none' = random "
+        "initialisation (method finetune or mean_teacher only)",
+    )
+    method: Method = Field(
+        default="linear",
+        description="linear: a probe head on cached encoder features (seconds); finetune, "
+        "mean_teacher: train the whole network (minutes)",
+    )
+    head: Literal["linear", "mlp"] = "linear"
+    axis: int | None = Field(default=None, ge=0, le=2, description="default: from the labels")
+    probabilities: bool = Field(
+        default=False, description="also store class probabilities and the uncertainty map"
+    )
+    config: FewShotConfig | None = Field(
+        default=None, description="expert overrides of the few-shot fit (only the keys given)"
+    )

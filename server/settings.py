@@ -34,6 +34,14 @@ class Settings(BaseSettings):
         task_hard_time_limit: seconds after which the worker kills the task.
         environment: ``"production"`` refuses placeholder secrets.
         api_token: bearer token clients must send when set (empty = no authentication).
+        prediction_concurrency: prediction-queue tasks (assist probe fits, predictions) one
+            embedded service runs at once; each is a worker process holding one volume.
+        feature_cache_bytes: size bound of the per-(encoder, image) decoder-map cache.
+        assist_pretrain_steps: pretraining steps the assist workflow runs inline when no
+            encoder exists yet (the user waits for them: ~1.5 s per step on 2 CPU cores).
+        background_pretrain_steps: total steps of the pretraining that then continues in the
+            background from where the inline one stopped (0 = none); the assist workflow refits
+            on the better encoder when it lands.
     """
 
     model_config = SettingsConfigDict(env_prefix="SEGASSIST_", extra="ignore")
@@ -47,6 +55,10 @@ class Settings(BaseSettings):
     task_hard_time_limit: int = Field(default=6 * 3600 + 300, gt=0)
     environment: Literal["development", "production"] = "development"
     api_token: str = ""
+    prediction_concurrency: int = Field(default=1, ge=1)
+    feature_cache_bytes: int = Field(default=20 * 1024**3, gt=0)
+    assist_pretrain_steps: int = Field(default=100, ge=1)
+    background_pretrain_steps: int = Field(default=1000, ge=0)
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> Settings:
@@ -65,6 +77,11 @@ class Settings(BaseSettings):
                 "or leave it empty to disable authentication"
             )
         return self
+
+    @property
+    def feature_dir(self) -> Path:
+        """Folder of the decoder-map cache (:class:`models.features.FeatureCache`)."""
+        return self.data_dir / "features"
 
     @property
     def broker_dir(self) -> Path:

@@ -1,6 +1,6 @@
 """The worker's Celery app: configuration from :func:`server.queue.celery_config`, three tasks.
 
-Run it with ``python -m celery -A worker.app worker -Q segassist --concurrency 1``. The app is built
+Run it with ``python -m celery -A worker.app worker -Q segassist,segassist-prediction --concurrency 1``. The app is built
 on first access of ``worker.app.app`` (not at import), so the environment (``SEGASSIST_*``) can be
 set first. Worker start-up migrates the database; once the worker consumes, a
 :class:`worker.recovery.RecoverySweeper` re-enqueues jobs a dead worker took with it.
@@ -23,7 +23,13 @@ __all__ = ["TASK_NAMES", "get_app"]
 
 logger = logging.getLogger(__name__)
 
-TASK_NAMES = ("segassist.pretrain", "segassist.finetune", "segassist.predict")
+TASK_NAMES = (
+    "segassist.pretrain",
+    "segassist.finetune",
+    "segassist.predict",
+    "segassist.assist",
+    "segassist.features",
+)
 """Names the API enqueues by (``server.queue.task_name``)."""
 
 _sweepers: list[RecoverySweeper] = []

@@ -29,27 +29,35 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from sqlalchemy import select
 
 from models.export import export_segmenter
-from models.fewshot import METHODS, FewShotConfig, Method, fit_segmenter
+from models.fewshot import METHODS, FewShotConfig, fit_segmenter
+from models.networks.segmenter import SegmenterNet
 from models.pretrain import Encoder, PretrainConfig
 from models.pretrain import pretrain as run_pretraining
 from models.progress import Progress
 from models.runtime.manifest import Manifest
 from models.runtime.nifti import read_nifti
 from models.runtime.predictor import OnnxPredictor
-from models.runtime.preprocess import default_normalisation, normalise
+from models.runtime.preprocess import Normalisation, default_normalisation, normalise
 from server.db import Dataset, Image, Label, ModelKind, ModelRecord
 from server.db.tables import FINAL_TAG
 from server.predictions import predict_to_folder, prediction_urls
 from worker.jobs import JobContext
 
-__all__ = ["ENCODER_FILE", "finetune", "predict", "pretrain"]
+__all__ = [
+    "ENCODER_FILE",
+    "finetune",
+    "predict",
+    "pretrain",
+    "publish_encoder",
+    "publish_segmenter",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +89,48 @@ def pretrain(ctx: JobContext) -> dict[str, Any]:
     )
     losses = _LossTracker(ctx)
     encoder = run_pretraining(volumes, config, ctx.workdir, losses, norm)
+    model_id = _model_id(ctx)
+    publish_encoder(
+        ctx,
+        dataset,
+        model_id,
+        encoder,
+        [image.id for image in images],
+        {"steps": config.steps, "final_loss": losses.last},
+    )
+    shutil.rmtree(ctx.storage.job_workdir(ctx.job_id), ignore_errors=True)
+    result: dict[str, Any] = {"encoder_id": model_id}
+    if ctx.params.get("continues"):
+        from worker.assist import refit_after_pretraining
+
+        refit = refit_after_pretraining(ctx, model_id)
+        if refit is not None:
+            result["refit_job_id"] = refit
+    return result
+
+
+def publish_encoder(
+    ctx: JobContext,
+    dataset: Dataset,
+    model_id: str,
+    encoder: Encoder,
+    image_ids: list[str],
+    metrics: dict[str, Any],
+    owned_by_job: bool = True,
+) -> None:
+    """Write ``encoder`` to ``models/<model_id>/`` (atomically) and register it.
+
+    ``owned_by_job``: the job's own model (found again by a retry through ``job_id``); an
+    assist job's short pretraining is not (the segmenter is that job's model).
+    """
+    config = encoder.config
     lineage = {
         "dataset_id": dataset.id,
-        "image_ids": [image.id for image in images],
+        "image_ids": image_ids,
         "objective": config.objective,
         "config": config.to_dict(),
         "job_id": ctx.job_id,
     }
-    metrics = {"steps": config.steps, "final_loss": losses.last}
-    model_id = _model_id(ctx)
     with _publishing(ctx, model_id) as folder:
         encoder.save(folder / ENCODER_FILE)
         Manifest(
@@ -98,7 +139,7 @@ def pretrain(ctx: JobContext) -> dict[str, Any]:
             num_classes=0,
             num_clusters=config.num_clusters,
             axis=config.axis,
-            normalisation=norm,
+            normalisation=encoder.normalisation,
             size_divisor=encoder.size_divisor,
             objective=config.objective,
             lineage=lineage,
@@ -112,14 +153,12 @@ def pretrain(ctx: JobContext) -> dict[str, Any]:
             dataset_id=dataset.id,
             modality=dataset.modality,
             objective=config.objective,
-            job_id=ctx.job_id,
+            job_id=ctx.job_id if owned_by_job else None,
             lineage=lineage,
             metrics=metrics,
             folder=str(ctx.storage.model_dir(model_id)),
         ),
     )
-    shutil.rmtree(ctx.storage.job_workdir(ctx.job_id), ignore_errors=True)
-    return {"encoder_id": model_id}
 
 
 def finetune(ctx: JobContext) -> dict[str, Any]:
@@ -157,12 +196,48 @@ def finetune(ctx: JobContext) -> dict[str, Any]:
         images,
         labels,
         len(class_names),
-        method=cast(Method, method),
+        method=method,  # narrowed to Method by the METHODS check above
         config=config,
         progress=losses,
     )
     ctx.progress(Progress(0, 1, losses.last or 0.0, 0.0, "export"))
-    objective = None if encoder_id is None else encoder.objective
+    model_id = _model_id(ctx)
+    publish_segmenter(
+        ctx,
+        dataset,
+        model_id,
+        segmenter,
+        class_names=class_names,
+        axis=encoder.config.axis if config.axis is None else config.axis,
+        normalisation=encoder.normalisation,
+        encoder_id=encoder_id,
+        objective=None if encoder_id is None else encoder.objective,
+        method=method,
+        config=config,
+        pairs=pairs,
+        fit_loss=losses.last,
+    )
+    ctx.progress(Progress(1, 1, losses.last or 0.0, 0.0, "export"))
+    return {"segmenter_id": model_id}
+
+
+def publish_segmenter(
+    ctx: JobContext,
+    dataset: Dataset,
+    model_id: str,
+    segmenter: SegmenterNet,
+    *,
+    class_names: dict[int, str],
+    axis: int,
+    normalisation: Normalisation,
+    encoder_id: str | None,
+    objective: str | None,
+    method: str,
+    config: FewShotConfig,
+    pairs: list[tuple[Image, Label]],
+    fit_loss: float | None,
+) -> None:
+    """Export ``segmenter`` to ONNX in ``models/<model_id>/`` (atomically) and register it."""
     lineage = {
         "dataset_id": dataset.id,
         "encoder_id": encoder_id,
@@ -173,20 +248,19 @@ def finetune(ctx: JobContext) -> dict[str, Any]:
         "config": config.to_dict(),
         "job_id": ctx.job_id,
     }
-    model_id = _model_id(ctx)
     with _publishing(ctx, model_id) as folder:
         manifest = export_segmenter(
             segmenter,
             folder,
             labels=class_names,
-            axis=encoder.config.axis if config.axis is None else config.axis,
-            normalisation=encoder.normalisation,
+            axis=axis,
+            normalisation=normalisation,
             objective=objective,
             method=method,
             lineage=lineage,
-            metrics={"final_loss": losses.last},
+            metrics={"final_loss": fit_loss},
         )
-    metrics = {"final_loss": losses.last, "parity_max_abs_diff": manifest.parity_max_abs_diff}
+    metrics = {"final_loss": fit_loss, "parity_max_abs_diff": manifest.parity_max_abs_diff}
     _register(
         ctx,
         ModelRecord(
@@ -203,8 +277,6 @@ def finetune(ctx: JobContext) -> dict[str, Any]:
             folder=str(ctx.storage.model_dir(model_id)),
         ),
     )
-    ctx.progress(Progress(1, 1, losses.last or 0.0, 0.0, "export"))
-    return {"segmenter_id": model_id}
 
 
 def predict(ctx: JobContext) -> dict[str, Any]:

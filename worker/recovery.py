@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.db import Job, JobStatus, session_factory
 from server.db.tables import utcnow
-from server.queue import QUEUE_NAME, broker_folders, enqueue_job
+from server.queue import PREDICTION_QUEUE, QUEUE_NAME, broker_folders, enqueue_job
 from server.settings import Settings
 from server.storage import Storage
 from worker.lease import lease_path, owner_gone
@@ -119,7 +119,8 @@ def _messages_in_folder(settings: Settings) -> set[str]:
     """Task ids (= job ids) of the messages waiting in the filesystem broker's folder."""
     folder = Path(broker_folders(settings)["data_folder_in"])
     ids: set[str] = set()
-    for path in folder.glob(f"*.{QUEUE_NAME}.msg"):
+    paths = [p for q in (QUEUE_NAME, PREDICTION_QUEUE) for p in folder.glob(f"*.{q}.msg")]
+    for path in paths:
         try:
             payload = json.loads(path.read_bytes())
             ids.add(str(payload["headers"]["id"]))

@@ -2,8 +2,10 @@
 
 ``run_embedded`` is what ``segassist serve`` calls: it settles the settings (SQLite and the
 filesystem broker under the data directory unless ``SEGASSIST_DATABASE_URL`` /
-``SEGASSIST_BROKER_URL`` say otherwise), migrates the database, starts one Celery worker
-subprocess (logging to ``<data_dir>/worker.log``, restarted if it dies), writes
+``SEGASSIST_BROKER_URL`` say otherwise), migrates the database, starts two Celery worker
+subprocesses, restarted if they die: one on the training queue (concurrency 1, logging to
+``<data_dir>/worker.log``) and one on the prediction queue (``prediction_concurrency``,
+``<data_dir>/worker-prediction.log``), so a prediction never waits behind a pretraining; writes
 ``<data_dir>/server.json`` (``{"url", "pid", "host", "port"}``) and serves the API with uvicorn in
 the foreground. SIGINT/SIGTERM stop uvicorn, then the worker (warm shutdown, then cold).
 
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from server.db import migrate
-from server.queue import QUEUE_NAME
+from server.queue import PREDICTION_QUEUE, QUEUE_NAME
 from server.settings import Settings, get_settings
 from server.storage import atomic_write_bytes
 
@@ -40,8 +42,12 @@ _STOP_GRACE_SECONDS = 20.0
 _RESTART_DELAY_SECONDS = (1.0, 60.0)
 
 
-def worker_command(concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
-    """The command line of one Celery worker consuming the segassist queue."""
+def worker_command(
+    concurrency: int = 1,
+    loglevel: str = "INFO",
+    queues: tuple[str, ...] = (QUEUE_NAME, PREDICTION_QUEUE),
+) -> list[str]:
+    """The command line of one Celery worker consuming ``queues`` (default: both)."""
     return [
         sys.executable,
         "-m",
@@ -54,7 +60,7 @@ def worker_command(concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
         "--pool",
         "prefork",
         "-Q",
-        QUEUE_NAME,
+        ",".join(queues),
         "--loglevel",
         loglevel,
         "--without-gossip",
@@ -210,11 +216,21 @@ def run_embedded(host: str = "127.0.0.1", port: int = 8000, data_dir: Path | Non
     settings = _embedded_settings(data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.database_url)
-    worker = WorkerProcess(settings, settings.data_dir / "worker.log")
+    workers = [
+        WorkerProcess(
+            settings, settings.data_dir / "worker.log", worker_command(1, queues=(QUEUE_NAME,))
+        ),
+        WorkerProcess(
+            settings,
+            settings.data_dir / "worker-prediction.log",
+            worker_command(settings.prediction_concurrency, queues=(PREDICTION_QUEUE,)),
+        ),
+    ]
     server_file = settings.data_dir / SERVER_FILE
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        worker.start()
+        for worker in workers:
+            worker.start()
         url = f"http://{host}:{port}"
         info = {"url": url, "pid": os.getpid(), "host": host, "port": port}
         atomic_write_bytes(json.dumps(info).encode(), server_file)
@@ -226,10 +242,15 @@ def run_embedded(host: str = "127.0.0.1", port: int = 8000, data_dir: Path | Non
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         server_file.unlink(missing_ok=True)
-        worker.stop()
+        for worker in workers:
+            worker.stop()
 
 
-def run_worker(concurrency: int = 1, loglevel: str = "INFO") -> None:
+def run_worker(
+    concurrency: int = 1,
+    loglevel: str = "INFO",
+    queues: tuple[str, ...] = (QUEUE_NAME, PREDICTION_QUEUE),
+) -> None:
     """Become a worker (deployed: Redis + PostgreSQL); never returns.
 
     Migrates the database, then replaces this process with :func:`worker_command`, so signals
@@ -237,5 +258,5 @@ def run_worker(concurrency: int = 1, loglevel: str = "INFO") -> None:
     """
     settings = get_settings()
     migrate(settings.database_url)
-    command = worker_command(concurrency, loglevel)
+    command = worker_command(concurrency, loglevel, queues)
     os.execve(command[0], command, _environment(settings))

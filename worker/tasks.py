@@ -1,4 +1,5 @@
-"""Celery tasks ``segassist.pretrain``, ``segassist.finetune``, ``segassist.predict``.
+"""Celery tasks ``segassist.<kind>`` for every job kind: pretrain, finetune, predict, assist,
+features.
 
 Each takes only a job id; :func:`worker.jobs.run_job` re-reads the row and runs the pipeline of
 :mod:`worker.pipelines`. The return value (the job's status) is informative only: the SQL job row
@@ -12,10 +13,11 @@ from typing import Any
 from celery import Task, shared_task
 
 from server.settings import get_settings
+from worker import assist as assist_pipelines
 from worker import pipelines
 from worker.jobs import Pipeline, run_job
 
-__all__ = ["finetune", "predict", "pretrain"]
+__all__ = ["assist", "features", "finetune", "predict", "pretrain"]
 
 
 def _run(task: Task, job_id: str, pipeline: Pipeline) -> str:
@@ -41,3 +43,15 @@ def finetune(self: Task, job_id: str) -> str:
 def predict(self: Task, job_id: str) -> str:
     """ONNX predictions of a segmenter on a dataset's images."""
     return _run(self, job_id, pipelines.predict)
+
+
+@shared_task(name="segassist.assist", bind=True)
+def assist(self: Task, job_id: str) -> str:
+    """The assist workflow: ensure an encoder, fit, predict, store (:mod:`worker.assist`)."""
+    return _run(self, job_id, assist_pipelines.assist)
+
+
+@shared_task(name="segassist.features", bind=True)
+def features(self: Task, job_id: str) -> str:
+    """Cache an encoder's decoder maps of images (a prefetch for the assist workflow)."""
+    return _run(self, job_id, assist_pipelines.features)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from models.runtime._atomic import atomic_path
+from models.runtime.configs import IGNORE_INDEX
 from models.runtime.preprocess import Normalisation
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "Manifest"]
@@ -24,8 +25,8 @@ __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "Manifest"]
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _KINDS = ("segmenter", "encoder")
-# Labels are stored as uint8 and 255 is the "unannotated" value of sparse label volumes.
-_MAX_CLASSES = 255
+# Labels are stored as uint8 and IGNORE_INDEX (255) is the "unannotated" value of sparse labels.
+_MAX_CLASSES = IGNORE_INDEX
 _MAX_CLUSTERS = 256
 
 

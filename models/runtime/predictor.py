@@ -21,7 +21,7 @@ from models.runtime._atomic import sha256_file
 from models.runtime.manifest import Manifest
 from models.runtime.preprocess import crop_to, normalise, pad_to_multiple
 
-__all__ = ["OnnxPredictor", "Prediction"]
+__all__ = ["OnnxPredictor", "Prediction", "normalised_entropy", "softmax"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Prediction:
     uncertainty: np.ndarray | None = None
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
     """Softmax over axis 1 of ``B×L×H×W`` logits, float32."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     np.exp(shifted, out=shifted)
@@ -56,7 +56,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted
 
 
-def _normalised_entropy(probs: np.ndarray) -> np.ndarray:
+def normalised_entropy(probs: np.ndarray) -> np.ndarray:
     """Entropy over axis 1 of ``B×L×H×W`` probabilities divided by ``log L``; ``B×H×W`` in [0, 1]."""
     num_classes = probs.shape[1]
     if num_classes < 2:
@@ -204,9 +204,9 @@ class OnnxPredictor:
             labels_view[start:stop] = logits.argmax(axis=1)
             clusters_view[start:stop] = crop_to(scores, size).argmax(axis=1)
             if probs_view is not None or uncertainty_view is not None:
-                softmax = _softmax(np.array(logits, dtype=np.float32))
+                batch_probs = softmax(np.array(logits, dtype=np.float32))
                 if probs_view is not None:
-                    probs_view[start:stop] = softmax
+                    probs_view[start:stop] = batch_probs
                 if uncertainty_view is not None:
-                    uncertainty_view[start:stop] = _normalised_entropy(softmax)
+                    uncertainty_view[start:stop] = normalised_entropy(batch_probs)
         return Prediction(labels, clusters, probs, uncertainty)

@@ -30,8 +30,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from models.runtime.configs import IGNORE_INDEX
+
 __all__ = [
     "FINAL_TAG",
+    "ID_PATTERN",
     "PREVIOUS_TAG",
     "Base",
     "Dataset",
@@ -50,8 +53,13 @@ FINAL_TAG = "final"
 PREVIOUS_TAG = "previous"
 
 
+ID_PATTERN = r"^[0-9a-f]{32}$"
+"""Form of every id the service hands out: 32 lowercase hex digits (:func:`new_id`; the worker's
+model ids are uuid5 hex). The API refuses any other id (they end up in file paths)."""
+
+
 def new_id() -> str:
-    """A fresh string id (uuid4 hex, 32 characters)."""
+    """A fresh string id (uuid4 hex, 32 characters, :data:`ID_PATTERN`)."""
     return uuid.uuid4().hex
 
 
@@ -66,6 +74,8 @@ class JobKind(enum.StrEnum):
     pretrain = "pretrain"
     finetune = "finetune"
     predict = "predict"
+    assist = "assist"
+    features = "features"
 
 
 class JobStatus(enum.StrEnum):
@@ -124,7 +134,7 @@ class Dataset(Base):
 
     def label_values(self) -> set[int]:
         """Values allowed in a label volume: 0, the schema's classes and 255 (unannotated)."""
-        return {0, 255, *(int(k) for k in self.labels)}
+        return {0, IGNORE_INDEX, *(int(k) for k in self.labels)}
 
 
 class Image(Base):

@@ -6,7 +6,7 @@ from fastapi import APIRouter, status
 from sqlalchemy import func, select
 
 from server.db.tables import Dataset, Image
-from server.deps import SessionDep
+from server.deps import IdPath, SessionDep
 from server.errors import not_found
 from server.schemas import DatasetCreate, DatasetPublic
 
@@ -52,7 +52,7 @@ def list_datasets(session: SessionDep) -> list[DatasetPublic]:
 
 
 @router.get("/{dataset_id}")
-def get_dataset(dataset_id: str, session: SessionDep) -> DatasetPublic:
+def get_dataset(dataset_id: IdPath, session: SessionDep) -> DatasetPublic:
     """One dataset with its image count."""
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:

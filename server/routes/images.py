@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from server.db.tables import FINAL_TAG, Dataset, Image, Label, new_id
-from server.deps import SessionDep, SettingsDep, StorageDep
+from server.deps import IdPath, SessionDep, SettingsDep, StorageDep
 from server.errors import not_found
 from server.ingest import ingest_dicom_zip, ingest_nifti
 from server.schemas import ImagePublic
@@ -139,7 +139,7 @@ def _store_image(
     openapi_extra=multipart_openapi(name={"type": "string"}),
 )
 async def upload_image(
-    dataset_id: str,
+    dataset_id: IdPath,
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
@@ -166,7 +166,7 @@ async def upload_image(
 
 
 @router.get("/datasets/{dataset_id}/images")
-def list_images(dataset_id: str, session: SessionDep) -> list[ImagePublic]:
+def list_images(dataset_id: IdPath, session: SessionDep) -> list[ImagePublic]:
     """Images of a dataset, oldest first."""
     if session.get(Dataset, dataset_id) is None:
         raise not_found("dataset", dataset_id)
@@ -177,7 +177,7 @@ def list_images(dataset_id: str, session: SessionDep) -> list[ImagePublic]:
 
 
 @router.get("/images/{image_id}")
-def get_image(image_id: str, session: SessionDep) -> ImagePublic:
+def get_image(image_id: IdPath, session: SessionDep) -> ImagePublic:
     """One image with its geometry and label status."""
     image = session.get(Image, image_id)
     if image is None:
@@ -186,7 +186,7 @@ def get_image(image_id: str, session: SessionDep) -> ImagePublic:
 
 
 @router.get("/images/{image_id}/file", response_class=FileResponse)
-def download_image(image_id: str, session: SessionDep) -> FileResponse:
+def download_image(image_id: IdPath, session: SessionDep) -> FileResponse:
     """The stored NIfTI (gzip), byte for byte what the checksum describes."""
     image = session.get(Image, image_id)
     if image is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
+from celery import Celery
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ValidationError
@@ -23,7 +24,7 @@ from server.db.tables import (
     ModelRecord,
     utcnow,
 )
-from server.deps import CeleryDep, SessionDep, StorageDep
+from server.deps import CeleryDep, IdPath, IdQuery, SessionDep, StorageDep
 from server.errors import format_errors, not_found, unprocessable
 from server.queue import enqueue_job
 from server.schemas import (
@@ -34,7 +35,7 @@ from server.schemas import (
     PretrainParams,
 )
 
-__all__ = ["router"]
+__all__ = ["router", "submit_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,15 +127,15 @@ def _get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED)
-def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep) -> JobPublic:
-    """Validate, record (``queued``) and enqueue a job; the worker picks it up by id."""
-    dataset = session.get(Dataset, body.dataset_id)
-    if dataset is None:
-        raise not_found("dataset", body.dataset_id)
-    job = Job(
-        kind=body.kind, dataset_id=dataset.id, params=_validated_params(session, dataset, body)
-    )
+def submit_job(
+    session: Session, celery: Celery, kind: JobKind, dataset: Dataset, params: dict[str, Any]
+) -> JobPublic:
+    """Record a ``queued`` job with already checked ``params`` and enqueue it by name.
+
+    Raises:
+        HTTPException: 503 when the broker cannot be reached (the job is then ``failed``).
+    """
+    job = Job(kind=kind, dataset_id=dataset.id, params=params)
     session.add(job)
     session.commit()
     try:
@@ -152,10 +153,25 @@ def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep) -> JobPu
     return JobPublic.model_validate(job)
 
 
+@router.post("", status_code=status.HTTP_202_ACCEPTED)
+def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep) -> JobPublic:
+    """Validate, record (``queued``) and enqueue a job; the worker picks it up by id."""
+    dataset = session.get(Dataset, body.dataset_id)
+    if dataset is None:
+        raise not_found("dataset", body.dataset_id)
+    if body.kind in (JobKind.assist, JobKind.features):
+        raise unprocessable(
+            f"{body.kind} jobs are started by POST /datasets/{{id}}/assist, not POST /jobs"
+        )
+    return submit_job(
+        session, celery, body.kind, dataset, _validated_params(session, dataset, body)
+    )
+
+
 @router.get("")
 def list_jobs(
     session: SessionDep,
-    dataset_id: str | None = None,
+    dataset_id: IdQuery = None,
     state: Annotated[JobStatus | None, Query(alias="status")] = None,
 ) -> list[JobPublic]:
     """Jobs, newest first, optionally of one dataset and/or in one state."""
@@ -168,13 +184,13 @@ def list_jobs(
 
 
 @router.get("/{job_id}")
-def get_job(job_id: str, session: SessionDep) -> JobPublic:
+def get_job(job_id: IdPath, session: SessionDep) -> JobPublic:
     """State, progress, result and error of a job."""
     return JobPublic.model_validate(_get_job(session, job_id))
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: str, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: IdPath, session: SessionDep) -> JobPublic:
     """Cancel a job: a queued job is cancelled at once; a running one gets ``cancel_requested``
     and stops at its next progress report. Finished jobs answer 409."""
     job = _get_job(session, job_id)
@@ -199,7 +215,7 @@ def cancel_job(job_id: str, session: SessionDep) -> JobPublic:
 
 
 @router.get("/{job_id}/logs", response_class=PlainTextResponse)
-def job_logs(job_id: str, session: SessionDep, storage: StorageDep) -> PlainTextResponse:
+def job_logs(job_id: IdPath, session: SessionDep, storage: StorageDep) -> PlainTextResponse:
     """The job's log (``data_dir/jobs/<id>/log.txt``); empty until the worker writes one."""
     _get_job(session, job_id)
     path = storage.job_log(job_id)

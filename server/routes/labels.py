@@ -15,7 +15,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from server.db.tables import FINAL_TAG, PREVIOUS_TAG, Image, Label, new_id
-from server.deps import SessionDep, SettingsDep, StorageDep
+from server.deps import IdPath, SessionDep, SettingsDep, StorageDep
 from server.errors import not_found, unprocessable
 from server.ingest import validate_label
 from server.routes.images import remove_stored, typed_upload_path
@@ -87,7 +87,7 @@ def _store_label(
     openapi_extra=multipart_openapi(tag={"type": "string", "default": FINAL_TAG}),
 )
 async def upload_label(
-    image_id: str,
+    image_id: IdPath,
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
@@ -114,7 +114,7 @@ async def upload_label(
 
 
 @router.get("/images/{image_id}/labels")
-def list_labels(image_id: str, session: SessionDep) -> list[LabelPublic]:
+def list_labels(image_id: IdPath, session: SessionDep) -> list[LabelPublic]:
     """Every label version of an image, newest first."""
     if session.get(Image, image_id) is None:
         raise not_found("image", image_id)
@@ -125,7 +125,7 @@ def list_labels(image_id: str, session: SessionDep) -> list[LabelPublic]:
 
 
 @router.get("/labels/{label_id}/file", response_class=FileResponse)
-def download_label(label_id: str, session: SessionDep) -> FileResponse:
+def download_label(label_id: IdPath, session: SessionDep) -> FileResponse:
     """The stored label NIfTI of one version."""
     label = session.get(Label, label_id)
     if label is None:

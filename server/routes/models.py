@@ -1,4 +1,4 @@
-"""``/models``: the registry of encoders and segmenters, and synchronous prediction."""
+"""``/models``: the registry of encoders and segmenters, and predictions with a segmenter."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, status
 from sqlalchemy import select
 
-from server.db.tables import Image, ModelKind, ModelRecord
-from server.deps import PredictorsDep, SessionDep, StorageDep
+from server.db.tables import Image, JobKind, ModelKind, ModelRecord
+from server.deps import CeleryDep, IdPath, IdQuery, SessionDep
 from server.errors import not_found, unprocessable
-from server.predictions import predict_to_folder, prediction_urls
-from server.schemas import ModelPublic, PredictionCreate, PredictionPublic
+from server.routes.jobs import submit_job
+from server.schemas import JobPublic, ModelPublic, PredictionCreate, PredictParams
 
 __all__ = ["router"]
 
@@ -25,7 +25,7 @@ router = APIRouter(prefix="/models", tags=["models"])
 def list_models(
     session: SessionDep,
     kind: ModelKind | None = None,
-    dataset_id: str | None = None,
+    dataset_id: IdQuery = None,
     modality: str | None = None,
 ) -> list[ModelPublic]:
     """Registry entries, newest first, filtered by kind, dataset and/or modality."""
@@ -40,7 +40,7 @@ def list_models(
 
 
 @router.get("/{model_id}")
-def get_model(model_id: str, session: SessionDep) -> ModelPublic:
+def get_model(model_id: IdPath, session: SessionDep) -> ModelPublic:
     """One registry entry with its lineage and metrics."""
     model = session.get(ModelRecord, model_id)
     if model is None:
@@ -48,18 +48,15 @@ def get_model(model_id: str, session: SessionDep) -> ModelPublic:
     return ModelPublic.model_validate(model)
 
 
-@router.post("/{model_id}/predict")
+@router.post("/{model_id}/predict", status_code=status.HTTP_202_ACCEPTED)
 def predict(
-    model_id: str,
-    body: PredictionCreate,
-    session: SessionDep,
-    storage: StorageDep,
-    predictors: PredictorsDep,
-) -> PredictionPublic:
-    """Segment one stored image with a segmenter, synchronously (ONNX Runtime in this process).
+    model_id: IdPath, body: PredictionCreate, session: SessionDep, celery: CeleryDep
+) -> JobPublic:
+    """Segment one stored image with a segmenter: a ``predict`` job on the prediction queue.
 
-    Outputs are written under ``predictions/<model_id>/<image_id>/`` on the image's affine and
-    served by ``GET /predictions/…``.
+    A worker runs ONNX Runtime (the API never does) and writes the outputs under
+    ``predictions/<model_id>/<image_id>/`` on the image's affine; poll ``/jobs/{id}``, whose
+    ``result.predictions[image_id]`` holds the download URLs (``GET /predictions/…``).
     """
     model = session.get(ModelRecord, model_id)
     if model is None:
@@ -69,22 +66,17 @@ def predict(
     image = session.get(Image, body.image_id)
     if image is None:
         raise not_found("image", body.image_id)
-    folder = Path(model.folder)
-    if not (folder / "manifest.json").is_file():
+    if not (Path(model.folder) / "manifest.json").is_file():
         raise HTTPException(
-            status.HTTP_409_CONFLICT, f"artifacts of model {model_id!r} are missing in {folder}"
+            status.HTTP_409_CONFLICT, f"artifacts of model {model_id!r} are missing"
         )
-    try:
-        names = predict_to_folder(
-            predictors.get(folder),
-            Path(image.path),
-            storage.prediction_dir(model.id, image.id),
-            with_probabilities=body.probabilities,
-        )
-    except ValueError as exc:
+    dataset = image.dataset
+    if model.modality.lower() != dataset.modality.lower():
         raise unprocessable(
-            f"cannot segment image {image.id!r} with model {model_id!r}: {exc}"
-        ) from exc
-    return PredictionPublic(
-        model_id=model.id, image_id=image.id, urls=prediction_urls(model.id, image.id, names)
-    )
+            f"segmenter {model_id!r} was trained on {model.modality}, "
+            f"image {image.id!r} is {dataset.modality}"
+        )
+    params = PredictParams(
+        model_id=model.id, image_ids=[image.id], probabilities=body.probabilities
+    ).model_dump(mode="json")
+    return submit_job(session, celery, JobKind.predict, dataset, params)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from server.deps import StorageDep
+from server.deps import IdPath, StorageDep
 from server.errors import not_found
 from server.predictions import PREDICTION_FILES
 
@@ -18,7 +18,7 @@ _MEDIA = {".png": "image/png", ".gz": "application/gzip"}
 
 @router.get("/{model_id}/{image_id}/{filename}", response_class=FileResponse)
 def download_prediction(
-    model_id: str, image_id: str, filename: str, storage: StorageDep
+    model_id: IdPath, image_id: IdPath, filename: str, storage: StorageDep
 ) -> FileResponse:
     """One output file (``labels.nii.gz``, ``clusters.nii.gz``, ``clusters.png``,
     ``probabilities.nii.gz``, ``uncertainty.nii.gz``)."""

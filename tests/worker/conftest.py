@@ -142,6 +142,8 @@ class Worker:
             "SEGASSIST_TASK_SOFT_TIME_LIMIT": str(settings.task_soft_time_limit),
             "SEGASSIST_TASK_HARD_TIME_LIMIT": str(settings.task_hard_time_limit),
             "SEGASSIST_DEVICE": "cpu",
+            "SEGASSIST_ASSIST_PRETRAIN_STEPS": str(settings.assist_pretrain_steps),
+            "SEGASSIST_BACKGROUND_PRETRAIN_STEPS": str(settings.background_pretrain_steps),
             "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": "1",
         }

@@ -1,0 +1,239 @@
+"""Settings of the training jobs and the vocabulary they share: the one definition of each.
+
+The API validates the ``config`` of a job against these models when the job is submitted (a bad
+key is a 422 naming it, not a worker failure minutes later), the worker and the ML core
+(:func:`models.pretrain.pretrain`, :func:`models.fewshot.fit_segmenter`) run on the same models,
+and the benchmarks and the client import the names from here. Torch-free (pydantic only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Self, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "IGNORE_INDEX",
+    "METHODS",
+    "OBJECTIVES",
+    "FewShotConfig",
+    "Method",
+    "Objective",
+    "PretrainConfig",
+]
+
+IGNORE_INDEX = 255
+"""Label value of an unannotated voxel: it contributes no loss and no metric."""
+
+Objective = Literal["pix2rep", "pix2rep_barlow", "iic_boundary"]
+"""Name of a self-supervised pretraining objective (METHODS.md, :mod:`models.objectives`)."""
+
+Method = Literal["linear", "finetune", "mean_teacher"]
+"""Name of a few-shot method (METHODS.md, "Downstream"; :mod:`models.fewshot`)."""
+
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
+"""Every :data:`Objective`, in the order the benchmarks report them."""
+
+METHODS: tuple[Method, ...] = get_args(Method)
+"""Every :data:`Method`, cheapest first."""
+
+_Positive = Annotated[int, Field(ge=1)]
+_Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+def _check_keys(model: type[BaseModel], data: Mapping[str, Any], what: str) -> None:
+    known = set(model.model_fields)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {unknown}; known: {sorted(known)}")
+
+
+class PretrainConfig(BaseModel):
+    """Settings of a pretraining run. Defaults are sized for a 2-core CPU.
+
+    Attributes:
+        objective: ``"pix2rep"``, ``"pix2rep_barlow"`` or ``"iic_boundary"`` (METHODS.md).
+        modality: ``"CT"``, ``"MR"``, …; passed to the objective (edge exponent of
+            ``iic_boundary``).
+        steps: optimisation steps. 1000 steps of 8 crops of 128×128 take tens of minutes on
+            2 CPU cores with the default channels.
+        batch_size: slices per step (each gives two views).
+        lr: Adam learning rate (the papers are silent on ours; 1e-3 is Adam's usual default).
+        weight_decay: Adam weight decay (L2), 1e-5.
+        image_size: side of the square training crop. Slices are kept at their native
+            resolution (the encoder runs at native resolution downstream, in few-shot training
+            and in the ONNX predictor, so pretraining sees the same pixel scale; the views'
+            zoom-crop adds scale variation around it): each slice is zero-padded to a multiple
+            of the network's ``size_divisor`` and a random ``image_size`` crop is taken; when a
+            slice of the batch is smaller, the whole batch uses the smallest padded size instead.
+        axis: voxel axis the slices are taken along (0, 1 or 2).
+        seed: seed of the initial weights, and (with the step index) of every step's draws.
+        checkpoint_every: steps between checkpoints.
+        channels: U-Net channels per level, fine to coarse (:class:`DenseUNet`): at least two
+            levels of at least 2 channels each, as the network requires.
+        num_clusters: K, the clusters of the cluster head (the objective's for
+            ``iic_boundary``, k-means on the features otherwise).
+        kmeans_slices: slices (spread evenly over the volumes) whose features feed k-means.
+        objective_overrides: keyword overrides of the objective's defaults, e.g.
+            ``{"temperature": 0.3}``.
+        device: torch device of the run (``"cpu"``, ``"cuda"``); bit-exact resumption is
+            guaranteed on the CPU only.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    objective: Objective = "pix2rep"
+    modality: str = "MR"
+    steps: _Positive = 1000
+    batch_size: _Positive = 8
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = 1e-5
+    image_size: _Positive = 128
+    axis: int = Field(default=2, ge=0, le=2)
+    seed: int = 0
+    checkpoint_every: _Positive = 50
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    num_clusters: _Positive = 20
+    kmeans_slices: int = 32
+    objective_overrides: dict[str, Any] = Field(default_factory=dict)
+    device: str = "cpu"
+
+    @field_validator("channels")
+    @classmethod
+    def _unet_levels(cls, channels: tuple[int, ...]) -> tuple[int, ...]:
+        if len(channels) < 2:
+            raise ValueError(f"channels needs at least two levels, got {channels}")
+        if any(c < 2 for c in channels):
+            raise ValueError(f"every entry of channels must be >= 2, got {channels}")
+        return channels
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field (tuples become lists)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Inverse of :meth:`to_dict`; missing keys take their defaults.
+
+        Raises:
+            ValueError: on unknown keys, or on a value of the wrong type or out of range
+                (``pydantic.ValidationError``, which names the field).
+        """
+        _check_keys(cls, data, "pretraining")
+        return cls.model_validate(dict(data))
+
+
+class FewShotConfig(BaseModel):
+    """Settings of few-shot training; defaults from METHODS.md where it gives them.
+
+    Attributes:
+        axis: slice axis; ``None`` = the encoder's pretraining axis.
+        head: ``"linear"`` (1×1 conv) or ``"mlp"`` (1×1 conv, ReLU, 1×1 conv) segmentation
+            head. In the few-shot benchmark the MLP head beat the linear one on frozen features
+            in every cell (+0.07 to +0.11 Dice at k = 3), but on a 4-channel toy encoder (the
+            service tests) it failed to learn a bright box the linear head finds in 5 steps;
+            linear stays the default until that is understood.
+        multiscale: whether the head also reads the coarser decoder maps (upsampled). On by
+            default: measured on the TPTBox spine CT (3 labelled slices), a linear probe on the
+            last decoder block alone (16 channels) could not even fit the labelled slices for
+            the vertebral body (Dice 0.02 on them), reading all decoder maps it reached 0.58 on
+            them and 0.36 on the unlabelled slices; a structure defined by its context rather
+            than its intensity needs the coarser maps.
+        seed: seed of the head's initial weights, batches, hold-out and augmentation.
+        linear_lr: Adam lr of the linear probe (7.6e-3, Pix2Rep).
+        linear_steps: full-batch steps of the linear probe.
+        linear_max_pixels: annotated pixels the probe trains on (full batch); beyond, a
+            uniform random subset drawn once.
+        encoder_lr: Adam lr of the encoder when fine-tuning (5e-5, Pix2Rep).
+        head_lr: Adam lr of the head when fine-tuning (1e-2, Pix2Rep).
+        weight_decay: Adam weight decay.
+        steps: maximum steps of ``"finetune"`` / ``"mean_teacher"``.
+        batch_size: annotated slices per step (drawn with replacement).
+        eval_every: steps between evaluations of the held-out loss.
+        patience: evaluations without improvement before stopping early.
+        holdout_fraction: share of the labelled pixels held out for early stopping. The papers
+            are silent; with 1–3 annotated slices, holding out whole slices would remove a large
+            part of the supervision, so instead every annotated slice is cut into
+            ``holdout_tile``×``holdout_tile`` tiles and this fraction of the tiles (drawn with
+            the seed) is held out: spatial blocks are less correlated with the training pixels
+            than random pixels. The weights with the lowest held-out loss are returned.
+        holdout_tile: tile side in pixels.
+        ema_decay: Mean Teacher EMA decay (0.99).
+        consistency_weight: Mean Teacher maximum consistency weight (10).
+        consistency_rampup: share of ``steps`` over which the weight ramps up as
+            ``w·exp(−5(1−t)²)`` (the Mean Teacher paper's sigmoid ramp-up).
+        unlabelled_batch_size: unannotated slices per Mean Teacher step.
+        augment: whether ``"finetune"`` / ``"mean_teacher"`` augment the annotated slices.
+        aug_prob: probability of the random affine per slice.
+        rotate_degrees: affine rotation range ±degrees.
+        scale_range: affine zoom range ±fraction.
+        translate_fraction: affine translation range ±fraction of the slice size.
+        device: torch device.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    axis: Annotated[int, Field(ge=0, le=2)] | None = None
+    head: Literal["linear", "mlp"] = "linear"
+    multiscale: bool = True
+    seed: int = 0
+    linear_lr: float = 7.6e-3
+    linear_steps: _Positive = 300
+    linear_max_pixels: int = 65_536
+    encoder_lr: float = 5e-5
+    head_lr: float = 1e-2
+    weight_decay: float = 1e-5
+    steps: _Positive = 500
+    batch_size: _Positive = 4
+    eval_every: _Positive = 25
+    patience: _Positive = 6
+    holdout_fraction: _Fraction = 0.2
+    holdout_tile: int = 32
+    ema_decay: _Fraction = 0.99
+    consistency_weight: float = 10.0
+    consistency_rampup: float = 0.3
+    unlabelled_batch_size: int = 4
+    augment: bool = True
+    aug_prob: float = 0.8
+    rotate_degrees: float = 15.0
+    scale_range: float = 0.1
+    translate_fraction: float = 0.05
+    device: str = "cpu"
+
+    @classmethod
+    def for_scratch(cls, **overrides: Any) -> Self:
+        """Settings for the random-initialisation baseline (``Encoder.random`` + ``"finetune"``).
+
+        A scratch encoder needs a far larger encoder lr (1e-3) than a pretrained one, more steps
+        and patience, and stronger augmentation (±30°, ±20 % zoom, ±10 % shift, always applied).
+
+        Raises:
+            ValueError: as :meth:`from_dict`, on a bad override.
+        """
+        scratch = {
+            "encoder_lr": 1e-3,
+            "head_lr": 1e-3,
+            "steps": 1500,
+            "patience": 10,
+            "aug_prob": 1.0,
+            "rotate_degrees": 30.0,
+            "scale_range": 0.2,
+            "translate_fraction": 0.1,
+        }
+        return cls.from_dict(scratch | overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Inverse of :meth:`to_dict`; missing keys take their defaults.
+
+        Raises:
+            ValueError: on unknown keys, or on a value of the wrong type or out of range
+                (``pydantic.ValidationError``, which names the field).
+        """
+        _check_keys(cls, data, "few-shot")
+        return cls.model_validate(dict(data))

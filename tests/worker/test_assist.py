@@ -1,0 +1,123 @@
+"""The assist workflow (``POST /datasets/{id}/assist``) through the API and a real worker."""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.worker.conftest import (
+    ANNOTATED,
+    SHAPE,
+    TINY_FEWSHOT,
+    TINY_PRETRAIN,
+    Service,
+    Worker,
+    nifti_bytes,
+    sparse_label,
+)
+
+
+def _load(content: bytes) -> np.ndarray:
+    return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(content)).dataobj)
+
+
+def _pretrained_encoder(service: Service, dataset_id: str) -> str:
+    job = service.finished(
+        service.job("pretrain", dataset_id, objective="pix2rep", steps=3, config=TINY_PRETRAIN)
+    )
+    assert job["status"] == "succeeded", job
+    return str(job["result"]["encoder_id"])
+
+
+def _assist(service: Service, dataset_id: str, **body: object) -> dict:
+    job = service.post(f"/datasets/{dataset_id}/assist", json=body)
+    assert job["kind"] == "assist"
+    return service.finished(job["id"])
+
+
+def test_assist_reuses_encoder_and_caches_features(
+    service: Service, start_worker: Callable[[], Worker]
+) -> None:
+    start_worker()
+    dataset_id, image_id = service.dataset_with_labels()
+    encoder_id = _pretrained_encoder(service, dataset_id)
+
+    done = _assist(service, dataset_id, config=TINY_FEWSHOT)
+    assert done["status"] == "succeeded", done
+    result = done["result"]
+    assert result["encoder_id"] == encoder_id  # the dataset's encoder, found by the server
+    assert result["axis"] == 2  # from the sparse labels
+    assert done["params"]["image_ids"] == [image_id]
+    assert set(result["timings"]) == {"encoder", "features", "fit", "export", "predict"}
+    assert result["next_slice"][image_id] not in ANNOTATED
+    segmenter = service.get(f"/models/{result['segmenter_id']}")
+    assert segmenter["parent_id"] == encoder_id
+    assert segmenter["method"] == "probe-linear"
+    urls = result["predictions"][image_id]
+    labels = _load(service.client.get(urls["labels"]).content)
+    assert labels.shape == SHAPE
+    unannotated = [z for z in range(SHAPE[2]) if z not in ANNOTATED]
+    assert labels[6:16, 5:14, unannotated].mean() > 0.5  # the box, learnt from 2 slices
+    clusters = _load(service.client.get(urls["clusters"]).content)
+    assert clusters.shape == SHAPE
+
+    # The interactive loop: a corrected label, resubmitted, reuses the cached decoder maps.
+    cached = Path(service.settings.data_dir) / "features" / encoder_id / image_id
+    stamps = {p.name: p.stat().st_mtime_ns for p in cached.glob("map*.npy")}
+    assert stamps
+    label = sparse_label()
+    label[..., 3] = 0
+    label[6:16, 5:14, 3] = 1
+    files = {"file": ("label.nii.gz", io.BytesIO(nifti_bytes(label)), "x")}
+    service.post(f"/images/{image_id}/labels", files=files)
+    again = _assist(service, dataset_id, head="mlp", config=TINY_FEWSHOT)
+    assert again["status"] == "succeeded", again
+    assert again["result"]["segmenter_id"] != result["segmenter_id"]
+    assert {p.name: p.stat().st_mtime_ns for p in cached.glob("map*.npy")} == stamps
+    assert again["result"]["next_slice"][image_id] not in (*ANNOTATED, 3)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [("embedded", {"assist_pretrain_steps": 2, "background_pretrain_steps": 4})],
+    indirect=True,
+)
+def test_assist_without_encoder_pretrains_then_refits(
+    service: Service, start_worker: Callable[[], Worker]
+) -> None:
+    """No encoder yet: a short pretraining, a longer one in the background, then a refit."""
+    start_worker()
+    dataset_id, image_id = service.dataset_with_labels(modality="MR")
+    done = _assist(service, dataset_id, objective="pix2rep_barlow")
+    assert done["status"] == "succeeded", done
+    quick = service.get(f"/models/{done['result']['encoder_id']}")
+    assert quick["kind"] == "encoder" and quick["objective"] == "pix2rep_barlow"
+    assert quick["metrics"]["steps"] == 2
+    background = service.finished(done["result"]["background_job_id"])
+    assert background["status"] == "succeeded", background
+    assert background["progress"]["total"] == 4
+    assert background["progress"]["step"] == 4
+    refit = service.finished(background["result"]["refit_job_id"])
+    assert refit["status"] == "succeeded", refit
+    assert refit["result"]["encoder_id"] == background["result"]["encoder_id"]
+    assert refit["params"]["refit_of"] == done["id"]
+    assert refit["result"].get("background_job_id") is None
+    assert image_id in refit["result"]["predictions"]
+
+
+@pytest.mark.parametrize("settings", ["embedded"], indirect=True)
+def test_assist_finetune_from_random_init(
+    service: Service, start_worker: Callable[[], Worker]
+) -> None:
+    start_worker()
+    dataset_id, image_id = service.dataset_with_labels()
+    done = _assist(service, dataset_id, objective="none", method="finetune")
+    assert done["status"] == "succeeded", done
+    assert done["result"]["encoder_id"] is None
+    assert set(done["result"]["predictions"][image_id]) >= {"labels", "uncertainty"}

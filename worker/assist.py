@@ -1,0 +1,491 @@
+"""The assist workflow, run as one job: ensure an encoder → fit → predict → store.
+
+Every client (CLI, Python client, the MONAI Label routes, the browser page) starts this job
+through ``POST /datasets/{id}/assist``; the API has already checked the request and resolved the
+images, the label versions and the slice axis into the job's params (``server.assist``), so a
+retry works on exactly what the user submitted. Phases, as the job's progress reports them:
+
+1. ``encoder``: the ``encoder_id`` given, else the dataset's newest encoder, else the newest of the
+   modality (of ``objective`` when one was asked for), else a short pretraining right here
+   (``assist_pretrain_steps``) whose checkpoint seeds a longer one queued in the background
+   (``background_pretrain_steps``); when that lands, the dataset's latest assist is refitted on it.
+2. ``features`` (probe methods): the decoder maps of every image involved, computed once per
+   (encoder, image) into :class:`models.features.FeatureCache`.
+3. ``fit``: the probe head on the cached maps of the annotated slices (seconds), or for
+   ``finetune``/``mean_teacher`` the whole network (a training run with progress).
+4. ``export``: the segmenter to ONNX (registered, reusable for new images by ``predict`` jobs).
+5. ``predict``: the head over the cached maps of every target image (probe), or ONNX Runtime
+   (fine-tuned encoders); outputs written atomically under ``predictions/<model>/<image>/``.
+
+Result: ``segmenter_id``, ``encoder_id``, ``axis``, ``method``, ``predictions`` (image id → output
+URLs), ``next_slice`` (image id → the unannotated slice whose prediction is least certain: the
+hint of where to label next), ``timings`` (seconds per phase), ``background_job_id`` when a longer
+pretraining was queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from sqlalchemy import select
+
+from models.features import FeatureCache, FeatureMaps, apply_head
+from models.fewshot import FewShotConfig, Method, fit_probe, fit_segmenter
+from models.networks.segmenter import SegmenterNet
+from models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
+from models.pretrain import pretrain as run_pretraining
+from models.progress import Progress
+from models.runtime.nifti import read_nifti
+from models.runtime.predictor import OnnxPredictor, Prediction, normalised_entropy, softmax
+from models.runtime.preprocess import Normalisation, default_normalisation, normalise
+from server.db import Dataset, Image, Job, JobKind, JobStatus, Label, ModelKind, ModelRecord
+from server.predictions import predict_to_folder, prediction_urls, write_prediction
+from server.queue import enqueue_job
+from worker import pipelines
+from worker.jobs import JobContext
+
+__all__ = ["assist", "features", "refit_after_pretraining"]
+
+logger = logging.getLogger(__name__)
+
+_ENCODER_NAMESPACE = uuid.UUID("2b0d8c4e-7f5a-4e1b-9c3d-8a6e1f4b7d20")
+_ENCODER_METHODS = ("finetune", "mean_teacher")
+
+
+class _Phases:
+    """Wall time per phase, for the job's result (what the annotator waited for)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, ctx: JobContext, name: str) -> Iterator[None]:
+        ctx.progress(Progress(0, 1, 0.0, 0.0, name))
+        began = time.monotonic()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - began, 3)
+
+
+def assist(ctx: JobContext) -> dict[str, Any]:
+    """Run the assist workflow (module docstring); returns the job's result."""
+    params = ctx.params
+    dataset = pipelines._dataset(ctx)
+    method = str(params.get("method", "linear"))
+    axis = int(params["axis"])
+    pairs = pipelines._labelled_images(ctx, params.get("label_ids"))
+    targets = pipelines._images(ctx, params.get("image_ids"))
+    class_names = pipelines._class_names(dataset)
+    phase = _Phases()
+    result: dict[str, Any] = {"axis": axis, "method": method}
+
+    with phase(ctx, "encoder"):
+        encoder_id, encoder, background = _ensure_encoder(ctx, dataset, axis, pairs, targets)
+    result |= {"encoder_id": encoder_id, "background_job_id": background}
+
+    config = FewShotConfig.from_dict(
+        {
+            **(params.get("config") or {}),
+            "axis": axis,
+            "head": params.get("head", "linear"),
+            "device": pipelines._torch_device(ctx),
+        }
+    )
+    labels = [pipelines._read_label(label, image) for image, label in pairs]
+    model_id = pipelines._model_id(ctx)
+    probe = method not in _ENCODER_METHODS
+    cached: dict[str, FeatureMaps] = {}
+    if probe:
+        if encoder is None or encoder_id is None:
+            raise ValueError("a probe head needs an encoder (objective 'none' fits only finetune)")
+        with phase(ctx, "features"):
+            cached = _cache_features(ctx, encoder_id, encoder, [i for i, _ in pairs], targets, axis)
+        with phase(ctx, "fit"):
+            losses = pipelines._LossTracker(ctx)
+            segmenter = fit_probe(
+                encoder,
+                [cached[image.id] for image, _ in pairs],
+                labels,
+                len(class_names),
+                config,
+                losses,
+            )
+    else:
+        with phase(ctx, "fit"):
+            segmenter, losses = _fit_network(
+                ctx, encoder, pairs, labels, class_names, method, config
+            )
+    with phase(ctx, "export"):
+        normalisation = (encoder or _random_encoder(dataset, axis)).normalisation
+        _publish_segmenter(
+            ctx,
+            dataset,
+            model_id,
+            segmenter,
+            class_names,
+            axis,
+            normalisation,
+            encoder_id,
+            encoder,
+            method,
+            config,
+            pairs,
+            losses.last,
+        )
+    annotated = {image.id: set(label.annotated_slices.get(str(axis), [])) for image, label in pairs}
+    predictions: dict[str, Any] = {}
+    next_slice: dict[str, int | None] = {}
+    with phase(ctx, "predict"):
+        predictor = (
+            None
+            if probe
+            else OnnxPredictor.from_folder(
+                ctx.storage.model_dir(model_id), device=ctx.settings.device
+            )
+        )
+        for done, image in enumerate(targets, start=1):
+            ctx.check_cancelled()
+            out_dir = ctx.storage.prediction_dir(model_id, image.id)
+            if predictor is not None:
+                path = pipelines._existing_file(Path(image.path), f"image {image.id}")
+                names = predict_to_folder(predictor, path, out_dir, True)
+                uncertainty, _, _ = read_nifti(out_dir / "uncertainty.nii.gz")
+            else:
+                names, uncertainty = _predict_from_cache(
+                    segmenter,
+                    cached[image.id],
+                    image,
+                    out_dir,
+                    normalisation,
+                    bool(params.get("probabilities")),
+                )
+            predictions[image.id] = prediction_urls(model_id, image.id, names)
+            next_slice[image.id] = _least_certain_slice(
+                np.asarray(uncertainty), axis, annotated.get(image.id, set())
+            )
+            ctx.progress(Progress(done, len(targets), 0.0, 0.0, "predict"))
+    result |= {
+        "segmenter_id": model_id,
+        "predictions": predictions,
+        "next_slice": next_slice,
+        "fit_loss": losses.last,
+        "timings": phase.seconds,
+    }
+    return result
+
+
+def features(ctx: JobContext) -> dict[str, Any]:
+    """Cache the decoder maps of ``image_ids`` under ``encoder_id`` (a prefetch after upload)."""
+    encoder_id = str(ctx.params["encoder_id"])
+    dataset = pipelines._dataset(ctx)
+    encoder = pipelines._encoder(ctx, dataset, encoder_id, {})
+    axis = int(ctx.params.get("axis", encoder.config.axis))
+    images = pipelines._images(ctx, ctx.params.get("image_ids"))
+    _cache_features(ctx, encoder_id, encoder, [], images, axis)
+    return {"encoder_id": encoder_id, "image_ids": [image.id for image in images]}
+
+
+def refit_after_pretraining(ctx: JobContext, encoder_id: str) -> str | None:
+    """Queue a refit of the dataset's latest assist on the encoder that job ``ctx`` just made.
+
+    Only when that assist ran on the short encoder this pretraining continues (its result names
+    this job as ``background_job_id``): the annotator then gets the better segmentation without
+    asking. Returns the new job's id.
+    """
+    from worker.app import get_app
+
+    with ctx.sessions.begin() as session:
+        latest = session.scalar(
+            select(Job)
+            .where(Job.dataset_id == ctx.dataset_id, Job.kind == JobKind.assist)
+            .order_by(Job.created_at.desc())
+            .limit(1)
+        )
+        if (
+            latest is None
+            or latest.status != JobStatus.succeeded
+            or (latest.result or {}).get("background_job_id") != ctx.job_id
+        ):
+            return None
+        job = Job(
+            kind=JobKind.assist,
+            dataset_id=ctx.dataset_id,
+            params={**latest.params, "encoder_id": encoder_id, "refit_of": latest.id},
+        )
+        session.add(job)
+    enqueue_job(get_app(), job)
+    logger.info("queued assist job %s: refit of %s on encoder %s", job.id, latest.id, encoder_id)
+    return job.id
+
+
+# -- phases ----------------------------------------------------------------------------------------
+def _ensure_encoder(
+    ctx: JobContext,
+    dataset: Dataset,
+    axis: int,
+    pairs: list[tuple[Image, Label]],
+    targets: list[Image],
+) -> tuple[str | None, Encoder | None, str | None]:
+    """(encoder id, encoder, background pretraining job id) per the module docstring."""
+    params = ctx.params
+    objective = params.get("objective")
+    if objective == "none":
+        return None, None, None
+    encoder_id = params.get("encoder_id") or _reusable_encoder(ctx, dataset, objective)
+    if encoder_id is not None:
+        return encoder_id, pipelines._encoder(ctx, dataset, encoder_id, {}), None
+    return _quick_pretraining(ctx, dataset, axis, objective or "pix2rep", pairs, targets)
+
+
+def _reusable_encoder(ctx: JobContext, dataset: Dataset, objective: str | None) -> str | None:
+    """The dataset's newest encoder, else the newest of its modality (of ``objective`` if set)."""
+    query = select(ModelRecord).where(
+        ModelRecord.kind == ModelKind.encoder, ModelRecord.modality == dataset.modality
+    )
+    if objective is not None:
+        query = query.where(ModelRecord.objective == objective)
+    with ctx.sessions() as session:
+        encoders = list(session.scalars(query.order_by(ModelRecord.created_at.desc())))
+    own = [e for e in encoders if e.dataset_id == dataset.id]
+    chosen = own or encoders
+    return chosen[0].id if chosen else None
+
+
+def _quick_pretraining(
+    ctx: JobContext,
+    dataset: Dataset,
+    axis: int,
+    objective: str,
+    pairs: list[tuple[Image, Label]],
+    targets: list[Image],
+) -> tuple[str, Encoder, str | None]:
+    """Pretrain briefly on the images involved, register the encoder, queue the continuation."""
+    encoder_id = uuid.uuid5(_ENCODER_NAMESPACE, ctx.job_id).hex
+    images = list({image.id: image for image in [*(i for i, _ in pairs), *targets]}.values())
+    with ctx.sessions() as session:
+        known = session.get(ModelRecord, encoder_id)
+    if known is None:
+        config = PretrainConfig.from_dict(
+            {
+                "objective": objective,
+                "modality": dataset.modality,
+                "axis": axis,
+                "steps": ctx.settings.assist_pretrain_steps,
+                "device": pipelines._torch_device(ctx),
+            }
+        )
+        norm = default_normalisation(dataset.modality)
+        volumes = [normalise(pipelines._read_image(image), norm) for image in images]
+        logger.info(
+            "no encoder for %s yet: pretraining %d steps first", dataset.modality, config.steps
+        )
+        encoder = run_pretraining(volumes, config, ctx.workdir, ctx.progress, norm)
+        pipelines.publish_encoder(
+            ctx,
+            dataset,
+            encoder_id,
+            encoder,
+            [i.id for i in images],
+            {"steps": config.steps},
+            owned_by_job=False,
+        )
+    encoder = pipelines._encoder(ctx, dataset, encoder_id, {})
+    return encoder_id, encoder, _continue_in_background(ctx, dataset, encoder, images)
+
+
+def _continue_in_background(
+    ctx: JobContext, dataset: Dataset, encoder: Encoder, images: list[Image]
+) -> str | None:
+    """Queue a pretraining that resumes from this job's checkpoint up to the background budget."""
+    from worker.app import get_app
+
+    steps = ctx.settings.background_pretrain_steps
+    checkpoint = ctx.workdir / CHECKPOINT_NAME
+    if steps <= encoder.config.steps or not checkpoint.exists():
+        return None
+    with ctx.sessions.begin() as session:
+        job = session.scalar(
+            select(Job).where(
+                Job.kind == JobKind.pretrain,
+                Job.dataset_id == dataset.id,
+                Job.params["continues"].as_string() == ctx.job_id,
+            )
+        )
+        if job is None:
+            job = Job(
+                kind=JobKind.pretrain,
+                dataset_id=dataset.id,
+                params={
+                    "objective": encoder.config.objective,
+                    "image_ids": [image.id for image in images],
+                    "steps": steps,
+                    "config": {"axis": encoder.config.axis},
+                    "continues": ctx.job_id,
+                },
+            )
+            session.add(job)
+            session.flush()
+            workdir = ctx.storage.job_workdir(job.id)
+            workdir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(checkpoint, workdir / CHECKPOINT_NAME)
+            new = True
+        else:
+            new = False
+        job_id = job.id
+    if new:
+        enqueue_job(get_app(), job)
+        logger.info("pretraining continues in the background: job %s (%d steps)", job_id, steps)
+    return job_id
+
+
+def _cache_features(
+    ctx: JobContext,
+    encoder_id: str,
+    encoder: Encoder,
+    labelled: list[Image],
+    targets: list[Image],
+    axis: int,
+) -> dict[str, FeatureMaps]:
+    """The cached maps of every image (computing the missing ones; progress over slices)."""
+    cache = FeatureCache(ctx.settings.feature_dir, ctx.settings.feature_cache_bytes)
+    images = list({image.id: image for image in [*labelled, *targets]}.values())
+    total = sum(int(image.shape[axis]) for image in images)
+    done = 0
+    began = time.monotonic()
+    out: dict[str, FeatureMaps] = {}
+    for image in images:
+
+        def report(step: int, _count: int, offset: int = done) -> None:
+            elapsed = time.monotonic() - began
+            eta = elapsed / max(offset + step, 1) * (total - offset - step)
+            ctx.progress(Progress(offset + step, total, 0.0, eta, "features"))
+
+        def volume(image: Image = image) -> np.ndarray:
+            return normalise(pipelines._read_image(image), encoder.normalisation)
+
+        with torch.random.fork_rng(devices=[]):
+            out[image.id] = cache.get_or_compute(
+                encoder_id, image.id, encoder, volume, axis, report
+            )
+        done += int(image.shape[axis])
+    return out
+
+
+def _fit_network(
+    ctx: JobContext,
+    encoder: Encoder | None,
+    pairs: list[tuple[Image, Label]],
+    labels: list[np.ndarray],
+    class_names: dict[int, str],
+    method: str,
+    config: FewShotConfig,
+) -> tuple[SegmenterNet, pipelines._LossTracker]:
+    """Fine-tune (or Mean Teacher) the whole network: a training run with progress."""
+    dataset = pipelines._dataset(ctx)
+    base = encoder or _random_encoder(dataset, int(ctx.params["axis"]))
+    if encoder is None:
+        config = FewShotConfig.for_scratch(**config.to_dict())
+    images = [normalise(pipelines._read_image(image), base.normalisation) for image, _ in pairs]
+    losses = pipelines._LossTracker(ctx)
+    segmenter = fit_segmenter(
+        base, images, labels, len(class_names), cast(Method, method), config, losses
+    )
+    return segmenter, losses
+
+
+def _random_encoder(dataset: Dataset, axis: int) -> Encoder:
+    config = PretrainConfig.from_dict({"modality": dataset.modality, "axis": axis})
+    return Encoder.random(config, default_normalisation(dataset.modality))
+
+
+def _publish_segmenter(
+    ctx: JobContext,
+    dataset: Dataset,
+    model_id: str,
+    segmenter: SegmenterNet,
+    class_names: dict[int, str],
+    axis: int,
+    normalisation: Normalisation,
+    encoder_id: str | None,
+    encoder: Encoder | None,
+    method: str,
+    config: FewShotConfig,
+    pairs: list[tuple[Image, Label]],
+    fit_loss: float | None,
+) -> None:
+    """Export to ONNX and register (a retried job replaces its half-published folder)."""
+    objective = None if encoder is None else encoder.objective
+    with ctx.sessions() as session:
+        if session.get(ModelRecord, model_id) is not None:
+            return
+    pipelines.publish_segmenter(
+        ctx,
+        dataset,
+        model_id,
+        segmenter,
+        class_names=class_names,
+        axis=axis,
+        normalisation=normalisation,
+        encoder_id=encoder_id,
+        objective=objective,
+        method=method if method in _ENCODER_METHODS else f"probe-{config.head}",
+        config=config,
+        pairs=pairs,
+        fit_loss=fit_loss,
+    )
+
+
+def _predict_from_cache(
+    segmenter: SegmenterNet,
+    cached: FeatureMaps,
+    image: Image,
+    out_dir: Path,
+    normalisation: Normalisation,
+    with_probabilities: bool,
+    batch_size: int = 16,
+) -> tuple[list[str], np.ndarray]:
+    """Apply the head to the cached maps of ``image`` and write its outputs; returns the names
+    written and the ``X×Y×Z`` uncertainty (normalised entropy)."""
+    path = pipelines._existing_file(Path(image.path), f"image {image.id} ({image.name})")
+    volume, affine, header = read_nifti(path)
+    shape = tuple(volume.shape)
+    axis = cached.axis
+    labels = np.empty(shape, dtype=np.uint8)
+    uncertainty = np.empty(shape, dtype=np.float32)
+    probabilities = (
+        np.empty((segmenter.num_classes, *shape), dtype=np.float32) if with_probabilities else None
+    )
+    labels_view = np.moveaxis(labels, axis, 0)
+    uncertainty_view = np.moveaxis(uncertainty, axis, 0)
+    probs_view = None if probabilities is None else np.moveaxis(probabilities, axis + 1, 0)
+    for start in range(0, cached.num_slices, batch_size):
+        stop = min(start + batch_size, cached.num_slices)
+        logits = apply_head(segmenter, cached, start, stop)
+        labels_view[start:stop] = logits.argmax(axis=1)
+        probs = softmax(logits)
+        uncertainty_view[start:stop] = normalised_entropy(probs)
+        if probs_view is not None:
+            probs_view[start:stop] = probs
+    clusters = np.moveaxis(np.asarray(cached.clusters), 0, axis)
+    prediction = Prediction(
+        labels, clusters, probabilities, uncertainty if with_probabilities else None
+    )
+    names = write_prediction(prediction, volume, (affine, header), out_dir, axis, normalisation)
+    return names, uncertainty
+
+
+def _least_certain_slice(uncertainty: np.ndarray, axis: int, annotated: set[int]) -> int | None:
+    """Index of the unannotated slice with the highest mean uncertainty, or ``None``."""
+    per_slice = np.moveaxis(uncertainty, axis, 0).reshape(uncertainty.shape[axis], -1).mean(axis=1)
+    candidates = [i for i in range(len(per_slice)) if i not in annotated]
+    if not candidates:
+        return None
+    return int(max(candidates, key=lambda i: float(per_slice[i])))
