@@ -332,9 +332,20 @@ class SegAssistClient:
         return dict(self._json("GET", f"/models/{model_id}"))
 
     def predict(self, model_id: str, image_id: str, probabilities: bool = False) -> dict[str, Any]:
-        """``POST /models/{id}/predict``: run the segmenter on a stored image (synchronous)."""
+        """``POST /models/{id}/predict`` and wait: the prediction job, with the output URLs in
+        ``result.predictions[image_id]``."""
         body = {"image_id": image_id, "probabilities": probabilities}
-        return dict(self._json("POST", f"/models/{model_id}/predict", json=body))
+        job = self._json("POST", f"/models/{model_id}/predict", json=body)
+        return self.wait_for_job(job["id"])
+
+    def assist(self, dataset_id: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``POST /datasets/{id}/assist``: start the assist workflow; returns the job.
+
+        ``body`` (all optional): ``image_ids``, ``label_ids``, ``encoder_id``, ``objective``,
+        ``method``, ``head``, ``axis``, ``probabilities``, ``config``. Follow the job with
+        :meth:`wait_for_job`; its ``result`` names the segmenter and the outputs' URLs.
+        """
+        return dict(self._json("POST", f"/datasets/{dataset_id}/assist", json=dict(body or {})))
 
     def download_prediction(
         self, model_id: str, image_id: str, artifact: str, dest: str | os.PathLike[str]

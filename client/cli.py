@@ -112,7 +112,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    """Upload, (pretrain or reuse), few-shot fit, predict, download."""
+    """Upload the image and its sparse labels, run the server's assist workflow, download."""
     for path in (args.image, args.labels):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
@@ -122,13 +122,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
         output=args.output,
         objective=args.objective,
         method=args.method,
+        head=args.head,
         encoder_id=args.encoder,
-        reuse=args.reuse,
         clusters=args.clusters,
         modality=args.modality,
         axis=args.axis,
-        steps=args.steps,
-        pretrain_config=args.pretrain_config or {},
         fit_config=args.fit_config or {},
         label_names=args.label_names or {},
     )
@@ -145,6 +143,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         f"encoder {result.encoder_id or 'none (random initialisation)'} · "
         f"segmenter {result.segmenter_id}"
     )
+    if result.next_slice is not None:
+        console.print(f"least certain unlabelled slice: {result.next_slice} (label it next)")
     return 0
 
 
@@ -291,22 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", type=Path, metavar="IMAGE", help=".nii, .nii.gz or DICOM .zip")
     p.add_argument("--labels", type=Path, required=True, metavar="SPARSE", help="255 = unannotated")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
-    p.add_argument("--objective", choices=OBJECTIVES, default="pix2rep")
-    p.add_argument("--method", choices=METHODS, default="linear")
-    p.add_argument("--encoder", metavar="ID", help="reuse a registered encoder (no pretraining)")
     p.add_argument(
-        "--reuse",
-        action="store_true",
-        help="reuse the newest encoder of the same modality and objective if one exists",
+        "--objective",
+        choices=OBJECTIVES,
+        help="only reuse or pretrain an encoder of this objective (none: random init)",
     )
+    p.add_argument("--method", choices=METHODS, default="linear")
+    p.add_argument("--head", choices=("linear", "mlp"), default="linear")
+    p.add_argument("--encoder", metavar="ID", help="use this registered encoder")
     p.add_argument("--clusters", type=Path, metavar="CLUSTERS.nii.gz", help="also write clusters")
     p.add_argument("--modality", default="CT")
     p.add_argument(
         "--axis", type=int, choices=(0, 1, 2), help="slice axis (default: the labels' own)"
     )
-    p.add_argument("--steps", type=int, help="pretraining steps")
     p.add_argument("--label-names", type=_names_arg, help='e.g. "1=L1,2=L2" or "liver,spleen"')
-    p.add_argument("--pretrain-config", type=_json_arg, metavar="JSON")
     p.add_argument("--fit-config", type=_json_arg, metavar="JSON")
     _add_server(p)
     p.set_defaults(func=cmd_segment)

@@ -2,16 +2,18 @@
 
 The CT of the ``tptbox-spine`` set (TPTBox's sample, fetched from the package registry by
 :mod:`models.datasets`) is segmented into vertebral body and posterior elements from three
-annotated axial slices spread over the spine: the local embedded service pretrains a dense encoder
-on the volume (``DEMO_PRETRAIN_STEPS`` steps of 4 slices, sized to keep the whole demo within about five
-minutes on 2 CPU cores), fits a linear few-shot head, predicts every slice, and the demo prints the
-Dice against the reference on the slices nobody labelled. The service is left running, with its
+annotated axial slices spread over the spine through the server's assist workflow: with no
+encoder for CT yet, the local embedded service pretrains one briefly on the volume
+(``SEGASSIST_ASSIST_PRETRAIN_STEPS``, 60 steps of 4 slices: about two minutes on 2 CPU cores) and
+continues in the background, fits a linear few-shot head, predicts every slice, and the demo prints
+the Dice against the reference on the slices nobody labelled. The service is left running, with its
 API documentation at ``http://127.0.0.1:8000/docs``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +24,10 @@ from rich.table import Table
 
 from client.api import SegAssistClient
 from client.local import DEFAULT_HOST, DEFAULT_PORT, ensure_local_service
-from client.segment import IGNORE_INDEX, SegmentRequest, SegmentResult, run_segment
+from client.segment import SegmentRequest, SegmentResult, run_segment
+from models.runtime.configs import IGNORE_INDEX
 
 __all__ = [
-    "DEMO_PRETRAIN_CONFIG",
-    "DEMO_PRETRAIN_STEPS",
     "DemoScore",
     "dice_on_unlabelled",
     "make_sparse_labels",
@@ -35,14 +36,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DEMO_PRETRAIN_STEPS = 60
-"""Pretraining steps of the demo. Measured: a step of 4 slices costs about 4 CPU-seconds (about 2 s
-on 2 idle cores) on the 73×47×73 CT, so 60 steps take about two minutes and the whole demo stays
-within about five minutes; the default 8-slice batches would double that."""
-
-DEMO_PRETRAIN_CONFIG = {"batch_size": 4}
-"""Pretraining overrides of the demo (smaller batches than the 1000-step default run)."""
 
 
 @dataclass(frozen=True)
@@ -120,14 +113,14 @@ def run_demo(
     Args:
         data_dir: data directory of the local service (started if not already running).
         out_dir: where the sparse labels, segmentation and cluster maps are written.
-        steps: pretraining steps (default :data:`DEMO_PRETRAIN_STEPS`).
+        steps: steps of the short pretraining of a local service this demo starts (default:
+            the service's ``assist_pretrain_steps``); a running service keeps its own.
         console: where the report is printed.
         server: use this server instead of the local embedded one.
     """
     from models.datasets import load_set  # lazy: the data cache is only needed here
 
     console = console or Console()
-    steps = DEMO_PRETRAIN_STEPS if steps is None else steps
     console.rule("segassist demo: spine CT from 3 labelled slices")
     case = next(c for c in load_set("tptbox-spine") if c.modality == "CT")
     image = nib.load(str(case.image))
@@ -146,6 +139,8 @@ def run_demo(
     )
 
     if server is None:
+        if steps is not None:
+            os.environ["SEGASSIST_ASSIST_PRETRAIN_STEPS"] = str(steps)
         server, started = ensure_local_service(DEFAULT_HOST, DEFAULT_PORT, data_dir)
         if started:
             console.print(f"started the local service at {server} (data: {data_dir})")
@@ -153,12 +148,9 @@ def run_demo(
         image=case.image,
         labels=sparse_path,
         output=out_dir / "segmentation.nii.gz",
-        objective="pix2rep",
         method="linear",
         clusters=out_dir / "clusters.nii.gz",
         modality=case.modality,
-        steps=steps,
-        pretrain_config=dict(DEMO_PRETRAIN_CONFIG),
         label_names=dict(case.classes),
         dataset_name="demo tptbox-spine CT",
     )

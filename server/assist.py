@@ -42,7 +42,9 @@ def _largest_spacing_axis(image: Image) -> int:
 def _labels(session: Session, dataset: Dataset, body: AssistCreate) -> list[tuple[Label, Image]]:
     query = select(Label, Image).join(Image).where(Image.dataset_id == dataset.id)
     if body.label_ids is None:
-        rows = list(session.execute(query.where(Label.tag == FINAL_TAG)))
+        rows = [
+            (label, image) for label, image in session.execute(query.where(Label.tag == FINAL_TAG))
+        ]
         if not rows:
             raise HTTPException(
                 status.HTTP_409_CONFLICT,
@@ -50,7 +52,8 @@ def _labels(session: Session, dataset: Dataset, body: AssistCreate) -> list[tupl
                 f"'{FINAL_TAG}') with a few annotated slices for at least one image first",
             )
         return rows
-    rows = list(session.execute(query.where(Label.id.in_(body.label_ids))))
+    chosen = session.execute(query.where(Label.id.in_(body.label_ids)))
+    rows = [(label, image) for label, image in chosen]
     found = {label.id for label, _ in rows}
     missing = [i for i in body.label_ids if i not in found]
     if missing:

@@ -66,13 +66,17 @@ class LabelClass(BaseModel):
 
 
 class DatasetCreate(BaseModel):
-    """``POST /datasets``: class values are ``"1"``…``"254"`` (0 background, 255 unannotated)."""
+    """``POST /datasets``: class values are ``"1"``…``"254"`` (0 background, 255 unannotated).
+
+    ``labels`` may be left empty: the first label volume saved then defines the schema (each
+    class it holds, named ``class <i>``); afterwards values outside the schema are refused.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=255)
     modality: str = Field(min_length=1, max_length=32)
-    labels: dict[str, LabelClass] = Field(min_length=1)
+    labels: dict[str, LabelClass] = Field(default_factory=dict)
 
     @field_validator("labels")
     @classmethod

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
             embedded service runs at once; each is a worker process holding one volume.
         feature_cache_bytes: size bound of the per-(encoder, image) decoder-map cache.
         assist_pretrain_steps: pretraining steps the assist workflow runs inline when no
-            encoder exists yet (the user waits for them: ~1.5 s per step on 2 CPU cores).
+            encoder exists yet (the user waits for them: ~2 s per 4-slice step on 2 CPU cores).
         background_pretrain_steps: total steps of the pretraining that then continues in the
             background from where the inline one stopped (0 = none); the assist workflow refits
             on the better encoder when it lands.
@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     api_token: str = ""
     prediction_concurrency: int = Field(default=1, ge=1)
     feature_cache_bytes: int = Field(default=20 * 1024**3, gt=0)
-    assist_pretrain_steps: int = Field(default=100, ge=1)
+    assist_pretrain_steps: int = Field(default=60, ge=1)
     background_pretrain_steps: int = Field(default=1000, ge=0)
 
     @model_validator(mode="after")

@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 
 _ENCODER_NAMESPACE = uuid.UUID("2b0d8c4e-7f5a-4e1b-9c3d-8a6e1f4b7d20")
 _ENCODER_METHODS = ("finetune", "mean_teacher")
+_SHORT_PRETRAIN = {"batch_size": 4}
+"""Overrides of the short inline pretraining (and its background continuation, which resumes
+its checkpoint and so must match): 4-slice batches halve a step's cost (~2 s on 2 cores)."""
 
 
 class _Phases:
@@ -275,6 +278,7 @@ def _quick_pretraining(
     if known is None:
         config = PretrainConfig.from_dict(
             {
+                **_SHORT_PRETRAIN,
                 "objective": objective,
                 "modality": dataset.modality,
                 "axis": axis,
@@ -327,7 +331,7 @@ def _continue_in_background(
                     "objective": encoder.config.objective,
                     "image_ids": [image.id for image in images],
                     "steps": steps,
-                    "config": {"axis": encoder.config.axis},
+                    "config": {**_SHORT_PRETRAIN, "axis": encoder.config.axis},
                     "continues": ctx.job_id,
                 },
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -135,6 +136,19 @@ class Dataset(Base):
     def label_values(self) -> set[int]:
         """Values allowed in a label volume: 0, the schema's classes and 255 (unannotated)."""
         return {0, IGNORE_INDEX, *(int(k) for k in self.labels)}
+
+
+_PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c")
+"""Distinct colours given to classes named by default (repeating beyond eight)."""
+
+
+def default_schema(classes: Iterable[int]) -> dict[str, Any]:
+    """A label schema naming each class ``class <i>`` with a distinct colour."""
+    return {
+        str(c): {"name": f"class {c}", "color": _PALETTE[(c - 1) % len(_PALETTE)]}
+        for c in sorted(set(classes))
+        if 0 < c < 255
+    }
 
 
 class Image(Base):

@@ -14,7 +14,8 @@ from fastapi.responses import FileResponse
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from server.db.tables import FINAL_TAG, PREVIOUS_TAG, Image, Label, new_id
+from models.runtime.configs import IGNORE_INDEX
+from server.db.tables import FINAL_TAG, PREVIOUS_TAG, Image, Label, default_schema, new_id
 from server.deps import IdPath, SessionDep, SettingsDep, StorageDep
 from server.errors import not_found, unprocessable
 from server.ingest import validate_label
@@ -38,10 +39,14 @@ _VERSION_LOCK = threading.Lock()
 def _store_label(
     session: Session, storage: Storage, image: Image, src: Path, tag: str
 ) -> LabelPublic:
-    allowed = image.dataset.label_values()
+    dataset = image.dataset
+    open_schema = not dataset.labels
+    allowed = set(range(IGNORE_INDEX + 1)) if open_schema else dataset.label_values()
     folder = storage.label_path(image.id, 0).parent
     with temporary_path(folder, suffix=".nii.gz") as validated:
         info = validate_label(src, validated, Path(image.path), allowed)
+        if open_schema:
+            dataset.labels = default_schema(int(c) for c in info.classes_present)
         with _VERSION_LOCK:
             session.execute(select(Image.id).where(Image.id == image.id).with_for_update())
             version = 1 + (

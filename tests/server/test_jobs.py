@@ -17,6 +17,9 @@ from server.main import create_app
 from server.settings import Settings
 from tests.server.conftest import Api, nifti_bytes, sparse_label
 
+UNKNOWN = "0123456789abcdef" * 2
+"""A well-formed id that was never handed out."""
+
 
 def _broker_messages(data_dir: Path) -> list[dict[str, Any]]:
     folder = data_dir / "broker" / "messages"
@@ -75,8 +78,9 @@ def test_finetune_on_a_dataset_without_labels_is_refused(api: Api) -> None:
     ("params", "status", "needle"),
     [
         ({"method": "magic"}, 422, "params.method"),
-        ({"encoder_id": "nope"}, 404, "'nope'"),
-        ({"label_ids": ["nope"]}, 404, "nope"),
+        ({"encoder_id": UNKNOWN}, 404, f"'{UNKNOWN}'"),
+        ({"label_ids": [UNKNOWN]}, 404, UNKNOWN),
+        ({"encoder_id": "nope"}, 422, "params.encoder_id: String should match pattern"),
         ({"method": "linear", "steps": 3}, 422, "params.steps"),
     ],
 )
@@ -96,10 +100,10 @@ def test_bad_finetune_params_name_the_problem(
 def test_job_on_unknown_dataset_or_bad_kind_is_refused(api: Api) -> None:
     unknown = api.client.post(
         "/api/v1/jobs",
-        json={"kind": "pretrain", "dataset_id": "nope", "params": {"objective": "pix2rep"}},
+        json={"kind": "pretrain", "dataset_id": UNKNOWN, "params": {"objective": "pix2rep"}},
     )
     assert unknown.status_code == 404
-    assert "dataset 'nope'" in unknown.json()["detail"]
+    assert f"dataset '{UNKNOWN}'" in unknown.json()["detail"]
     dataset = api.dataset()
     bad = api.client.post(
         "/api/v1/jobs", json={"kind": "train", "dataset_id": dataset["id"], "params": {}}
