@@ -351,11 +351,13 @@ class _Run:
     pools: dict[str, tuple[str, list[np.ndarray]]] = field(default_factory=dict)
 
     def pretrain_config(self, objective: str, modality: str) -> PretrainConfig:
-        return replace(self.profile.pretrain, objective=objective, modality=modality, axis=2)
+        changes = {"objective": objective, "modality": modality, "axis": 2}
+        return PretrainConfig.from_dict(self.profile.pretrain.to_dict() | changes)
 
     def random_encoder(self, modality: str) -> Callable[[int], Encoder]:
         def make(seed: int) -> Encoder:
-            config = replace(self.profile.pretrain, modality=modality, seed=seed, axis=2)
+            changes = {"modality": modality, "seed": seed, "axis": 2}
+            config = PretrainConfig.from_dict(self.profile.pretrain.to_dict() | changes)
             return Encoder.random(config)
 
         return make
@@ -386,7 +388,7 @@ def _fit(
     num_classes: int,
 ) -> tuple[SegmenterNet, float]:
     """The fitted segmenter and the fit's wall time."""
-    config = replace(fit.config, seed=seed, axis=axis)
+    config = FewShotConfig.from_dict(fit.config.to_dict() | {"seed": seed, "axis": axis})
     began = time.perf_counter()
     segmenter = fit_segmenter(fit.encoder(seed), images, labels, num_classes, fit.kind, config)
     return segmenter, time.perf_counter() - began
@@ -540,12 +542,13 @@ def _run_set(run: _Run, set_name: str, cases: list[Case], registry: bool) -> Non
             return fits
         extras = set(profile.extras) if run.extras else set()
         if "mlp" in extras:
-            fits.append(_Fit(f"{best} · linear, mlp head", enc, "linear", replace(ft, head="mlp")))
+            mlp = FewShotConfig.from_dict(ft.to_dict() | {"head": "mlp"})
+            fits.append(_Fit(f"{best} · linear, mlp head", enc, "linear", mlp))
         if "single_scale" in extras:
-            single = replace(ft, multiscale=False)
+            single = FewShotConfig.from_dict(ft.to_dict() | {"multiscale": False})
             fits.append(_Fit(f"{best} · linear, last block only", enc, "linear", single))
         if "single_scale_finetune" in extras:
-            single = replace(ft, multiscale=False)
+            single = FewShotConfig.from_dict(ft.to_dict() | {"multiscale": False})
             fits.append(_Fit(f"{best} · finetune, last block only", enc, "finetune", single))
         if "own_volumes" in extras and registry:
             own = encoder(modality, best, own=True)

@@ -51,6 +51,7 @@ import numpy as np
 import psutil
 
 from bench.report import machine_info
+from models.runtime.configs import IGNORE_INDEX
 
 __all__ = ["PROFILES", "Profile", "Table", "main", "run"]
 
@@ -59,7 +60,6 @@ logger = logging.getLogger(__name__)
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 API = "/api/v1"
-UNANNOTATED = 255
 _CHUNK = 1 << 20
 _POLL_SECONDS = 0.1
 _SAMPLE_SECONDS = 0.1
@@ -236,7 +236,7 @@ def sparse_label(label: np.ndarray, count: int) -> np.ndarray:
     if present.size < count:
         raise ValueError(f"the organ spans {present.size} slices, fewer than {count}")
     picks = present[np.linspace(0, present.size - 1, count + 2)[1:-1].round().astype(int)]
-    sparse = np.full_like(label, UNANNOTATED)
+    sparse = np.full_like(label, IGNORE_INDEX)
     sparse[:, :, picks] = label[:, :, picks]
     return sparse
 

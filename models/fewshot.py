@@ -278,7 +278,7 @@ def _fit_linear(
     annotated = labels != IGNORE_INDEX
     pixels = features.permute(0, 2, 3, 1)[annotated]  # N×C
     del features
-    _train_head(segmenter.seg_head, pixels, labels[annotated], config, device, progress)
+    _train_head(segmenter.seg_head, pixels, labels[annotated], config, device, progress, "linear")
 
 
 def _train_head(
@@ -288,6 +288,7 @@ def _train_head(
     config: FewShotConfig,
     device: torch.device,
     progress: ProgressCallback | None,
+    phase: str,
 ) -> None:
     """Full-batch Adam on the head over ``N×C_head`` annotated pixel features and ``N`` targets.
 
@@ -302,7 +303,7 @@ def _train_head(
     optimiser = torch.optim.Adam(
         head.parameters(), lr=config.linear_lr, weight_decay=config.weight_decay
     )
-    report = _Reporter(config.linear_steps, "fit", progress)
+    report = _Reporter(config.linear_steps, phase, progress)
     pick = _pixel_subset(targets.shape[0], config.linear_max_pixels, generator).to(device)
     x, y = pixels[pick].to(device), targets[pick].to(device)
     with _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
@@ -383,7 +384,8 @@ def fit_probe(
     logger.info("probe (%s head) on %d annotated slices", config.head, len(rows))
     device = torch.device(config.device)
     segmenter.to(device)
-    _train_head(segmenter.seg_head, torch.cat(rows), torch.cat(targets), config, device, progress)
+    pixels, labels = torch.cat(rows), torch.cat(targets)
+    _train_head(segmenter.seg_head, pixels, labels, config, device, progress, "fit")
     segmenter.requires_grad_(True)
     return segmenter.cpu().eval()
 

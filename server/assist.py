@@ -14,17 +14,22 @@ use the axis of largest voxel spacing (the acquisition's slice direction), the l
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from celery import Celery
 from fastapi import HTTPException, status
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from server.db.tables import FINAL_TAG, Dataset, Image, Label, ModelKind, ModelRecord
+from server.db.tables import FINAL_TAG, Dataset, Image, JobKind, Label, ModelKind, ModelRecord
 from server.errors import not_found, unprocessable
+from server.routes.jobs import submit_job
 from server.schemas import AssistCreate
 
-__all__ = ["annotation_axis", "resolve_assist"]
+__all__ = ["annotation_axis", "prefetch_features", "resolve_assist"]
+
+logger = logging.getLogger(__name__)
 
 
 def annotation_axis(label: Label, image: Image) -> int | None:
@@ -126,7 +131,7 @@ def resolve_assist(session: Session, dataset: Dataset, body: AssistCreate) -> di
         axis = sparse_axes.pop()
     else:
         axis = _largest_spacing_axis(rows[0][1])
-    if not any(label.classes_present for label, _ in rows):
+    if not any(c > 0 for label, _ in rows for c in label.classes_present):
         raise unprocessable(
             "the labels hold background only: annotate at least one voxel of a class"
         )
@@ -139,3 +144,20 @@ def resolve_assist(session: Session, dataset: Dataset, body: AssistCreate) -> di
         "axis": axis,
     }
     return params
+
+
+def prefetch_features(session: Session, celery: Celery, dataset: Dataset, image_id: str) -> None:
+    """Queue the caching of a new image's decoder maps when an encoder of its modality exists,
+    so the first assist on it after labelling costs only the head. Best effort: a broker error
+    is logged, the upload stands."""
+    image = session.get(Image, image_id)
+    has_encoder = exists().where(
+        ModelRecord.kind == ModelKind.encoder, ModelRecord.modality == dataset.modality
+    )
+    if image is None or not session.scalar(select(has_encoder)):
+        return
+    params = {"image_ids": [image.id], "axis": _largest_spacing_axis(image)}
+    try:
+        submit_job(session, celery, JobKind.features, dataset, params)
+    except HTTPException as exc:
+        logger.warning("features of image %s not prefetched: %s", image.id, exc.detail)

@@ -186,9 +186,12 @@ def assist(ctx: JobContext) -> dict[str, Any]:
 
 
 def features(ctx: JobContext) -> dict[str, Any]:
-    """Cache the decoder maps of ``image_ids`` under ``encoder_id`` (a prefetch after upload)."""
-    encoder_id = str(ctx.params["encoder_id"])
+    """Cache the decoder maps of ``image_ids`` under the encoder the assist would reuse (a
+    prefetch after upload; ``encoder_id`` in the params overrides)."""
     dataset = pipelines._dataset(ctx)
+    encoder_id = ctx.params.get("encoder_id") or _reusable_encoder(ctx, dataset, None)
+    if encoder_id is None:
+        return {"encoder_id": None, "image_ids": []}
     encoder = pipelines._encoder(ctx, dataset, encoder_id, {})
     axis = int(ctx.params.get("axis", encoder.config.axis))
     images = pipelines._images(ctx, ctx.params.get("image_ids"))

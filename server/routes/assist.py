@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from server.assist import resolve_assist
 from server.db.tables import Dataset, Job, JobKind
-from server.deps import CeleryDep, SessionDep
+from server.deps import CeleryDep, IdPath, SessionDep
 from server.errors import not_found
 from server.routes.jobs import submit_job
 from server.schemas import AssistCreate, JobPublic
@@ -26,7 +26,7 @@ def _dataset(session: SessionDep, dataset_id: str) -> Dataset:
 
 @router.post("/{dataset_id}/assist", status_code=status.HTTP_202_ACCEPTED)
 def start_assist(
-    dataset_id: str, session: SessionDep, celery: CeleryDep, body: AssistCreate | None = None
+    dataset_id: IdPath, session: SessionDep, celery: CeleryDep, body: AssistCreate | None = None
 ) -> JobPublic:
     """Segment images from the labelled slices: one ``assist`` job, polled at ``/jobs/{id}``.
 
@@ -44,7 +44,7 @@ def start_assist(
 
 
 @router.get("/{dataset_id}/assist")
-def latest_assist(dataset_id: str, session: SessionDep) -> JobPublic:
+def latest_assist(dataset_id: IdPath, session: SessionDep) -> JobPublic:
     """The dataset's most recent assist job (a viewer's starting point); 404 when none."""
     _dataset(session, dataset_id)
     job = session.scalar(

@@ -13,8 +13,9 @@ from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from server.assist import prefetch_features
 from server.db.tables import FINAL_TAG, Dataset, Image, Label, new_id
-from server.deps import IdPath, SessionDep, SettingsDep, StorageDep
+from server.deps import CeleryDep, IdPath, SessionDep, SettingsDep, StorageDep
 from server.errors import not_found
 from server.ingest import ingest_dicom_zip, ingest_nifti
 from server.schemas import ImagePublic
@@ -144,11 +145,14 @@ async def upload_image(
     session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
+    celery: CeleryDep,
 ) -> ImagePublic:
     """Upload a volume (multipart ``file``: .nii, .nii.gz or a .zip of one DICOM series).
 
     The body is streamed to a temporary file within ``max_upload_bytes`` (413 beyond), then
     validated and stored as NIfTI with the input's affine; nothing is kept if any step fails.
+    When an encoder of the dataset's modality exists, a ``features`` job caches its decoder maps
+    of the new image, so the first assist after labelling it costs only the head.
     """
     dataset = await run_in_threadpool(session.get, Dataset, dataset_id)
     if dataset is None:
@@ -158,11 +162,13 @@ async def upload_image(
         typed = typed_upload_path(upload)
         try:
             name = upload.fields.get("name") or _SUFFIXES.sub("", upload.filename) or "image"
-            return await run_in_threadpool(
+            stored = await run_in_threadpool(
                 _store_image, session, storage, dataset_id, typed, name[:255]
             )
         finally:
             typed.unlink(missing_ok=True)
+    await run_in_threadpool(prefetch_features, session, celery, dataset, stored.id)
+    return stored
 
 
 @router.get("/datasets/{dataset_id}/images")

@@ -82,7 +82,18 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         yield Service(existing.rstrip("/"), data_dir, log)
         return
     port = _free_port()
-    process = start_service("127.0.0.1", port, data_dir, log)
+    # A short first pretraining and none in the background: the tests' budget, not the product's.
+    budget = {"SEGASSIST_ASSIST_PRETRAIN_STEPS": "3", "SEGASSIST_BACKGROUND_PRETRAIN_STEPS": "0"}
+    saved = {k: os.environ.get(k) for k in budget}
+    os.environ.update(budget)
+    try:
+        process = start_service("127.0.0.1", port, data_dir, log)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, process, timeout=180, log_path=log)

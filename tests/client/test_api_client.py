@@ -129,7 +129,8 @@ def test_pretrain_finetune_predict_and_download(
     segmenter_id = api.wait_for_job(fit["id"], timeout=600)["result"]["segmenter_id"]
 
     answer = api.predict(segmenter_id, image["id"])
-    assert answer["image_id"] == image["id"]
+    assert answer["kind"] == "predict"
+    assert set(answer["result"]["predictions"]) == {image["id"]}
     out = api.download_prediction(segmenter_id, image["id"], "labels.nii.gz", tmp_path / "l.nii.gz")
     labels = load_nifti(out)
     np.testing.assert_allclose(labels.affine, OBLIQUE_AFFINE, atol=1e-6)

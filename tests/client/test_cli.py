@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.api import SegAssistClient
 from client.demo import dice_on_unlabelled, make_sparse_labels, pick_slices
 from tests.client.conftest import (
     OBLIQUE_AFFINE,
@@ -60,10 +61,6 @@ def segmented(
         service.url,
         "--objective",
         "pix2rep",
-        "--steps",
-        "3",
-        "--pretrain-config",
-        json.dumps(TINY_PRETRAIN),
         "--fit-config",
         json.dumps(TINY_FIT),
         "--label-names",
@@ -102,16 +99,37 @@ def test_jobs_and_models_list_what_segment_created(segmented: Segmented, service
     assert segmented.run.returncode == 0, segmented.run.stderr
     table = segassist("jobs", "--server", service.url)
     assert table.returncode == 0, table.stderr
-    assert "pretrain" in table.stdout and "finetune" in table.stdout
+    assert "assist" in table.stdout
     listed = segassist("jobs", "--json", "--server", service.url)
     jobs = {j["kind"]: j for j in json.loads(listed.stdout) if j["status"] == "succeeded"}
-    assert {"pretrain", "finetune"} <= set(jobs)
+    assert "assist" in jobs
+    assert jobs["assist"]["result"]["axis"] == 2  # found by the server in the sparse labels
     models = segassist("models", "--kind", "segmenter", "--json", "--server", service.url)
     assert models.returncode == 0, models.stderr
     segmenters = {m["id"]: m for m in json.loads(models.stdout)}
     segmenter = segmented.run.stdout.split("segmenter ")[-1].split()[0]
     assert segmenter in segmenters
-    assert segmenters[segmenter]["method"] == "linear"
+    assert segmenters[segmenter]["method"] == "probe-linear"
+
+
+def test_cli_and_rest_give_the_same_segmentation(segmented: Segmented, service: Service) -> None:
+    """The CLI holds no workflow: the same assist request over REST gives the same labels."""
+    assert segmented.run.returncode == 0, segmented.run.stderr
+    with SegAssistClient(service.url) as api:
+        cli_job = next(
+            j for j in api.list_jobs() if j["kind"] == "assist" and j["status"] == "succeeded"
+        )
+        body = {k: cli_job["params"][k] for k in ("image_ids", "label_ids", "method", "config")}
+        body["encoder_id"] = cli_job["result"]["encoder_id"]
+        done = api.wait_for_job(api.assist(cli_job["dataset_id"], body)["id"], timeout=600)
+        (image_id,) = body["image_ids"]
+        rest = api.download(
+            done["result"]["predictions"][image_id]["labels"],
+            segmented.output.with_name("rest.nii.gz"),
+        )
+    np.testing.assert_array_equal(
+        np.asanyarray(load_nifti(rest).dataobj), np.asanyarray(load_nifti(segmented.output).dataobj)
+    )
 
 
 def test_random_initialisation_baseline_needs_no_pretraining(
@@ -126,6 +144,8 @@ def test_random_initialisation_baseline_needs_no_pretraining(
         str(tmp_path / "seg.nii.gz"),
         "--objective",
         "none",
+        "--method",
+        "finetune",
         "--fit-config",
         json.dumps(TINY_FIT),
         "--server",

@@ -105,6 +105,8 @@ def test_malformed_ids_in_paths_and_queries_are_422_naming_the_parameter(
             api.upload_image(bad, nifti_bytes(volume())),
             api.client.get("/api/v1/jobs", params={"dataset_id": bad}),
             api.client.get("/api/v1/models", params={"dataset_id": bad}),
+            api.client.get(f"/api/v1/datasets/{bad}/assist"),
+            api.client.post(f"/api/v1/datasets/{bad}/assist", json={}),
         ],
         "image_id": [
             api.client.get(f"/api/v1/images/{bad}"),

@@ -13,8 +13,9 @@ from models.runtime.manifest import Manifest
 from models.runtime.preprocess import Normalisation
 from server.db.session import session_factory
 from server.db.tables import ModelKind, ModelRecord, new_id
+from server.queue import PREDICTION_QUEUE, queue_for
 from server.settings import Settings
-from tests.server.conftest import SHAPE, Api, load_nifti, volume
+from tests.server.conftest import Api
 
 
 def _threshold_segmenter(folder: Path, sign: float) -> None:
@@ -74,9 +75,8 @@ def _register(settings: Settings, folder: Path, dataset_id: str) -> str:
     return model_id
 
 
-def test_prediction_is_served_on_the_input_grid_and_reloads_new_versions(
-    api: Api, settings: Settings
-) -> None:
+def test_prediction_is_a_job_on_the_prediction_queue(api: Api, settings: Settings) -> None:
+    """The API never runs a model: it queues a ``predict`` job for a worker."""
     dataset = api.dataset()
     image = api.image(dataset["id"])
     folder = settings.data_dir / "models" / "m1"
@@ -86,29 +86,16 @@ def test_prediction_is_served_on_the_input_grid_and_reloads_new_versions(
     answer = api.client.post(
         f"/api/v1/models/{model_id}/predict", json={"image_id": image["id"], "probabilities": True}
     )
-    assert answer.status_code == 200, answer.text
-    urls = answer.json()["urls"]
-    assert set(urls) == {"labels", "clusters", "clusters_png", "probabilities", "uncertainty"}
-
-    source = load_nifti(api.client.get(f"/api/v1/images/{image['id']}/file").content)
-    labels = load_nifti(api.client.get(urls["labels"]).content)
-    assert labels.shape == SHAPE
-    assert np.array_equal(labels.affine, source.affine)
-    bright = volume() > np.median(volume())
-    first = np.asanyarray(labels.dataobj)
-    assert set(np.unique(first)) <= {0, 2}
-    assert (first[bright] == 2).mean() > 0.9
-    probabilities = load_nifti(api.client.get(urls["probabilities"]).content)
-    assert probabilities.shape == (*SHAPE, 3)
-    png = api.client.get(urls["clusters_png"])
-    assert png.headers["content-type"] == "image/png"
-    assert png.content.startswith(b"\x89PNG")
-
-    _threshold_segmenter(folder, sign=-1.0)  # a new version of the model in the same folder
-    again = api.client.post(f"/api/v1/models/{model_id}/predict", json={"image_id": image["id"]})
-    assert again.status_code == 200
-    second = np.asanyarray(load_nifti(api.client.get(urls["labels"]).content).dataobj)
-    assert (second[bright] == 0).mean() > 0.9
+    assert answer.status_code == 202, answer.text
+    job = answer.json()
+    assert job["kind"] == "predict" and job["status"] == "queued"
+    assert job["params"] == {
+        "model_id": model_id,
+        "image_ids": [image["id"]],
+        "probabilities": True,
+    }
+    assert queue_for(job["kind"], job["params"]) == PREDICTION_QUEUE
+    assert not (settings.data_dir / "predictions").exists()
 
 
 def test_predicting_with_an_encoder_is_refused(api: Api, settings: Settings) -> None:

@@ -121,3 +121,38 @@ def test_assist_finetune_from_random_init(
     assert done["status"] == "succeeded", done
     assert done["result"]["encoder_id"] is None
     assert set(done["result"]["predictions"][image_id]) >= {"labels", "uncertainty"}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [("embedded", {"assist_pretrain_steps": 300, "background_pretrain_steps": 0})],
+    indirect=True,
+)
+def test_assist_survives_a_killed_worker(
+    service: Service, start_worker: Callable[[], Worker]
+) -> None:
+    """SIGKILL mid-job: the next worker takes the job over and resumes, nothing half-served."""
+    first = start_worker()
+    dataset_id, image_id = service.dataset_with_labels()
+    job_id = service.post(f"/datasets/{dataset_id}/assist", json={"config": TINY_FEWSHOT})["id"]
+    service.wait(
+        job_id,
+        lambda job: (
+            job["status"] == "running"
+            and job["progress"]["phase"] == "pretrain"
+            and (job["progress"]["step"] or 0) >= 5
+        ),
+    )
+    first.kill()
+    assert service.get(f"/jobs/{job_id}")["result"] is None
+    assert service.get(f"/datasets/{dataset_id}/assist")["id"] == job_id
+
+    start_worker()
+    done = service.finished(job_id)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2
+    log = service.client.get(f"/api/v1/jobs/{job_id}/logs").text
+    assert "resuming pretraining" in log
+    labels = service.client.get(done["result"]["predictions"][image_id]["labels"])
+    assert labels.status_code == 200
+    assert _load(labels.content).shape == SHAPE

@@ -123,10 +123,14 @@ def test_embedded_service_runs_jobs_and_restarts_a_dead_worker(
     assert _segment(client)["status"] == "succeeded"
     assert any((data_dir / "broker").rglob("*")), "the filesystem broker lives in the data dir"
 
-    (worker_pid,) = _children(process.pid)
-    os.killpg(worker_pid, signal.SIGKILL)
-    _until(lambda: _children(process.pid) not in ([], [worker_pid]), "a new worker")
-    (restarted,) = _children(process.pid)
+    workers = _children(process.pid)
+    assert len(workers) == 2  # the training and the prediction worker
+    os.killpg(workers[0], signal.SIGKILL)
+    _until(
+        lambda: len(_children(process.pid)) == 2 and workers[0] not in _children(process.pid),
+        "a new worker",
+    )
+    restarted = next(pid for pid in _children(process.pid) if pid != workers[1])
     assert _segment(client)["status"] == "succeeded"
 
     process.send_signal(signal.SIGTERM)
