@@ -384,8 +384,8 @@ def fit_probe(
     logger.info("probe (%s head) on %d annotated slices", config.head, len(rows))
     device = torch.device(config.device)
     segmenter.to(device)
-    pixels, labels = torch.cat(rows), torch.cat(targets)
-    _train_head(segmenter.seg_head, pixels, labels, config, device, progress, "fit")
+    pixels, classes = torch.cat(rows), torch.cat(targets)
+    _train_head(segmenter.seg_head, pixels, classes, config, device, progress, "fit")
     segmenter.requires_grad_(True)
     return segmenter.cpu().eval()
 
