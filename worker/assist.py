@@ -282,6 +282,7 @@ def _quick_pretraining(
         config = PretrainConfig.from_dict(
             {
                 **_SHORT_PRETRAIN,
+                "checkpoint_every": 10,  # the user waits: a killed worker loses little
                 "objective": objective,
                 "modality": dataset.modality,
                 "axis": axis,
@@ -398,8 +399,9 @@ def _fit_network(
     """Fine-tune (or Mean Teacher) the whole network: a training run with progress."""
     dataset = pipelines._dataset(ctx)
     base = encoder or _random_encoder(dataset, int(ctx.params["axis"]))
-    if encoder is None:
-        config = FewShotConfig.for_scratch(**config.to_dict())
+    if encoder is None:  # scratch settings, with only what the request set on top
+        given = {**(ctx.params.get("config") or {}), "axis": config.axis, "head": config.head}
+        config = FewShotConfig.for_scratch(**given, device=config.device)
     images = [normalise(pipelines._read_image(image), base.normalisation) for image, _ in pairs]
     losses = pipelines._LossTracker(ctx)
     segmenter = fit_segmenter(
