@@ -131,7 +131,7 @@ def test_assist_finetune_from_random_init(
 def test_assist_survives_a_killed_worker(
     service: Service, start_worker: Callable[[], Worker]
 ) -> None:
-    """SIGKILL mid-job: the next worker takes the job over and resumes, nothing half-served."""
+    """SIGKILL mid-job: the next worker takes the job over and finishes it, nothing half-served."""
     first = start_worker()
     dataset_id, image_id = service.dataset_with_labels()
     job_id = service.post(f"/datasets/{dataset_id}/assist", json={"config": TINY_FEWSHOT})["id"]
@@ -152,7 +152,7 @@ def test_assist_survives_a_killed_worker(
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
     log = service.client.get(f"/api/v1/jobs/{job_id}/logs").text
-    assert "resuming pretraining" in log
+    assert "was lost" in log
     labels = service.client.get(done["result"]["predictions"][image_id]["labels"])
     assert labels.status_code == 200
     assert _load(labels.content).shape == SHAPE
