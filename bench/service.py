@@ -1,23 +1,34 @@
-"""Service benchmark: the embedded service measured through its REST API, plus inference speed.
+"""Service benchmark: the assist loop measured through the REST API, plus inference speed.
 
 ``python -m bench.service [--quick] [--out DIR]`` (or ``segassist bench service …``) starts the
-embedded service (:func:`worker.serve.run_embedded`: uvicorn + one Celery worker, SQLite and the
-filesystem broker in a temporary data directory, 127.0.0.1 only) in a subprocess and measures:
+embedded service (:func:`worker.serve.run_embedded`: uvicorn plus a training-queue and a
+prediction-queue Celery worker, SQLite and the filesystem broker in a temporary data directory,
+127.0.0.1 only) in a subprocess and measures it through :class:`client.api.SegAssistClient` (raw
+httpx only where the wire itself is timed: the uploads and the concurrent metadata clients):
 
 1. upload throughput of a synthetic int16 CT volume (~200 MiB as ``.nii``, and as ``.nii.gz``),
    streamed with httpx; split into "body sent" and "server work after the body";
-2. labels submitted → prediction downloaded with a pretrained encoder (pretrained once beforehand
-   by a real ``pretrain`` job, not timed): label upload → ``finetune`` job (``linear``) → poll →
-   ``POST /models/{id}/predict`` → ``GET …/labels.nii.gz``, broken down with the job row's
-   timestamps, the job log and the polled progress phase;
-3. ONNX Runtime vs PyTorch eager inference of the default :class:`SegmenterNet` on slices in
-   batches of 8, their conv/matmul FLOP/s (``FlopCounterMode``) and the fraction of a numpy
-   float32 GEMM measured in the same run (after the service is stopped);
-4. p50/p99 latency of metadata calls under 50 concurrent ``httpx.AsyncClient`` clients;
-5. peak RSS of the API process and of the worker processes (sampled with psutil) per phase.
+2. labels submitted → segmentation downloaded with an encoder already there (pretrained once
+   beforehand by a real ``pretrain`` job, not timed): label upload → ``POST
+   /datasets/{id}/assist`` → poll → ``GET …/labels.nii.gz``, (a) on an image whose decoder maps
+   are not cached yet, (b) after uploading a corrected label of the same image (one more slice,
+   the one the first run's ``next_slice`` pointed at: maps cached, the interactive case); broken
+   down with the job row's timestamps and the job's ``result.timings``;
+3. 4 concurrent ``POST /models/{id}/predict`` jobs on 4 images, and meanwhile
+4. p50/p99 latency of metadata calls under 50 concurrent ``httpx.AsyncClient`` clients (also
+   measured idle, before);
+5. the first segmentation of a fresh dataset of another modality (no encoder of it yet): one
+   assist that pretrains inline and queues a longer background pretraining (cancelled, not
+   waited for);
+6. ONNX Runtime vs PyTorch eager inference of the served segmenter's architecture on the slices
+   of the same volume (after the service is stopped), their conv/matmul FLOP/s
+   (``FlopCounterMode``) and the fraction of a numpy float32 GEMM measured in the same run; the
+   assist runs are reported as multiples of that ONNX time;
+7. peak RSS (sampled with psutil) per phase of the API process and of each worker process tree.
 
-Results: ``<out>/service.md`` (tables and the machine) and ``<out>/service.json`` (same rows).
-Every process started here is stopped here; every wait has a deadline.
+Results: ``<out>/service.md`` (tables, a line per target: measured vs target, met or missed, and
+the machine) and ``<out>/service.json`` (the same). Every process started here is stopped here;
+every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -28,9 +39,9 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -38,7 +49,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -51,9 +62,11 @@ import numpy as np
 import psutil
 
 from bench.report import machine_info
+from client.api import JobFailedError, SegAssistAPIError, SegAssistClient
 from models.runtime.configs import IGNORE_INDEX
+from server.queue import PREDICTION_QUEUE
 
-__all__ = ["PROFILES", "Profile", "Table", "main", "run"]
+__all__ = ["PROFILES", "Profile", "Table", "Target", "main", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +75,32 @@ REPO = Path(__file__).resolve().parent.parent
 API = "/api/v1"
 _CHUNK = 1 << 20
 _POLL_SECONDS = 0.1
+_SLOW_POLL_SECONDS = 0.5
 _SAMPLE_SECONDS = 0.1
 _STOP_SECONDS = 90.0
+_MIB = 2.0**20
 _LAUNCHER = (
     "import logging, sys; from pathlib import Path; "
     "logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s'); "
     "from worker.serve import run_embedded; "
     "run_embedded('127.0.0.1', int(sys.argv[1]), Path(sys.argv[2]))"
 )
+_TREES = ("training", "prediction")
+"""The embedded service's two Celery workers (each a main process and its prefork pool)."""
+
+# Targets of the issue "Assist loop on the server" (2 CPU cores).
+CACHED_ASSIST_SECONDS = 5.0
+FIRST_ASSIST_SECONDS = 300.0
+API_RSS_MIB = 1024.0
+METADATA_P99_MS = 200.0
+
+# Phases of the RSS sampler (rows of the memory table).
+PHASE_UPLOAD = "upload"
+PHASE_PRETRAIN = "pretrain (untimed)"
+PHASE_ASSIST = "assist, encoder there"
+PHASE_IDLE = "metadata, idle"
+PHASE_PREDICT = "4 predictions + 50 clients"
+PHASE_FIRST = "assist, no encoder yet"
 
 
 @dataclass(frozen=True)
@@ -80,15 +111,18 @@ class Profile:
         name: ``"default"`` or ``"quick"``.
         upload_shape: int16 volume uploaded for the throughput rows (512×512×400 = 200 MiB).
         upload_repeats: uploads per file format (the median is reported).
-        volume_shape: volume of the labels → prediction runs (slices along the last axis).
-        annotated_slices: labelled slices of the sparse label volume.
-        e2e_repeats: labels → prediction runs (each uploads a new label version).
+        volume_shape: volume of the assist runs, the predictions and the inference comparison
+            (slices along the last axis).
+        annotated_slices: labelled slices of the first sparse label volume.
+        e2e_repeats: (a)/(b) pairs of assist runs, each on its own image (medians reported).
+        predictions: concurrent prediction jobs (each on its own image).
         pretrain_steps: steps of the (untimed) pretraining job.
-        pretrain_config: :class:`models.pretrain.PretrainConfig` overrides of that job.
-        finetune_config: :class:`models.fewshot.FewShotConfig` overrides of the timed jobs
+        pretrain_config: :class:`models.pretrain.PretrainConfig` overrides of that job (also the
+            architecture of the inference comparison).
+        fewshot_config: :class:`models.fewshot.FewShotConfig` overrides of the timed assist jobs
             (empty: the service's defaults, which is what the default profile measures).
-        inference_slices: slices of the ONNX vs PyTorch comparison.
-        inference_size: their side (pixels).
+        service_env: ``SEGASSIST_*`` settings of the service (empty: its defaults, e.g. 60 inline
+            pretraining steps when no encoder exists).
         inference_repeats: timed passes over the slices per engine (the median is reported).
         batch_size: slices per forward call.
         gemm_size: n of the n×n float32 GEMM.
@@ -104,11 +138,11 @@ class Profile:
     volume_shape: tuple[int, int, int]
     annotated_slices: int
     e2e_repeats: int
+    predictions: int
     pretrain_steps: int
     pretrain_config: dict[str, Any]
-    finetune_config: dict[str, Any]
-    inference_slices: int
-    inference_size: int
+    fewshot_config: dict[str, Any]
+    service_env: dict[str, str]
     inference_repeats: int
     batch_size: int
     gemm_size: int
@@ -126,11 +160,11 @@ PROFILES = {
         volume_shape=(256, 256, 100),
         annotated_slices=3,
         e2e_repeats=3,
+        predictions=4,
         pretrain_steps=30,
         pretrain_config={},
-        finetune_config={},
-        inference_slices=100,
-        inference_size=256,
+        fewshot_config={},
+        service_env={},
         inference_repeats=3,
         batch_size=8,
         gemm_size=2048,
@@ -146,6 +180,7 @@ PROFILES = {
         volume_shape=(64, 64, 12),
         annotated_slices=3,
         e2e_repeats=1,
+        predictions=4,
         pretrain_steps=2,
         pretrain_config={
             "channels": [8, 16],
@@ -154,9 +189,11 @@ PROFILES = {
             "kmeans_slices": 4,
             "num_clusters": 4,
         },
-        finetune_config={"linear_steps": 20},
-        inference_slices=8,
-        inference_size=64,
+        fewshot_config={"linear_steps": 20},
+        service_env={
+            "SEGASSIST_ASSIST_PRETRAIN_STEPS": "3",
+            "SEGASSIST_BACKGROUND_PRETRAIN_STEPS": "6",
+        },
         inference_repeats=1,
         batch_size=8,
         gemm_size=512,
@@ -190,6 +227,13 @@ class Table:
         shown = ", ".join(f"{h}={values[k]:{f}}" for k, h, f in self.columns if k in values)
         logger.info("%s · %s: %s", self.title, name, shown)
 
+    def row(self, name: str) -> dict[str, Any]:
+        """The row called ``name`` (``KeyError`` if there is none)."""
+        for row in self.rows:
+            if row["name"] == name:
+                return row
+        raise KeyError(f"{self.title}: no row {name!r}")
+
     def markdown(self) -> str:
         """The table as GitHub markdown (heading, note, header, rows)."""
         head = "| | " + " | ".join(h for _, h, _ in self.columns) + " |"
@@ -199,6 +243,40 @@ class Table:
             cells = " | ".join(format(row[k], f) for k, _, f in self.columns)
             lines.append(f"| {row['name']} | {cells} |")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the issue: a measured value against its upper limit.
+
+    Attributes:
+        name: what was measured.
+        measured: the value (NaN when it could not be measured: counts as missed).
+        limit: the largest value that meets the target.
+        unit: unit of both.
+    """
+
+    name: str
+    measured: float
+    limit: float
+    unit: str
+
+    @property
+    def met(self) -> bool:
+        """Whether the measured value is at most the limit."""
+        return math.isfinite(self.measured) and self.measured <= self.limit
+
+    def line(self) -> str:
+        """A markdown list item: measured vs target, met or missed."""
+        verdict = "**met**" if self.met else "**missed**"
+        return (
+            f"- {self.name}: {self.measured:.2f} {self.unit} vs target ≤ {self.limit:g} "
+            f"{self.unit}: {verdict}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The target as JSON-ready values (with ``met``)."""
+        return asdict(self) | {"met": self.met}
 
 
 # --------------------------------------------------------------------------- synthetic data
@@ -241,6 +319,22 @@ def sparse_label(label: np.ndarray, count: int) -> np.ndarray:
     return sparse
 
 
+def corrected_label(sparse: np.ndarray, label: np.ndarray, hint: int | None) -> np.ndarray:
+    """``sparse`` plus one more slice of ``label`` (along the last axis): ``hint`` (the server's
+    ``next_slice``) when it is an unannotated slice, else the organ slice farthest from the
+    annotated ones (the annotator's correction after looking at the first segmentation)."""
+    annotated = np.flatnonzero((sparse != IGNORE_INDEX).any(axis=(0, 1)))
+    free = [k for k in range(sparse.shape[2]) if k not in set(annotated.tolist())]
+    if not free:
+        raise ValueError("every slice is annotated already: nothing left to correct")
+    if hint is None or hint not in free:
+        organ = [k for k in free if label[:, :, k].any()] or free
+        hint = max(organ, key=lambda k: int(np.abs(annotated - k).min(initial=sparse.shape[2])))
+    corrected = sparse.copy()
+    corrected[:, :, hint] = label[:, :, hint]
+    return corrected
+
+
 def _save(array: np.ndarray, path: Path) -> Path:
     nib.Nifti1Image(array, _affine((0.8, 0.8, 2.5))).to_filename(path)
     return path
@@ -255,24 +349,40 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _clean_environment() -> dict[str, str]:
-    """This environment without ``SEGASSIST_*`` (the service must use its own SQLite/broker)."""
+def _clean_environment(settings: Mapping[str, str]) -> dict[str, str]:
+    """This environment without ``SEGASSIST_*`` (the service must use its own SQLite/broker),
+    plus ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEGASSIST_")}
     env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return env | dict(settings)
+
+
+def _tree_name(proc: psutil.Process) -> str | None:
+    """``"prediction"`` or ``"training"`` for a Celery worker main process, else ``None``."""
+    try:
+        command = proc.cmdline()
+    except psutil.Error:
+        return None
+    if "celery" not in command or "-Q" not in command[:-1]:
+        return None
+    queues = command[command.index("-Q") + 1].split(",")
+    return "prediction" if queues == [PREDICTION_QUEUE] else "training"
 
 
 class MemorySampler:
-    """Samples the RSS of the API process and of its descendants (the worker) in a thread.
+    """Samples the RSS of the API process and of its two worker trees in a thread.
 
-    Peaks are kept per phase (:meth:`phase`); ``worker_tree`` sums the worker's processes
-    (pages shared after fork are counted once per process), ``worker_max`` is the largest one.
+    The API process runs uvicorn; its children are the two Celery worker main processes
+    (training queue, prediction queue), each with its prefork pool. Peaks are kept per phase
+    (:meth:`phase`): ``<tree>_tree`` sums a worker's processes (pages shared after fork are
+    counted once per process), ``<tree>_max`` is its largest process.
     """
 
     def __init__(self, api: psutil.Process) -> None:
         self.api = api
         self.peaks: dict[str, dict[str, float]] = {}
         self.seen: dict[int, psutil.Process] = {}
+        self._names: dict[int, str] = {}
         self._phase = "start-up"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
@@ -295,8 +405,30 @@ class MemorySampler:
         finally:
             self._phase = "idle"
 
-    def workers(self) -> list[psutil.Process]:
-        """The API process's descendants alive now (the Celery worker and its pool)."""
+    def trees(self) -> dict[str, list[psutil.Process]]:
+        """The processes alive now of each worker tree (main process first)."""
+        trees: dict[str, list[psutil.Process]] = {name: [] for name in _TREES}
+        try:
+            mains = self.api.children()
+        except psutil.Error:
+            return trees
+        for main in mains:
+            # Not cached until known: between fork and exec a child still shows our command.
+            name = self._names.get(main.pid) or _tree_name(main)
+            if name is None:
+                continue
+            self._names[main.pid] = name
+            try:
+                family = [main, *main.children(recursive=True)]
+            except psutil.Error:
+                family = [main]
+            for proc in family:
+                self.seen.setdefault(proc.pid, proc)
+            trees[name].extend(family)
+        return trees
+
+    def descendants(self) -> list[psutil.Process]:
+        """Every descendant of the API process alive now (remembered for :meth:`Service.stop`)."""
         try:
             children = self.api.children(recursive=True)
         except psutil.Error:
@@ -306,23 +438,22 @@ class MemorySampler:
         return children
 
     def _sample(self) -> None:
-        mib = 2.0**20
         try:
-            api = self.api.memory_info().rss / mib
+            values = {"api_mib": self.api.memory_info().rss / _MIB}
         except psutil.Error:
             return
-        sizes = []
-        for proc in self.workers():
-            try:
-                sizes.append(proc.memory_info().rss / mib)
-            except psutil.Error:
-                continue
-        peak = self.peaks.setdefault(
-            self._phase, {"api_mib": 0.0, "worker_max_mib": 0.0, "worker_tree_mib": 0.0}
-        )
-        peak["api_mib"] = max(peak["api_mib"], api)
-        peak["worker_max_mib"] = max(peak["worker_max_mib"], max(sizes, default=0.0))
-        peak["worker_tree_mib"] = max(peak["worker_tree_mib"], sum(sizes))
+        for name, procs in self.trees().items():
+            sizes = []
+            for proc in procs:
+                try:
+                    sizes.append(proc.memory_info().rss / _MIB)
+                except psutil.Error:
+                    continue
+            values[f"{name}_max_mib"] = max(sizes, default=0.0)
+            values[f"{name}_tree_mib"] = sum(sizes)
+        peak = self.peaks.setdefault(self._phase, dict.fromkeys(values, 0.0))
+        for key, value in values.items():
+            peak[key] = max(peak.get(key, 0.0), value)
 
     def _loop(self) -> None:
         while not self._stop.wait(_SAMPLE_SECONDS):
@@ -330,16 +461,20 @@ class MemorySampler:
 
 
 class Service:
-    """The embedded service (API + worker) in a subprocess on a free loopback port.
+    """The embedded service (API + two workers) in a subprocess on a free loopback port.
 
     Args:
         data_dir: its data directory (SQLite, broker, files).
         timeout: longest wait for it to become healthy.
+        settings: ``SEGASSIST_*`` variables it runs with (nothing else of this environment's).
     """
 
-    def __init__(self, data_dir: Path, timeout: float) -> None:
+    def __init__(
+        self, data_dir: Path, timeout: float, settings: Mapping[str, str] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.timeout = timeout
+        self.settings = dict(settings or {})
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / "service.log"
@@ -358,7 +493,7 @@ class Service:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", _LAUNCHER, str(self.port), str(self.data_dir)],
                 cwd=REPO,
-                env=_clean_environment(),
+                env=_clean_environment(self.settings),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -388,11 +523,11 @@ class Service:
             return False
 
     def _wait_ready(self) -> None:
-        """Wait until the API answers ``/health`` and the worker process exists."""
+        """Wait until the API answers ``/health`` and both worker processes exist."""
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             self._alive()
-            if self._healthy() and self.memory.workers():
+            if self._healthy() and all(self.memory.trees().values()):
                 return
             time.sleep(0.2)
         raise TimeoutError(f"the service at {self.url} was not ready after {self.timeout} s")
@@ -401,11 +536,11 @@ class Service:
         """Stop the service, then kill any worker process it left running.
 
         SIGINT, like Ctrl-C: uvicorn re-raises the signal it caught after shutting down, and
-        only SIGINT (as ``KeyboardInterrupt``) lets ``run_embedded`` stop its worker in order.
+        only SIGINT (as ``KeyboardInterrupt``) lets ``run_embedded`` stop its workers in order.
         """
         seen: list[psutil.Process] = []
         if self._memory is not None:
-            self._memory.workers()
+            self._memory.descendants()
             self._memory.stop()
             seen = list(self._memory.seen.values())
         process = self._process
@@ -471,57 +606,33 @@ def upload(client: httpx.Client, route: str, path: Path) -> tuple[dict[str, Any]
     return answer, (sent[0] if sent else ended) - began, ended - began
 
 
-def _wait_job(
-    client: httpx.Client,
-    job_id: str,
-    timeout: float,
-    on_poll: Callable[[dict[str, Any]], None],
-    interval: float = _POLL_SECONDS,
+def wait_job(
+    api: SegAssistClient, job_id: str, timeout: float, poll: float = _POLL_SECONDS
 ) -> dict[str, Any]:
-    """Poll a job every ``interval`` s until it ends; raise unless it succeeded.
-
-    ``on_poll`` sees every answer.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = _checked(client.get(f"{API}/jobs/{job_id}"))
-        on_poll(job)
-        if job["status"] == "succeeded":
-            return job
-        if job["status"] in ("failed", "cancelled"):
-            log = client.get(f"{API}/jobs/{job_id}/logs").text[-3000:]
-            raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}\n{log}")
-        time.sleep(interval)
-    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+    """:meth:`SegAssistClient.wait_for_job` with a deadline; a failed job raises with its log."""
+    try:
+        return api.wait_for_job(job_id, poll_interval=poll, timeout=timeout)
+    except JobFailedError as failed:
+        log = api.job_logs(job_id)[-3000:]
+        raise RuntimeError(f"{failed}\n{log}") from failed
 
 
-def _epoch(stamp: str) -> float:
+def _epoch(stamp: str | None) -> float:
     """Seconds since the epoch of an API timestamp (naive ones are UTC, as the server writes)."""
+    if not stamp:
+        return math.nan
     moment = datetime.fromisoformat(stamp)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 
-_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (.*)$")
-
-
-def log_time(log: str, pattern: str) -> float | None:
-    """Epoch seconds of the first job-log line matching ``pattern`` (log times are local)."""
-    wanted = re.compile(pattern)
-    for line in log.splitlines():
-        match = _LOG_LINE.match(line)
-        if match and wanted.search(match.group(3)):
-            stamp = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S"))
-            return stamp + int(match.group(2)) / 1000.0
-    return None
-
-
 # --------------------------------------------------------------------------- 1. uploads
 
 
 def bench_uploads(client: httpx.Client, dataset_id: str, folder: Path, profile: Profile) -> Table:
-    """Upload throughput of the synthetic volume as ``.nii`` and ``.nii.gz``."""
+    """Upload throughput of the synthetic volume as ``.nii`` and ``.nii.gz`` (raw httpx: the
+    body is streamed by hand to time when its last byte was sent)."""
     image, _ = synthetic_ct(profile.upload_shape, seed=1)
     voxel_mb = image.nbytes / 1e6
     files = [_save(image, folder / "upload.nii"), _save(image, folder / "upload.nii.gz")]
@@ -563,46 +674,69 @@ def bench_uploads(client: httpx.Client, dataset_id: str, folder: Path, profile: 
     return table
 
 
-# --------------------------------------------------------------------------- 2. labels → prediction
+# --------------------------------------------------------------------------- 2. the assist loop
 
+
+_PHASES = ("encoder", "features", "fit", "export", "predict")
+"""The assist job's phases, in order (its ``result.timings`` keys)."""
 
 _STAGES = (
     ("label_upload", "label upload"),
-    ("submit", "job submit"),
+    ("submit", "assist submit"),
     ("queue", "queue wait"),
-    ("load", "load"),
-    ("fit", "fit"),
-    ("export", "export"),
-    ("register", "register"),
+    *((phase, phase) for phase in _PHASES),
+    ("other", "job other"),
     ("notice", "poll notice"),
-    ("predict", "predict"),
     ("download", "download"),
+)
+_RATIO_COLUMN = ("onnx_x", "× ONNX", ".1f")
+
+
+def _stage_columns() -> list[tuple[str, str, str]]:
+    return [
+        *((key, f"{header} s", ".2f") for key, header in _STAGES),
+        ("total", "total s", ".2f"),
+        _RATIO_COLUMN,
+    ]
+
+
+_STAGE_NOTE = (
+    "Stages: label upload (`upload_label`); assist submit (`POST /datasets/{id}/assist` until "
+    "its 202); queue wait (until the worker started the job); encoder, features, fit, export, "
+    "predict (the job's `result.timings`); job other (the rest of the job: rows and labels "
+    "read, result stored); poll notice (job finished → the client's poll saw it); download of "
+    "`labels.nii.gz`. × ONNX: total / ONNX Runtime on the slices of the same volume (inference "
+    "table below)."
 )
 
 
 @dataclass
 class _Timeline:
-    """Epoch seconds of the boundaries of one labels → prediction run (client and server)."""
+    """Epoch seconds of the boundaries of one labels → segmentation run (client and server
+    clocks of the same machine), and the job's seconds per phase (``result.timings``)."""
 
     submitted: float = math.nan
     label_stored: float = math.nan
-    created: float = math.nan
+    accepted: float = math.nan
     started: float = math.nan
-    fit_start: float = math.nan
-    fit_end: float = math.nan
-    published: float = math.nan
+    phases: dict[str, float] = field(default_factory=dict)
     finished: float = math.nan
     noticed: float = math.nan
-    predicted: float = math.nan
     downloaded: float = math.nan
 
     def stages(self) -> dict[str, float]:
-        """Seconds per stage, summing to the total.
+        """Seconds per stage (:data:`_STAGES`), summing to the total.
 
-        Boundaries are made monotone; a missing one equals the previous, so its stage counts
-        0 s and the next stage takes its time.
+        The phases follow ``started`` back to back; what the job did between them is "job other",
+        up to ``finished``. Boundaries are made monotone; a missing one equals the previous, so
+        its stage counts 0 s and the next stage takes its time.
         """
-        marks = list(asdict(self).values())
+        marks = [self.submitted, self.label_stored, self.accepted, self.started]
+        at = self.started
+        for phase in _PHASES:
+            at += self.phases.get(phase, 0.0)
+            marks.append(at)
+        marks += [self.finished, self.noticed, self.downloaded]
         for i in range(1, len(marks)):
             if math.isnan(marks[i]):
                 marks[i] = marks[i - 1]
@@ -613,7 +747,7 @@ class _Timeline:
 
 
 def pretrain_encoder(
-    client: httpx.Client, dataset_id: str, image_id: str, profile: Profile
+    api: SegAssistClient, dataset_id: str, image_id: str, profile: Profile
 ) -> tuple[str, float]:
     """Run a (short) pretraining job; returns (encoder id, seconds)."""
     began = time.monotonic()
@@ -623,153 +757,186 @@ def pretrain_encoder(
         "steps": profile.pretrain_steps,
         "config": profile.pretrain_config,
     }
-    job = _checked(
-        client.post(
-            f"{API}/jobs", json={"kind": "pretrain", "dataset_id": dataset_id, "params": params}
-        )
-    )
+    job = api.create_job("pretrain", dataset_id, params)
     # Untimed: poll slowly, so the API takes no CPU from the training worker.
-    job = _wait_job(client, job["id"], profile.timeout, lambda _: None, interval=1.0)
+    job = wait_job(api, job["id"], profile.timeout, poll=1.0)
     return str(job["result"]["encoder_id"]), time.monotonic() - began
 
 
 @dataclass(frozen=True)
 class _Subject:
-    """What the timed runs work on: a dataset, its image, a sparse label file, an encoder."""
+    """What a timed assist run works on: a dataset, one of its images, its encoder (``None``:
+    the server chooses, or pretrains when there is none)."""
 
     dataset_id: str
     image_id: str
-    label_path: Path
-    encoder_id: str
+    encoder_id: str | None
 
 
-def labels_to_prediction(
-    client: httpx.Client, subject: _Subject, profile: Profile
-) -> dict[str, float]:
-    """One timed run: label upload → finetune (linear) → poll → predict → download."""
-    t = _Timeline(submitted=time.time())
-    label, _, _ = upload(client, f"{API}/images/{subject.image_id}/labels", subject.label_path)
-    t.label_stored = time.time()
-    params = {
-        "encoder_id": subject.encoder_id,
-        "method": "linear",
-        "label_ids": [label["id"]],
-        "config": profile.finetune_config,
-    }
-    job = _checked(
-        client.post(
-            f"{API}/jobs",
-            json={"kind": "finetune", "dataset_id": subject.dataset_id, "params": params},
-        )
-    )
-
-    def on_poll(answer: dict[str, Any]) -> None:
-        past_fit = answer["status"] == "succeeded" or answer["progress"].get("phase") == "export"
-        if past_fit and math.isnan(t.fit_end):
-            t.fit_end = time.time()
-
-    job = _wait_job(client, job["id"], profile.timeout, on_poll)
-    t.noticed = time.time()
-    model_id = job["result"]["segmenter_id"]
-    prediction = _checked(
-        client.post(f"{API}/models/{model_id}/predict", json={"image_id": subject.image_id})
-    )
-    t.predicted = time.time()
-    with client.stream("GET", prediction["urls"]["labels"]) as response:
-        size = sum(len(chunk) for chunk in response.iter_bytes())
-        if response.status_code != 200 or size == 0:
-            raise RuntimeError(f"prediction download answered {response.status_code}, {size} bytes")
-    t.downloaded = time.time()
-    log = client.get(f"{API}/jobs/{job['id']}/logs").text
-    t.created, t.started, t.finished = (
-        _epoch(job[k]) for k in ("created_at", "started_at", "finished_at")
-    )
-    t.fit_start = log_time(log, r"few-shot \w+ on \d+ labelled") or math.nan
-    t.published = log_time(log, r"published model artifacts") or math.nan
-    if not math.isnan(t.fit_end):
-        t.fit_end = min(max(t.fit_end, t.fit_start), t.published)
-    return t.stages()
+def _check_segmentation(path: Path, shape: tuple[int, ...]) -> None:
+    """Raise unless ``path`` is a label volume of ``shape`` (untimed sanity check)."""
+    image = nib.load(path)
+    if not isinstance(image, nib.Nifti1Image):
+        raise RuntimeError(f"downloaded segmentation {path.name} is not NIfTI-1")
+    got = tuple(int(n) for n in image.shape)
+    if got != tuple(shape):
+        raise RuntimeError(f"downloaded segmentation {path.name} is {got}, expected {shape}")
 
 
-def bench_labels_to_prediction(
-    client: httpx.Client, folder: Path, profile: Profile, sampler: MemorySampler
-) -> tuple[Table, str]:
-    """Pretrain once (untimed), then time labels submitted → prediction downloaded.
+def assist_run(
+    api: SegAssistClient,
+    subject: _Subject,
+    label_path: Path,
+    dest: Path,
+    profile: Profile,
+    poll: float = _POLL_SECONDS,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """One timed run: label upload → assist → poll → labels download.
 
-    Returns the table and the id of the uploaded image (used by the metadata calls).
+    Returns the seconds per stage (:meth:`_Timeline.stages`) and the finished job.
     """
-    image, label = synthetic_ct(profile.volume_shape, seed=2)
-    dataset = _checked(
-        client.post(
-            f"{API}/datasets",
-            json={"name": "bench-e2e", "modality": "CT", "labels": {"1": {"name": "organ"}}},
-        )
-    )
-    stored, _, _ = upload(
-        client, f"{API}/datasets/{dataset['id']}/images", _save(image, folder / "e2e.nii.gz")
-    )
-    label_path = _save(sparse_label(label, profile.annotated_slices), folder / "e2e-labels.nii.gz")
-    with sampler.phase("pretrain (untimed)"):
-        encoder_id, pretrain_s = pretrain_encoder(client, dataset["id"], stored["id"], profile)
-    logger.info("pretrained encoder %s in %.1f s", encoder_id, pretrain_s)
-    subject = _Subject(dataset["id"], stored["id"], label_path, encoder_id)
-    table = Table(
-        "Labels submitted → prediction downloaded",
-        [(key, f"{header} s", ".2f") for key, header in _STAGES] + [("total", "total s", ".2f")],
-        note=(
-            f"Synthetic CT {'×'.join(map(str, profile.volume_shape))}, {profile.annotated_slices} "
-            "labelled slices, encoder pretrained beforehand (untimed, "
-            f"{profile.pretrain_steps} steps, {pretrain_s:.0f} s). Stages: label upload; job "
-            "submit (until the job row exists); queue wait (row created → worker started it; "
-            "the filesystem broker is polled, by default once a second); "
-            "load (volumes read and normalised); fit (linear probe, incl. encoder features; its "
-            f"end is the first poll showing the export phase, ±{_POLL_SECONDS} s); export (ONNX + "
-            "parity check); register; poll notice; predict (`POST /models/{id}/predict`, ONNX "
-            "in the API); download of labels.nii.gz. Few-shot config overrides: "
-            f"{profile.finetune_config or 'none'}. Target: total ≤ 10 s on 2 cores."
-        ),
-    )
-    runs = []
-    with sampler.phase("labels → prediction"):
-        for i in range(profile.e2e_repeats):
-            runs.append(labels_to_prediction(client, subject, profile))
-            table.add(f"run {i + 1}", **runs[-1])
-    if len(runs) > 1:
-        table.add("median", **{k: statistics.median(r[k] for r in runs) for k in runs[0]})
-    return table, stored["id"]
+    t = _Timeline(submitted=time.time())
+    label = api.upload_label(subject.image_id, label_path)
+    t.label_stored = time.time()
+    body: dict[str, Any] = {"image_ids": [subject.image_id], "label_ids": [label["id"]]}
+    if subject.encoder_id is not None:
+        body["encoder_id"] = subject.encoder_id
+    if profile.fewshot_config:
+        body["config"] = profile.fewshot_config
+    job = api.assist(subject.dataset_id, body)
+    t.accepted = time.time()
+    job = wait_job(api, job["id"], profile.timeout, poll)
+    t.noticed = time.time()
+    api.download(job["result"]["predictions"][subject.image_id]["labels"], dest)
+    t.downloaded = time.time()
+    t.started, t.finished = _epoch(job["started_at"]), _epoch(job["finished_at"])
+    t.phases = {k: float(v) for k, v in (job["result"].get("timings") or {}).items()}
+    return t.stages(), job
 
 
-# --------------------------------------------------------------------------- 4. metadata latency
+def _medians(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Per-column medians (they need not sum to the median total)."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+
+
+@dataclass(frozen=True)
+class _Volume:
+    """A stored image and the synthetic ground truth it was made with."""
+
+    image_id: str
+    truth: np.ndarray
+
+
+def bench_assist(
+    api: SegAssistClient,
+    dataset_id: str,
+    encoder_id: str,
+    volumes: Sequence[_Volume],
+    folder: Path,
+    profile: Profile,
+) -> tuple[Table, str, float]:
+    """(a) then (b) on each volume: labels submitted → segmentation downloaded.
+
+    Returns the table, the last segmenter (fitted by a (b) run) and the median total of (b).
+    """
+    table = Table("Labels submitted → segmentation downloaded, encoder there", _stage_columns())
+    shape = profile.volume_shape
+    runs: dict[str, list[dict[str, float]]] = {"(a)": [], "(b)": []}
+    segmenter = ""
+    for i, volume in enumerate(volumes, start=1):
+        subject = _Subject(dataset_id, volume.image_id, encoder_id)
+        sparse = sparse_label(volume.truth, profile.annotated_slices)
+        first = _save(sparse, folder / f"labels-{i}a.nii.gz")
+        stages, job = assist_run(api, subject, first, folder / f"seg-{i}a.nii.gz", profile)
+        _check_segmentation(folder / f"seg-{i}a.nii.gz", shape)
+        runs["(a)"].append(stages)
+        table.add(f"(a) run {i}", **stages)
+        hint = (job["result"].get("next_slice") or {}).get(volume.image_id)
+        second = _save(corrected_label(sparse, volume.truth, hint), folder / f"labels-{i}b.nii.gz")
+        stages, job = assist_run(api, subject, second, folder / f"seg-{i}b.nii.gz", profile)
+        _check_segmentation(folder / f"seg-{i}b.nii.gz", shape)
+        runs["(b)"].append(stages)
+        table.add(f"(b) run {i}", **stages)
+        segmenter = str(job["result"]["segmenter_id"])
+    summary = {key: _medians(values) for key, values in runs.items()}
+    if len(volumes) > 1:
+        for key, values in summary.items():
+            table.add(f"{key} median", **values)
+    return table, segmenter, summary["(b)"]["total"]
+
+
+# --------------------------------------------------------------------------- 3, 4. predictions, load
+
+
+_ENDPOINTS = ("GET /datasets", "GET /jobs", "GET /images/{id}")
+
+
+def _endpoints(image_id: str) -> dict[str, str]:
+    paths = (f"{API}/datasets", f"{API}/jobs", f"{API}/images/{image_id}")
+    return dict(zip(_ENDPOINTS, paths, strict=True))
 
 
 async def _client_loop(
-    base: str, paths: list[str], latencies: list[float], errors: list[str]
+    client: httpx.AsyncClient,
+    plan: list[tuple[str, str]],
+    latencies: dict[str, list[float]],
+    errors: list[str],
 ) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=60.0) as client:
-        for path in paths:
-            began = time.perf_counter()
-            response = await client.get(path)
-            latencies.append(time.perf_counter() - began)
-            if response.status_code != 200:
-                errors.append(f"{path} -> {response.status_code}")
+    for name, path in plan:
+        began = time.perf_counter()
+        response = await client.get(path)
+        latencies[name].append(time.perf_counter() - began)
+        if response.status_code != 200:
+            errors.append(f"{path} -> {response.status_code}")
 
 
-async def _load(base: str, path: str, clients: int, per_client: int) -> tuple[list[float], float]:
-    latencies: list[float] = []
+async def _load(
+    base: str, endpoints: Mapping[str, str], clients: int, per_client: int
+) -> tuple[dict[str, list[float]], float, float]:
+    """``clients`` concurrent clients, each sending ``per_client`` GETs per endpoint, endpoints
+    interleaved (each client starts at another one); returns the latencies per endpoint and the
+    epoch seconds of the start and the end.
+
+    The clients are built before the clock starts and share one SSL context: each
+    ``httpx.AsyncClient`` otherwise loads the CA bundle (~60 ms of this process's CPU on 2
+    cores), 3 s for 50 of them, which landed inside the first requests' latencies. A client's
+    first request still includes its TCP connection.
+    """
+    names = list(endpoints)
+    latencies: dict[str, list[float]] = {name: [] for name in names}
     errors: list[str] = []
-    began = time.perf_counter()
-    await asyncio.gather(
-        *(_client_loop(base, [path] * per_client, latencies, errors) for _ in range(clients))
-    )
-    wall = time.perf_counter() - began
+    plans = [
+        [
+            (names[(c + j) % len(names)], endpoints[names[(c + j) % len(names)]])
+            for j in range(len(names) * per_client)
+        ]
+        for c in range(clients)
+    ]
+    context = ssl.create_default_context()
+    sessions = [httpx.AsyncClient(base_url=base, timeout=60.0, verify=context) for _ in plans]
+    try:
+        began = time.time()
+        await asyncio.gather(
+            *(
+                _client_loop(session, plan, latencies, errors)
+                for session, plan in zip(sessions, plans, strict=True)
+            )
+        )
+        ended = time.time()
+    finally:
+        await asyncio.gather(*(session.aclose() for session in sessions))
     if errors:
         raise RuntimeError(f"{len(errors)} metadata calls failed, e.g. {errors[0]}")
-    return latencies, wall
+    return latencies, began, ended
 
 
-def bench_metadata(base: str, image_id: str, profile: Profile) -> Table:
-    """p50/p99 latency of metadata GETs under ``profile.clients`` concurrent clients."""
-    table = Table(
+def metadata_table(profile: Profile) -> Table:
+    """The (empty) metadata latency table: rows are added idle and under predictions."""
+    return Table(
         f"Metadata latency, {profile.clients} concurrent clients",
         [
             ("p50_ms", "p50 ms", ".1f"),
@@ -777,35 +944,226 @@ def bench_metadata(base: str, image_id: str, profile: Profile) -> Table:
             ("max_ms", "max ms", ".1f"),
             ("requests_s", "requests/s", ".0f"),
             ("requests", "requests", "d"),
+            ("in_flight_pct", "predictions in flight %", ".0f"),
         ],
         note=(
-            f"{profile.clients} `httpx.AsyncClient`s (one connection each) on 127.0.0.1, each "
-            f"sending {profile.requests_per_client} sequential GETs per endpoint; the client "
-            "runs on the same cores as the service."
+            f"{profile.clients} `httpx.AsyncClient`s (one connection each, built before the "
+            f"clock starts) on 127.0.0.1, each sending {profile.requests_per_client} sequential "
+            "GETs per endpoint, the endpoints interleaved; the clients run on the same cores as "
+            "the service. 'idle': nothing else running; "
+            f"'{profile.predictions} predictions': started once the {profile.predictions} "
+            "prediction jobs below were submitted; 'in flight %': share of the load's wall time "
+            "before the last of them finished (server's `finished_at`)."
         ),
     )
-    for name, path in (
-        ("GET /datasets", f"{API}/datasets"),
-        ("GET /jobs", f"{API}/jobs"),
-        ("GET /images/{id}", f"{API}/images/{image_id}"),
-    ):
-        asyncio.run(_load(base, path, min(profile.clients, 4), 1))
-        latencies, wall = asyncio.run(
-            _load(base, path, profile.clients, profile.requests_per_client)
-        )
-        ms = np.asarray(latencies) * 1000.0
+
+
+def run_load(
+    base: str, image_id: str, profile: Profile
+) -> tuple[dict[str, list[float]], float, float]:
+    """The metadata load of ``profile`` (:func:`_load`)."""
+    endpoints = _endpoints(image_id)
+    return asyncio.run(_load(base, endpoints, profile.clients, profile.requests_per_client))
+
+
+def add_metadata_rows(
+    table: Table,
+    latencies: Mapping[str, list[float]],
+    wall: float,
+    condition: str,
+    in_flight_pct: float = 0.0,
+) -> None:
+    """A row per endpoint, named ``"<endpoint> · <condition>"``."""
+    for name, values in latencies.items():
+        ms = np.asarray(values) * 1000.0
         table.add(
-            name,
+            f"{name} · {condition}",
             p50_ms=float(np.percentile(ms, 50)),
             p99_ms=float(np.percentile(ms, 99)),
             max_ms=float(ms.max()),
             requests_s=len(ms) / wall,
             requests=len(ms),
+            in_flight_pct=in_flight_pct,
         )
+
+
+class _Call(threading.Thread):
+    """Runs ``call`` in a daemon thread, keeping its answer or exception and its epoch times."""
+
+    def __init__(self, call: Callable[[], dict[str, Any]], name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._call = call
+        self.began = math.nan
+        self.ended = math.nan
+        self.answer: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        self.began = time.time()
+        try:
+            self.answer = self._call()
+        except BaseException as exc:  # re-raised by result()
+            self.error = exc
+        finally:
+            self.ended = time.time()
+
+    def result(self, deadline: float) -> dict[str, Any]:
+        """The answer, waiting until ``deadline`` (``time.monotonic()``); re-raises its error."""
+        self.join(max(0.0, deadline - time.monotonic()))
+        if self.is_alive():
+            raise TimeoutError(f"{self.name} did not finish in time")
+        if self.error is not None:
+            raise self.error
+        if self.answer is None:
+            raise RuntimeError(f"{self.name} returned nothing")
+        return self.answer
+
+
+def _predict_call(url: str, model_id: str, image_id: str, timeout: float) -> _Call:
+    """``SegAssistClient.predict`` (POST, then wait for the job) with its own connection.
+
+    The client's wait has no deadline: the thread is a daemon, and :meth:`_Call.result` has one
+    (stopping the service then ends the thread's polling with a connection error).
+    """
+
+    def call() -> dict[str, Any]:
+        with SegAssistClient(url, timeout=timeout) as api:
+            return api.predict(model_id, image_id)
+
+    return _Call(call, f"predict-{image_id[:8]}")
+
+
+def _await_submitted(
+    api: SegAssistClient, dataset_id: str, calls: Sequence[_Call], deadline: float
+) -> None:
+    """Return once the dataset has a ``predict`` job per call (all of them in flight)."""
+    while time.monotonic() < deadline:
+        failed = [c.error for c in calls if c.error is not None]
+        if failed:
+            raise RuntimeError(f"a prediction failed before the load: {failed[0]}") from failed[0]
+        jobs = api.list_jobs(dataset_id=dataset_id)
+        if sum(job["kind"] == "predict" for job in jobs) >= len(calls):
+            return
+        time.sleep(0.02)
+    raise TimeoutError("the prediction jobs were not all submitted in time")
+
+
+def bench_predictions(
+    api: SegAssistClient,
+    dataset_id: str,
+    model_id: str,
+    image_ids: Sequence[str],
+    profile: Profile,
+    metadata: Table,
+    folder: Path,
+) -> Table:
+    """``profile.predictions`` concurrent ``POST /models/{id}/predict`` and, while they are in
+    flight, the metadata load (rows added to ``metadata``)."""
+    n = len(image_ids)
+    table = Table(
+        f"{n} predictions in flight",
+        [
+            ("queue_s", "queue wait s", ".2f"),
+            ("run_s", "run s", ".2f"),
+            ("other_s", "submit + poll notice s", ".2f"),
+            ("total_s", "total s", ".2f"),
+        ],
+        note=(
+            f"{n} `POST /models/{{id}}/predict` sent at once (`SegAssistClient.predict` in {n} "
+            "threads, each with its own connection, polling every 0.5 s) with the last segmenter "
+            f"fitted above, each on its own {'×'.join(map(str, profile.volume_shape))} image; the "
+            "prediction worker runs `prediction_concurrency` (default 1) jobs at a time, so the "
+            "queue wait grows with the position (rows in the order the jobs started). Queue wait: job row created → started; run: "
+            "started → finished; total: the call's wall time. The metadata load ran meanwhile "
+            "(API peak RSS: the memory table's row of this phase)."
+        ),
+    )
+    deadline = time.monotonic() + profile.timeout
+    calls = [_predict_call(api.base_url, model_id, i, profile.timeout) for i in image_ids]
+    for call in calls:
+        call.start()
+    _await_submitted(api, dataset_id, calls, deadline)
+    latencies, began, ended = run_load(api.base_url, image_ids[0], profile)
+    jobs = [call.result(deadline) for call in calls]
+    last = max(_epoch(job["finished_at"]) for job in jobs)
+    in_flight = 100.0 * min(max(last - began, 0.0), ended - began) / (ended - began)
+    add_metadata_rows(metadata, latencies, ended - began, f"{n} predictions", in_flight)
+    done = sorted(zip(calls, jobs, strict=True), key=lambda pair: _epoch(pair[1]["started_at"]))
+    for i, (call, job) in enumerate(done, start=1):
+        created, started, finished = (
+            _epoch(job[k]) for k in ("created_at", "started_at", "finished_at")
+        )
+        total = call.ended - call.began
+        queue, run_s = max(started - created, 0.0), max(finished - started, 0.0)
+        table.add(
+            f"prediction {i}",
+            queue_s=queue,
+            run_s=run_s,
+            other_s=max(total - queue - run_s, 0.0),
+            total_s=total,
+        )
+    for job, image_id in zip(jobs, image_ids, strict=True):  # untimed: the outputs exist
+        dest = folder / f"prediction-{job['id']}.nii.gz"
+        api.download(job["result"]["predictions"][image_id]["labels"], dest)
+        _check_segmentation(dest, profile.volume_shape)
     return table
 
 
-# --------------------------------------------------------------------------- 3. inference
+# --------------------------------------------------------------------------- 5. no encoder yet
+
+
+def _background_state(api: SegAssistClient, job_id: str | None) -> str:
+    """Describe the background pretraining job ``job_id``, then cancel it (best effort): the
+    benchmark does not wait for it."""
+    if job_id is None:
+        return "The run queued no background pretraining."
+    job = api.get_job(job_id)
+    progress = job.get("progress") or {}
+    state = f"{job['status']}, step {progress.get('step')}/{progress.get('total')}"
+    try:
+        api.cancel_job(job_id)
+        action = "cancelled by the benchmark then"
+    except SegAssistAPIError as exc:
+        action = f"not cancelled ({exc.detail})"
+    logger.info("background pretraining job %s: %s; %s", job_id, state, action)
+    return f"It queued the background pretraining job `{job_id}`: {state} at the end, {action}."
+
+
+def bench_first_assist(
+    api: SegAssistClient,
+    image: np.ndarray,
+    truth: np.ndarray,
+    folder: Path,
+    profile: Profile,
+    sampler: MemorySampler,
+) -> Table:
+    """The first segmentation of a fresh MR dataset (no MR encoder exists): one timed assist."""
+    dataset = api.create_dataset("bench-first", "MR", {})
+    stored = api.upload_image(dataset["id"], _save(image, folder / "first.nii.gz"))
+    labels = _save(sparse_label(truth, profile.annotated_slices), folder / "first-labels.nii.gz")
+    subject = _Subject(dataset["id"], stored["id"], None)
+    dest = folder / "first-seg.nii.gz"
+    with sampler.phase(PHASE_FIRST):
+        stages, job = assist_run(api, subject, labels, dest, profile, poll=_SLOW_POLL_SECONDS)
+    _check_segmentation(dest, profile.volume_shape)
+    background = _background_state(api, job["result"].get("background_job_id"))
+    steps = profile.service_env.get("SEGASSIST_ASSIST_PRETRAIN_STEPS", "60 (the default)")
+    table = Table(
+        "First segmentation, no encoder yet",
+        _stage_columns(),
+        note=(
+            "A fresh dataset of modality MR (no label schema given: it comes from the label "
+            "volume) while only a CT encoder exists, so nothing is reused: the same-size volume, "
+            f"{profile.annotated_slices} labelled slices, one assist run with the server's "
+            f"choices (its encoder phase pretrains {steps} steps inline). Polled every "
+            f"{_SLOW_POLL_SECONDS} s (the shipped client's default). {background} {_STAGE_NOTE}"
+        ),
+    )
+    table.add("run 1", **stages)
+    return table
+
+
+# --------------------------------------------------------------------------- 6. inference
 
 
 def gemm_peak(n: int, repeats: int) -> float:
@@ -833,8 +1191,12 @@ def _timed(run: Callable[[], None], repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_inference(profile: Profile, folder: Path) -> list[Table]:
-    """ONNX Runtime vs PyTorch eager on the default segmenter, against a GEMM's FLOP/s."""
+def bench_inference(profile: Profile, folder: Path) -> tuple[Table, Table, float]:
+    """ONNX Runtime vs PyTorch eager on the slices of ``profile.volume_shape`` with the served
+    segmenter's architecture (``profile.pretrain_config``), against a GEMM's FLOP/s.
+
+    Returns the inference table, the GEMM table and the ONNX Runtime seconds.
+    """
     import onnxruntime as ort
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -845,7 +1207,7 @@ def bench_inference(profile: Profile, folder: Path) -> list[Table]:
     from models.pretrain import PretrainConfig
     from models.runtime.preprocess import default_normalisation
 
-    config = PretrainConfig()
+    config = PretrainConfig.from_dict(profile.pretrain_config)
     torch.manual_seed(0)
     model = SegmenterNet(DenseUNet(channels=config.channels), 2, config.num_clusters).eval()
     export_segmenter(
@@ -858,8 +1220,9 @@ def bench_inference(profile: Profile, folder: Path) -> list[Table]:
     session = ort.InferenceSession(
         str(folder / "segmenter" / "model.onnx"), providers=["CPUExecutionProvider"]
     )
-    size, bs = profile.inference_size, profile.batch_size
-    slices = np.random.default_rng(0).random((profile.inference_slices, 1, size, size), np.float32)
+    nx, ny, nz = profile.volume_shape
+    bs = profile.batch_size
+    slices = np.random.default_rng(0).random((nz, 1, nx, ny), np.float32)
     batches = [slices[i : i + bs] for i in range(0, len(slices), bs)]
     input_name = session.get_inputs()[0].name
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
@@ -898,48 +1261,54 @@ def bench_inference(profile: Profile, folder: Path) -> list[Table]:
             ("fraction_of_gemm", "fraction of GEMM peak", ".3f"),
         ],
         note=(
-            f"Default SegmenterNet (channels {list(config.channels)}, 2 classes, "
-            f"{config.num_clusters} clusters), {profile.inference_slices} slices of {size}×{size} "
-            f"in batches of {bs}, median of {profile.inference_repeats} passes after a warm-up; "
-            f"torch threads {torch.get_num_threads()}, ONNX Runtime default threads. FLOPs are "
-            "conv/matmul FLOPs (2×MAC, torch `FlopCounterMode`), divided by the GEMM reference "
-            "measured in the same run."
+            f"SegmenterNet of the served encoder's architecture (channels "
+            f"{list(config.channels)}, 2 classes, {config.num_clusters} clusters), the "
+            f"{nz} slices of {nx}×{ny} of the assist volume (random values) in batches of {bs}, "
+            f"median of {profile.inference_repeats} passes after a warm-up, in the benchmark "
+            f"process after the service stopped; torch threads {torch.get_num_threads()}, ONNX "
+            "Runtime default threads. FLOPs are conv/matmul FLOPs (2×MAC, torch "
+            "`FlopCounterMode`), divided by the GEMM reference measured in the same run."
         ),
     )
+    seconds = {}
     for name, runner in (("PyTorch eager", run_torch), ("ONNX Runtime", run_onnx)):
-        seconds = _timed(runner, profile.inference_repeats)
+        seconds[name] = _timed(runner, profile.inference_repeats)
         table.add(
             name,
-            seconds=seconds,
-            slices_s=len(slices) / seconds,
+            seconds=seconds[name],
+            slices_s=len(slices) / seconds[name],
             gflop=flops / 1e9,
-            gflop_s=flops / seconds / 1e9,
-            fraction_of_gemm=flops / seconds / peak,
+            gflop_s=flops / seconds[name] / 1e9,
+            fraction_of_gemm=flops / seconds[name] / peak,
         )
-    return [table, gemm]
+    return table, gemm, seconds["ONNX Runtime"]
 
 
-# --------------------------------------------------------------------------- 5. memory, report
+# --------------------------------------------------------------------------- 7. memory, report
 
 
 def memory_table(sampler: MemorySampler) -> Table:
-    """Peak RSS per phase of the API process and of the worker processes."""
+    """Peak RSS per phase of the API process and of each worker tree."""
     table = Table(
         "Peak memory (RSS)",
         [
             ("api_mib", "API MiB", ".0f"),
-            ("worker_max_mib", "worker (largest process) MiB", ".0f"),
-            ("worker_tree_mib", "worker (all processes) MiB", ".0f"),
+            ("training_max_mib", "training worker largest MiB", ".0f"),
+            ("training_tree_mib", "training worker all MiB", ".0f"),
+            ("prediction_max_mib", "prediction worker largest MiB", ".0f"),
+            ("prediction_tree_mib", "prediction worker all MiB", ".0f"),
         ],
         note=(
-            f"psutil RSS sampled every {_SAMPLE_SECONDS} s. API = the uvicorn process; worker = "
-            "the Celery main process and its prefork pool (the sum counts pages shared after "
-            "fork once per process)."
+            f"psutil RSS sampled every {_SAMPLE_SECONDS} s. API = the uvicorn process; each "
+            "worker = its Celery main process and prefork pool (training queue: pretraining, "
+            "fine-tuning, feature prefetch; prediction queue: predictions and probe assists); "
+            "'largest' is its largest process, 'all' the sum (pages shared after fork counted "
+            "once per process)."
         ),
     )
     for phase, peak in sampler.peaks.items():
         if phase != "idle":
-            table.add(phase, **peak)
+            table.add(phase, **{k: peak.get(k, 0.0) for k, _, _ in table.columns})
     return table
 
 
@@ -956,7 +1325,11 @@ def machine() -> dict[str, Any]:
 
 
 def write_results(
-    tables: Sequence[Table], info: dict[str, Any], profile: Profile, out: Path
+    tables: Sequence[Table],
+    targets: Sequence[Target],
+    info: dict[str, Any],
+    profile: Profile,
+    out: Path,
 ) -> tuple[Path, Path]:
     """Write ``service.md`` and ``service.json`` under ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -967,6 +1340,7 @@ def write_results(
             f"Profile `{profile.name}`; run `python -m bench.service` "
             f"{'--quick ' if profile.name == 'quick' else ''}(finished {info['finished']}).",
             f"Machine — {described}.",
+            "## Targets\n\n" + "\n".join(target.line() for target in targets),
             *(table.markdown() for table in tables),
         ]
     )
@@ -975,30 +1349,139 @@ def write_results(
     payload = {
         "profile": asdict(profile),
         "machine": info,
+        "targets": [target.to_dict() for target in targets],
         "tables": [asdict(table) for table in tables],
     }
     js.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return md, js
 
 
-def _service_tables(profile: Profile, work: Path) -> list[Table]:
-    """Everything measured through the running service (rows 1, 2, 4, 5)."""
+@dataclass
+class _Measured:
+    """What the running service gave: its tables and the values the targets read."""
+
+    tables: list[Table]
+    cached_assist_s: float
+    api_peak_mib: float
+    metadata_p99_ms: float
+    first_assist_s: float
+
+
+def _upload_volumes(
+    api: SegAssistClient, dataset_id: str, folder: Path, count: int, profile: Profile
+) -> list[_Volume]:
+    """``count`` synthetic volumes (seeds 2, 3, …) stored in the dataset (untimed)."""
+    volumes = []
+    for i in range(count):
+        image, truth = synthetic_ct(profile.volume_shape, seed=2 + i)
+        path = _save(image, folder / f"volume-{i}.nii.gz")
+        volumes.append(_Volume(str(api.upload_image(dataset_id, path)["id"]), truth))
+        path.unlink()
+    return volumes
+
+
+def _measure_service(profile: Profile, work: Path) -> _Measured:
+    """Everything measured through the running service (sections 1–5 and 7)."""
     data_dir = work / "data"
-    with Service(data_dir, profile.timeout) as service:
+    with (
+        Service(data_dir, profile.timeout, profile.service_env) as service,
+        SegAssistClient(service.url, timeout=profile.timeout) as api,
+        httpx.Client(base_url=service.url, timeout=profile.timeout) as wire,
+    ):
         sampler = service.memory
-        with httpx.Client(base_url=service.url, timeout=profile.timeout) as client:
-            dataset = _checked(
-                client.post(
-                    f"{API}/datasets",
-                    json={"name": "bench-upload", "modality": "CT", "labels": {"1": {"name": "x"}}},
-                )
+        dataset = api.create_dataset("bench-upload", "CT", {1: "x"})
+        with sampler.phase(PHASE_UPLOAD):
+            uploads = bench_uploads(wire, dataset["id"], work, profile)
+        # Stored before any CT encoder exists: no features job prefetches their decoder maps.
+        dataset = api.create_dataset("bench-assist", "CT", {1: "organ"})
+        volumes = _upload_volumes(
+            api, dataset["id"], work, profile.e2e_repeats + profile.predictions, profile
+        )
+        assisted, predicted = volumes[: profile.e2e_repeats], volumes[profile.e2e_repeats :]
+        with sampler.phase(PHASE_PRETRAIN):
+            encoder_id, pretrain_s = pretrain_encoder(
+                api, dataset["id"], assisted[0].image_id, profile
             )
-            with sampler.phase("upload"):
-                uploads = bench_uploads(client, dataset["id"], work, profile)
-            e2e, image_id = bench_labels_to_prediction(client, work, profile, sampler)
-        with sampler.phase("metadata"):
-            metadata = bench_metadata(service.url, image_id, profile)
-    return [uploads, e2e, metadata, memory_table(sampler)]
+        logger.info("pretrained encoder %s in %.1f s", encoder_id, pretrain_s)
+        with sampler.phase(PHASE_ASSIST):
+            assist, segmenter, cached_s = bench_assist(
+                api, dataset["id"], encoder_id, assisted, work, profile
+            )
+        assist.note = (
+            f"Synthetic CT {'×'.join(map(str, profile.volume_shape))}, encoder pretrained "
+            f"beforehand (untimed: {profile.pretrain_steps} steps, {pretrain_s:.0f} s). "
+            f"(a): the first assist on an image ({profile.annotated_slices} labelled slices) whose "
+            "decoder maps are not cached (uploaded before the encoder existed, so no features job "
+            "prefetched them); (b): the same image after uploading a corrected label (one more "
+            "slice: the one (a)'s `next_slice` named), maps cached: the interactive case. "
+            f"{profile.e2e_repeats} image(s), one (a) and one (b) each; medians are per column. "
+            f"Polled every {_POLL_SECONDS} s (the shipped CLI polls every 0.5 s). Few-shot "
+            f"overrides: {profile.fewshot_config or 'none'}. Feature cache on disk after these "
+            f"runs: {_folder_mb(data_dir / 'features'):.0f} MB. {_STAGE_NOTE}"
+        )
+        metadata = metadata_table(profile)
+        with sampler.phase(PHASE_IDLE):
+            asyncio.run(_load(service.url, _endpoints(predicted[0].image_id), 4, 1))  # warm-up
+            latencies, began, ended = run_load(service.url, predicted[0].image_id, profile)
+            add_metadata_rows(metadata, latencies, ended - began, "idle")
+        with sampler.phase(PHASE_PREDICT):
+            predictions = bench_predictions(
+                api,
+                dataset["id"],
+                segmenter,
+                [v.image_id for v in predicted],
+                profile,
+                metadata,
+                work,
+            )
+        image, truth = synthetic_ct(profile.volume_shape, seed=2)
+        first = bench_first_assist(api, image, truth, work, profile, sampler)
+    memory = memory_table(sampler)
+    under_load = [r["p99_ms"] for r in metadata.rows if not r["name"].endswith(" · idle")]
+    return _Measured(
+        tables=[uploads, assist, first, predictions, metadata, memory],
+        cached_assist_s=cached_s,
+        api_peak_mib=memory.row(PHASE_PREDICT)["api_mib"],
+        metadata_p99_ms=max(under_load),
+        first_assist_s=first.row("run 1")["total"],
+    )
+
+
+def _add_onnx_ratio(table: Table, onnx_seconds: float) -> None:
+    for row in table.rows:
+        row[_RATIO_COLUMN[0]] = row["total"] / onnx_seconds
+
+
+def targets(measured: _Measured, profile: Profile) -> list[Target]:
+    """The issue's targets against what was measured."""
+    shape = "×".join(map(str, profile.volume_shape))
+    runs = "median" if profile.e2e_repeats > 1 else "one run"
+    return [
+        Target(
+            f"labels submitted → segmentation downloaded, features cached ((b), {shape}, {runs})",
+            measured.cached_assist_s,
+            CACHED_ASSIST_SECONDS,
+            "s",
+        ),
+        Target(
+            f"first segmentation with no encoder yet ({shape})",
+            measured.first_assist_s,
+            FIRST_ASSIST_SECONDS,
+            "s",
+        ),
+        Target(
+            f"API peak RSS with {profile.predictions} predictions in flight",
+            measured.api_peak_mib,
+            API_RSS_MIB,
+            "MiB",
+        ),
+        Target(
+            f"metadata p99 under {profile.clients} clients while predictions run (worst endpoint)",
+            measured.metadata_p99_ms,
+            METADATA_P99_MS,
+            "ms",
+        ),
+    ]
 
 
 def run(profile: Profile, out: Path) -> tuple[Path, Path]:
@@ -1006,21 +1489,24 @@ def run(profile: Profile, out: Path) -> tuple[Path, Path]:
     started = machine()
     with tempfile.TemporaryDirectory(prefix="segassist-bench-") as tmp:
         work = Path(tmp)
-        tables = _service_tables(profile, work)
-        inference = bench_inference(profile, work)
-    service, memory = tables[:3], tables[3]
+        measured = _measure_service(profile, work)
+        inference, gemm, onnx_seconds = bench_inference(profile, work)
+    uploads, assist, first, predictions, metadata, memory = measured.tables
+    for table in (assist, first):
+        _add_onnx_ratio(table, onnx_seconds)
     info = started | {
         "load_average_1m_end": _load_average(),
         "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    return write_results([*service, *inference, memory], info, profile, out)
+    tables = [uploads, assist, first, predictions, metadata, inference, gemm, memory]
+    return write_results(tables, targets(measured, profile), info, profile, out)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.service", description=__doc__.split("\n\n", 1)[0]
     )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, ~1 min)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, ~2 min)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     return parser
 
