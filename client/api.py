@@ -130,8 +130,8 @@ class SegAssistClient:
 
     Args:
         base_url: server root, e.g. ``http://127.0.0.1:8000`` (the ``/api/v1`` prefix is added).
-        timeout: seconds for connecting and for each read; predictions run synchronously on the
-            server, so keep this generous.
+        timeout: seconds for connecting and for each read (long uploads and downloads read in
+            chunks, so this bounds a stall, not a transfer).
         token: bearer token, for a server started with ``SEGASSIST_API_TOKEN``; default: that
             environment variable, if set.
         http: an existing ``httpx.Client`` whose ``base_url`` is the server root (for tests or
@@ -331,12 +331,19 @@ class SegAssistClient:
         """``GET /models/{id}``."""
         return dict(self._json("GET", f"/models/{model_id}"))
 
-    def predict(self, model_id: str, image_id: str, probabilities: bool = False) -> dict[str, Any]:
+    def predict(
+        self,
+        model_id: str,
+        image_id: str,
+        probabilities: bool = False,
+        timeout: float | None = 3600.0,
+    ) -> dict[str, Any]:
         """``POST /models/{id}/predict`` and wait: the prediction job, with the output URLs in
-        ``result.predictions[image_id]``."""
+        ``result.predictions[image_id]`` (``TimeoutError`` after ``timeout`` seconds, e.g. when
+        no prediction worker runs)."""
         body = {"image_id": image_id, "probabilities": probabilities}
         job = self._json("POST", f"/models/{model_id}/predict", json=body)
-        return self.wait_for_job(job["id"])
+        return self.wait_for_job(job["id"], timeout=timeout)
 
     def assist(self, dataset_id: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """``POST /datasets/{id}/assist``: start the assist workflow; returns the job.

@@ -197,6 +197,20 @@ def fit_segmenter(
         len(data.unlabelled),
         data.images.shape[1:],
     )
+    segmenter = _new_segmenter(encoder, num_classes, config)
+    segmenter.cluster_head.requires_grad_(False)
+    device = torch.device(config.device)
+    segmenter.to(device)
+    if method == "linear":
+        _fit_linear(segmenter, data, config, device, progress)
+    else:
+        segmenter = _fit_finetune(segmenter, data, config, device, method, progress)
+    return segmenter.cpu().eval()
+
+
+def _new_segmenter(encoder: Encoder, num_classes: int, config: FewShotConfig) -> SegmenterNet:
+    """A segmenter on a copy of ``encoder``: head drawn from ``config.seed``, the encoder's
+    cluster head copied."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         segmenter = SegmenterNet(
@@ -207,14 +221,7 @@ def fit_segmenter(
             multiscale=config.multiscale,
         )
     segmenter.cluster_head = copy.deepcopy(encoder.cluster_head)
-    segmenter.cluster_head.requires_grad_(False)
-    device = torch.device(config.device)
-    segmenter.to(device)
-    if method == "linear":
-        _fit_linear(segmenter, data, config, device, progress)
-    else:
-        segmenter = _fit_finetune(segmenter, data, config, device, method, progress)
-    return segmenter.cpu().eval()
+    return segmenter
 
 
 class _Reporter:
@@ -346,16 +353,7 @@ def fit_probe(
     config = config or FewShotConfig()
     if len(features) != len(labels):
         raise ValueError(f"{len(features)} feature entries but {len(labels)} label volumes")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        segmenter = SegmenterNet(
-            copy.deepcopy(encoder.network),
-            num_classes,
-            encoder.config.num_clusters,
-            head=config.head,
-            multiscale=config.multiscale,
-        )
-    segmenter.cluster_head = copy.deepcopy(encoder.cluster_head)
+    segmenter = _new_segmenter(encoder, num_classes, config)
     segmenter.requires_grad_(False)
     segmenter.seg_head.requires_grad_(True)
     segmenter.eval()

@@ -49,9 +49,12 @@ def task_name(kind: str) -> str:
 
 
 def queue_for(kind: str, params: dict[str, Any] | None = None) -> str:
-    """The queue of a job: :data:`PREDICTION_QUEUE` for ``predict`` and for ``assist`` with a
-    probe method (cost: the head); :data:`QUEUE_NAME` for everything that trains an encoder."""
-    if kind == "predict":
+    """The queue of a job: :data:`PREDICTION_QUEUE` for ``predict``, ``features`` and for
+    ``assist`` with a probe method (cost: the head; and, once per modality, the short
+    pretraining when no encoder exists yet, which holds the queue for about two minutes rather
+    than wait behind a long background pretraining); :data:`QUEUE_NAME` for everything that
+    trains an encoder for long."""
+    if kind in ("predict", "features"):
         return PREDICTION_QUEUE
     if kind == "assist" and (params or {}).get("method", "linear") not in _ENCODER_METHODS:
         return PREDICTION_QUEUE

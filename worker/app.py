@@ -1,4 +1,5 @@
-"""The worker's Celery app: configuration from :func:`server.queue.celery_config`, three tasks.
+"""The worker's Celery app: configuration from :func:`server.queue.celery_config`, one task per
+job kind (:mod:`worker.tasks`).
 
 Run it with ``python -m celery -A worker.app worker -Q segassist,segassist-prediction --concurrency 1``. The app is built
 on first access of ``worker.app.app`` (not at import), so the environment (``SEGASSIST_*``) can be

@@ -93,6 +93,8 @@ def assist(ctx: JobContext) -> dict[str, Any]:
     with phase(ctx, "encoder"):
         encoder_id, encoder, background = _ensure_encoder(ctx, dataset, axis, pairs, targets)
     result |= {"encoder_id": encoder_id, "background_job_id": background}
+    # objective "none": the random initialisation the fine-tune starts from
+    base = encoder or pipelines._encoder(ctx, dataset, None, {"axis": axis})
 
     config = FewShotConfig.from_dict(
         {
@@ -124,25 +126,28 @@ def assist(ctx: JobContext) -> dict[str, Any]:
     else:
         with phase(ctx, "fit"):
             segmenter, losses = _fit_network(
-                ctx, encoder, pairs, labels, class_names, method, config
+                ctx, base, encoder is None, pairs, labels, len(class_names), method, config
             )
+    normalisation = base.normalisation
     with phase(ctx, "export"):
-        normalisation = (encoder or _random_encoder(dataset, axis)).normalisation
-        _publish_segmenter(
-            ctx,
-            dataset,
-            model_id,
-            segmenter,
-            class_names,
-            axis,
-            normalisation,
-            encoder_id,
-            encoder,
-            method,
-            config,
-            pairs,
-            losses.last,
-        )
+        with ctx.sessions() as session:
+            published = session.get(ModelRecord, model_id) is not None  # an earlier attempt's
+        if not published:
+            pipelines.publish_segmenter(
+                ctx,
+                dataset,
+                model_id,
+                segmenter,
+                class_names=class_names,
+                axis=axis,
+                normalisation=normalisation,
+                encoder_id=encoder_id,
+                objective=None if encoder is None else encoder.objective,
+                method=method if not probe else f"probe-{config.head}",
+                config=config,
+                pairs=pairs,
+                fit_loss=losses.last,
+            )
     annotated = {image.id: set(label.annotated_slices.get(str(axis), [])) for image, label in pairs}
     predictions: dict[str, Any] = {}
     next_slice: dict[str, int | None] = {}
@@ -389,67 +394,24 @@ def _cache_features(
 
 def _fit_network(
     ctx: JobContext,
-    encoder: Encoder | None,
+    base: Encoder,
+    scratch: bool,
     pairs: list[tuple[Image, Label]],
     labels: list[np.ndarray],
-    class_names: dict[int, str],
+    num_classes: int,
     method: str,
     config: FewShotConfig,
 ) -> tuple[SegmenterNet, pipelines._LossTracker]:
-    """Fine-tune (or Mean Teacher) the whole network: a training run with progress."""
-    dataset = pipelines._dataset(ctx)
-    base = encoder or _random_encoder(dataset, int(ctx.params["axis"]))
-    if encoder is None:  # scratch settings, with only what the request set on top
+    """Fine-tune (or Mean Teacher) the whole network from ``base``: a run with progress."""
+    if scratch:  # scratch settings, with only what the request set on top
         given = {**(ctx.params.get("config") or {}), "axis": config.axis, "head": config.head}
         config = FewShotConfig.for_scratch(**given, device=config.device)
     images = [normalise(pipelines._read_image(image), base.normalisation) for image, _ in pairs]
     losses = pipelines._LossTracker(ctx)
     segmenter = fit_segmenter(
-        base, images, labels, len(class_names), cast(Method, method), config, losses
+        base, images, labels, num_classes, cast(Method, method), config, losses
     )
     return segmenter, losses
-
-
-def _random_encoder(dataset: Dataset, axis: int) -> Encoder:
-    config = PretrainConfig.from_dict({"modality": dataset.modality, "axis": axis})
-    return Encoder.random(config, default_normalisation(dataset.modality))
-
-
-def _publish_segmenter(
-    ctx: JobContext,
-    dataset: Dataset,
-    model_id: str,
-    segmenter: SegmenterNet,
-    class_names: dict[int, str],
-    axis: int,
-    normalisation: Normalisation,
-    encoder_id: str | None,
-    encoder: Encoder | None,
-    method: str,
-    config: FewShotConfig,
-    pairs: list[tuple[Image, Label]],
-    fit_loss: float | None,
-) -> None:
-    """Export to ONNX and register (a retried job replaces its half-published folder)."""
-    objective = None if encoder is None else encoder.objective
-    with ctx.sessions() as session:
-        if session.get(ModelRecord, model_id) is not None:
-            return
-    pipelines.publish_segmenter(
-        ctx,
-        dataset,
-        model_id,
-        segmenter,
-        class_names=class_names,
-        axis=axis,
-        normalisation=normalisation,
-        encoder_id=encoder_id,
-        objective=objective,
-        method=method if method in _ENCODER_METHODS else f"probe-{config.head}",
-        config=config,
-        pairs=pairs,
-        fit_loss=fit_loss,
-    )
 
 
 def _predict_from_cache(

@@ -282,8 +282,8 @@ def publish_segmenter(
 def predict(ctx: JobContext) -> dict[str, Any]:
     """Segment images with a registered segmenter; result ``{"predictions": {image_id: urls}}``.
 
-    Outputs go where the API's synchronous route writes them
-    (:func:`server.predictions.predict_to_folder`), on the input's affine.
+    Outputs are written by :func:`server.predictions.predict_to_folder` under
+    ``predictions/<model_id>/<image_id>/``, on the input's affine, where the API serves them.
     """
     dataset = _dataset(ctx)
     model_id = str(ctx.params["model_id"])

@@ -125,13 +125,13 @@ def test_assist_finetune_from_random_init(
 
 @pytest.mark.parametrize(
     "settings",
-    [("embedded", {"assist_pretrain_steps": 300, "background_pretrain_steps": 0})],
+    [("embedded", {"assist_pretrain_steps": 100, "background_pretrain_steps": 0})],
     indirect=True,
 )
 def test_assist_survives_a_killed_worker(
     service: Service, start_worker: Callable[[], Worker]
 ) -> None:
-    """SIGKILL mid-job: the next worker takes the job over and finishes it, nothing half-served."""
+    """SIGKILL mid-job: the next worker takes the job over and resumes, nothing half-served."""
     first = start_worker()
     dataset_id, image_id = service.dataset_with_labels()
     job_id = service.post(f"/datasets/{dataset_id}/assist", json={"config": TINY_FEWSHOT})["id"]
@@ -153,6 +153,7 @@ def test_assist_survives_a_killed_worker(
     assert done["attempts"] == 2
     log = service.client.get(f"/api/v1/jobs/{job_id}/logs").text
     assert "was lost" in log
+    assert "resuming pretraining" in log  # the short pretraining from its checkpoint
     labels = service.client.get(done["result"]["predictions"][image_id]["labels"])
     assert labels.status_code == 200
     assert _load(labels.content).shape == SHAPE
