@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.runtime._atomic import link_atomic
 from models.runtime.nifti import Reference, read_nifti, write_nifti_atomic
 from models.runtime.predictor import OnnxPredictor, Prediction
 from models.runtime.preprocess import Normalisation
@@ -69,6 +70,7 @@ def write_prediction(
     out_dir: Path,
     axis: int,
     normalisation: Normalisation,
+    rendered: Path | None = None,
 ) -> list[str]:
     """Write ``prediction`` of ``volume`` (raw, ``X×Y×Z``) under ``out_dir``, file by file atomically.
 
@@ -76,20 +78,24 @@ def write_prediction(
         like: affine and header of the input image; every output gets them.
         axis: slice axis of the montage.
         normalisation: intensity mapping of the montage's grey background.
+        rendered: a folder already holding this prediction's ``clusters.nii.gz`` and
+            ``clusters.png`` (the cluster map depends on the encoder and the image only): they
+            are linked instead of written again (rendering the montage takes about a second).
 
     Returns:
         The output names written (keys of :data:`PREDICTION_FILES`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     write_nifti_atomic(prediction.labels, out_dir / PREDICTION_FILES["labels"], like, np.uint8)
-    write_nifti_atomic(prediction.clusters, out_dir / PREDICTION_FILES["clusters"], like, np.uint8)
-    render_cluster_montage(
-        volume,
-        prediction.clusters,
-        axis,
-        out_dir / PREDICTION_FILES["clusters_png"],
-        image_norm=normalisation,
-    )
+    cluster_files = [PREDICTION_FILES[name] for name in ("clusters", "clusters_png")]
+    if rendered is not None and all((rendered / name).is_file() for name in cluster_files):
+        for name in cluster_files:
+            link_atomic(rendered / name, out_dir / name)
+    else:
+        write_nifti_atomic(prediction.clusters, out_dir / cluster_files[0], like, np.uint8)
+        render_cluster_montage(
+            volume, prediction.clusters, axis, out_dir / cluster_files[1], image_norm=normalisation
+        )
     written = ["labels", "clusters", "clusters_png"]
     if prediction.probabilities is not None:
         probabilities = np.moveaxis(prediction.probabilities, 0, -1)

@@ -44,6 +44,7 @@ from models.networks.segmenter import SegmenterNet
 from models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
 from models.pretrain import pretrain as run_pretraining
 from models.progress import Progress
+from models.runtime._atomic import link_atomic
 from models.runtime.nifti import read_nifti
 from models.runtime.predictor import OnnxPredictor, Prediction, normalised_entropy, softmax
 from models.runtime.preprocess import Normalisation, default_normalisation, normalise
@@ -449,7 +450,12 @@ def _predict_from_cache(
     prediction = Prediction(
         labels, clusters, probabilities, uncertainty if with_probabilities else None
     )
-    names = write_prediction(prediction, volume, (affine, header), out_dir, axis, normalisation)
+    names = write_prediction(
+        prediction, volume, (affine, header), out_dir, axis, normalisation, cached.folder
+    )
+    for name in ("clusters.nii.gz", "clusters.png"):  # rendered once per (encoder, image)
+        if not (cached.folder / name).exists():
+            link_atomic(out_dir / name, cached.folder / name)
     return names, uncertainty
 
 

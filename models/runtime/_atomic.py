@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "sha256_file"]
+__all__ = ["atomic_path", "link_atomic", "sha256_file"]
 
 
 @contextlib.contextmanager
@@ -40,6 +41,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def link_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Make ``dst`` the same file as ``src`` atomically: a hard link (no bytes copied), or a copy
+    where the two are on different file systems. Returns ``dst``."""
+    dest = Path(dst)
+    with atomic_path(dest) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+    return dest
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

@@ -81,6 +81,10 @@ def test_assist_reuses_encoder_and_caches_features(
     assert again["result"]["segmenter_id"] != result["segmenter_id"]
     assert {p.name: p.stat().st_mtime_ns for p in cached.glob("map*.npy")} == stamps
     assert again["result"]["next_slice"][image_id] not in (*ANNOTATED, 3)
+    # the encoder's cluster map does not change with the labels: the same files are served
+    second = again["result"]["predictions"][image_id]
+    for name in ("clusters", "clusters_png"):
+        assert service.client.get(second[name]).content == service.client.get(urls[name]).content
 
 
 @pytest.mark.parametrize(
