@@ -44,9 +44,14 @@ PREDICTION_FILES = {
 
 
 def predict_to_folder(
-    predictor: OnnxPredictor, image_path: Path, out_dir: Path, with_probabilities: bool = False
+    predictor: OnnxPredictor,
+    image_path: Path,
+    out_dir: Path,
+    with_probabilities: bool = False,
+    with_uncertainty: bool | None = None,
 ) -> list[str]:
-    """Predict the NIfTI at ``image_path`` and write the outputs under ``out_dir``.
+    """Predict the NIfTI at ``image_path`` and write the outputs under ``out_dir``
+    (``uncertainty.nii.gz`` when ``with_uncertainty``, default ``with_probabilities``).
 
     Returns:
         The output names written (keys of :data:`PREDICTION_FILES`).
@@ -55,7 +60,9 @@ def predict_to_folder(
     if volume.ndim != 3:
         raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
     prediction = predictor.predict(
-        np.asarray(volume, dtype=np.float32), with_probabilities=with_probabilities
+        np.asarray(volume, dtype=np.float32),
+        with_probabilities=with_probabilities,
+        with_uncertainty=with_uncertainty,
     )
     manifest = predictor.manifest
     return write_prediction(

@@ -19,7 +19,8 @@ retry works on exactly what the user submitted. Phases, as the job's progress re
 
 Result: ``segmenter_id``, ``encoder_id``, ``axis``, ``method``, ``predictions`` (image id → output
 URLs), ``next_slice`` (image id → the unannotated slice whose prediction is least certain: the
-hint of where to label next), ``timings`` (seconds per phase), ``background_job_id`` when a longer
+hint of where to label next), ``uncertainty`` (image id → mean normalised entropy of its
+prediction, 0 = certain, 1 = uniform), ``timings`` (seconds per phase), ``background_job_id`` when a longer
 pretraining was queued.
 """
 
@@ -152,6 +153,7 @@ def assist(ctx: JobContext) -> dict[str, Any]:
     annotated = {image.id: set(label.annotated_slices.get(str(axis), [])) for image, label in pairs}
     predictions: dict[str, Any] = {}
     next_slice: dict[str, int | None] = {}
+    mean_uncertainty: dict[str, float] = {}
     with phase(ctx, "predict"):
         predictor = (
             None
@@ -165,7 +167,9 @@ def assist(ctx: JobContext) -> dict[str, Any]:
             out_dir = ctx.storage.prediction_dir(model_id, image.id)
             if predictor is not None:
                 path = pipelines._existing_file(Path(image.path), f"image {image.id}")
-                names = predict_to_folder(predictor, path, out_dir, True)
+                names = predict_to_folder(
+                    predictor, path, out_dir, bool(params.get("probabilities")), True
+                )
                 uncertainty, _, _ = read_nifti(out_dir / "uncertainty.nii.gz")
             else:
                 names, uncertainty = _predict_from_cache(
@@ -180,11 +184,13 @@ def assist(ctx: JobContext) -> dict[str, Any]:
             next_slice[image.id] = _least_certain_slice(
                 np.asarray(uncertainty), axis, annotated.get(image.id, set())
             )
+            mean_uncertainty[image.id] = round(float(np.mean(uncertainty)), 6)
             ctx.progress(Progress(done, len(targets), 0.0, 0.0, "predict"))
     result |= {
         "segmenter_id": model_id,
         "predictions": predictions,
         "next_slice": next_slice,
+        "uncertainty": mean_uncertainty,
         "fit_loss": losses.last,
         "timings": phase.seconds,
     }

@@ -56,6 +56,7 @@ def test_assist_reuses_encoder_and_caches_features(
     assert done["params"]["image_ids"] == [image_id]
     assert set(result["timings"]) == {"encoder", "features", "fit", "export", "predict"}
     assert result["next_slice"][image_id] not in ANNOTATED
+    assert 0.0 <= result["uncertainty"][image_id] <= 1.0
     segmenter = service.get(f"/models/{result['segmenter_id']}")
     assert segmenter["parent_id"] == encoder_id
     assert segmenter["method"] == "probe-linear"
@@ -125,6 +126,7 @@ def test_assist_finetune_from_random_init(
     assert done["status"] == "succeeded", done
     assert done["result"]["encoder_id"] is None
     assert set(done["result"]["predictions"][image_id]) >= {"labels", "uncertainty"}
+    assert "probabilities" not in done["result"]["predictions"][image_id]  # not asked for
 
 
 @pytest.mark.parametrize(
