@@ -144,7 +144,11 @@ class FewShotConfig(BaseModel):
         linear_lr: Adam lr of the linear probe (7.6e-3, Pix2Rep).
         linear_steps: full-batch steps of the linear probe.
         linear_max_pixels: annotated pixels the probe trains on (full batch); beyond, a
-            uniform random subset drawn once.
+            uniform random subset drawn once. 16,384 (7 MB of 112-channel rows) rather than
+            65,536: measured with 3 labelled slices, the Dice on the unlabelled slices was the
+            same (MNI152 grey/white 0.660/0.648 vs 0.667/0.643; TPTBox CT has fewer annotated
+            pixels than either), while 300 steps took 2.9 s instead of 16.8 s on a loaded
+            2-core machine (the larger matrix no longer fits the cache).
         encoder_lr: Adam lr of the encoder when fine-tuning (5e-5, Pix2Rep).
         head_lr: Adam lr of the head when fine-tuning (1e-2, Pix2Rep).
         weight_decay: Adam weight decay.
@@ -180,7 +184,7 @@ class FewShotConfig(BaseModel):
     seed: int = 0
     linear_lr: float = 7.6e-3
     linear_steps: _Positive = 300
-    linear_max_pixels: int = 65_536
+    linear_max_pixels: int = 16_384
     encoder_lr: float = 5e-5
     head_lr: float = 1e-2
     weight_decay: float = 1e-5
