@@ -25,7 +25,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, pinned, so that no dependency pulls a multi-GB CUDA build of it.
+# MONAI Label 0.8.5 only for its client (the one 3D Slicer bundles; it needs only requests),
+# which the compatibility tests drive: --no-deps keeps its torch/MONAI pins out.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install "torch==2.13.0"
 	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install --no-deps "monailabel==0.8.5"
 	touch $(STAMP)

@@ -26,11 +26,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from models.networks.unet import DenseUNet
 from models.runtime._atomic import atomic_path, sha256_file
 from models.runtime.manifest import MANIFEST_NAME, Manifest
 from models.runtime.preprocess import Normalisation
 
-__all__ = ["ONNX_NAME", "OUTPUT_NAMES", "export_segmenter"]
+__all__ = ["ONNX_NAME", "OUTPUT_NAMES", "export_feature_extractor", "export_segmenter"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +92,17 @@ def _check_parity(
     return logits_diff
 
 
-def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+def _torch_export(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int,
+    output_names: tuple[str, ...] = OUTPUT_NAMES,
+) -> None:
     """Write ``model`` as ONNX with dynamic batch, H and W (see the module docstring)."""
     common: dict[str, Any] = {
         "input_names": [INPUT_NAME],
-        "output_names": list(OUTPUT_NAMES),
+        "output_names": list(output_names),
         "opset_version": opset,
         "verbose": False,
     }
@@ -108,7 +115,7 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
                 (example,),
                 os.fspath(path),
                 dynamo=False,
-                dynamic_axes={name: axes for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                dynamic_axes={name: axes for name in (INPUT_NAME, *output_names)},
                 **common,
             )
         return
@@ -225,3 +232,59 @@ def export_segmenter(
         model.train(was_training)
     manifest.save(out_dir / MANIFEST_NAME)
     return manifest
+
+
+class _FeatureGraph(nn.Module):
+    """``x`` → (decoder maps fine to coarse…, cluster scores of map 0): what the cache stores."""
+
+    def __init__(self, network: DenseUNet, cluster_head: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.cluster_head = cluster_head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps = self.network.forward_features(x)
+        return (*maps, self.cluster_head(maps[0]))
+
+
+def export_feature_extractor(
+    network: DenseUNet,
+    cluster_head: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    size_divisor: int,
+    opset: int = 18,
+    tolerance: float = 1e-4,
+) -> tuple[str, ...]:
+    """Export an encoder's decoder maps and cluster scores to ONNX at ``path`` (atomically).
+
+    The feature cache runs it instead of PyTorch eager (about twice as fast on the CPU, and on a
+    GPU through ONNX Runtime's CUDA provider). Parity is checked on a shape other than the traced
+    one, each output relative to its magnitude.
+
+    Returns:
+        The output names: ``map0…map{n−1}``, ``cluster_scores``.
+
+    Raises:
+        ValueError: if ONNX Runtime departs from PyTorch beyond ``tolerance``.
+    """
+    graph = _FeatureGraph(network, cluster_head).eval()
+    d = size_divisor
+    rng = np.random.default_rng(0)
+    example = torch.from_numpy(rng.random((2, 1, 2 * d, 3 * d), dtype=np.float32))
+    check = rng.random((3, 1, 3 * d, 5 * d), dtype=np.float32)
+    with torch.inference_mode():
+        reference = [o.numpy() for o in graph(torch.from_numpy(check))]
+    names = (*(f"map{i}" for i in range(len(reference) - 1)), "cluster_scores")
+    with atomic_path(path) as tmp:
+        _torch_export(graph, example, tmp, opset, names)
+        session = ort.InferenceSession(os.fspath(tmp), providers=["CPUExecutionProvider"])
+        outputs = session.run(list(names), {INPUT_NAME: check})
+        for name, got, want in zip(names, outputs, reference, strict=True):
+            scale = max(1.0, float(np.max(np.abs(want))))
+            diff = float(np.max(np.abs(got - want)))
+            if diff > tolerance * scale:
+                raise ValueError(
+                    f"ONNX {name} differs from PyTorch by {diff:.3g} > {tolerance:g} × {scale:.3g}"
+                )
+    return names

@@ -37,14 +37,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
 from models.networks.segmenter import SegmenterNet
 from models.pretrain import Encoder
+from models.runtime.predictor import Device, providers
 from models.runtime.preprocess import crop_to, pad_to_multiple
 
-__all__ = ["FeatureCache", "FeatureMaps", "apply_head", "compute_feature_maps", "head_input"]
+__all__ = [
+    "FeatureCache",
+    "FeatureMaps",
+    "FeatureRunner",
+    "apply_head",
+    "compute_feature_maps",
+    "head_input",
+    "onnx_runner",
+    "torch_runner",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +64,36 @@ _FORMAT = 1
 
 SliceProgress = Callable[[int, int], None]
 """Called with (slices done, slices in all) while maps are computed."""
+
+FeatureRunner = Callable[[np.ndarray], list[np.ndarray]]
+"""Padded slices ``B×1×Hp×Wp`` → decoder maps (fine to coarse) and the cluster scores of map 0,
+as numpy arrays: :func:`torch_runner` or :func:`onnx_runner`."""
+
+
+def torch_runner(encoder: Encoder) -> FeatureRunner:
+    """Run ``encoder`` in PyTorch (eval mode, no gradients) on its device."""
+    device = next(encoder.network.parameters()).device
+    encoder.eval()
+
+    @torch.inference_mode()
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        maps = encoder.network.forward_features(torch.from_numpy(batch).to(device))
+        return [m.cpu().numpy() for m in (*maps, encoder.cluster_head(maps[0]))]
+
+    return run
+
+
+def onnx_runner(path: Path, device: Device = "auto") -> FeatureRunner:
+    """Run the ONNX feature extractor at ``path`` (:func:`models.export.export_feature_extractor`)
+    with ONNX Runtime: CUDA when available and asked for, else the CPU."""
+    session = ort.InferenceSession(os.fspath(path), providers=providers(device))
+    names = [o.name for o in session.get_outputs()]
+    input_name = session.get_inputs()[0].name
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        return [np.asarray(o) for o in session.run(names, {input_name: batch})]
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -96,7 +137,6 @@ class FeatureMaps:
         )
 
 
-@torch.inference_mode()
 def compute_feature_maps(
     encoder: Encoder,
     volume: np.ndarray,
@@ -104,16 +144,18 @@ def compute_feature_maps(
     folder: Path,
     batch_size: int = 8,
     progress: SliceProgress | None = None,
+    runner: FeatureRunner | None = None,
 ) -> FeatureMaps:
     """Run ``encoder`` over every slice of ``volume`` and write the entry ``folder`` atomically.
 
     Args:
-        encoder: the encoder (eval mode is set for the run).
+        encoder: the encoder (its architecture gives the maps' channels and the size divisor).
         volume: ``X×Y×Z`` float32 normalised to [0, 1] with ``encoder.normalisation``.
         axis: slice axis.
         folder: the entry's final folder (its parent is created; an existing entry is replaced).
         batch_size: slices per forward pass.
         progress: called after every batch.
+        runner: how the encoder runs (default :func:`torch_runner`).
     """
     if volume.ndim != 3:
         raise ValueError(f"volume must be X×Y×Z, got shape {volume.shape}")
@@ -122,8 +164,7 @@ def compute_feature_maps(
     divisor = encoder.size_divisor
     hp, wp = (-(-d // divisor) * divisor for d in (h, w))
     channels = list(encoder.network.channels[:-1])
-    device = next(encoder.network.parameters()).device
-    encoder.eval()
+    run = runner or torch_runner(encoder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
     try:
@@ -142,10 +183,9 @@ def compute_feature_maps(
         for start in range(0, count, batch_size):
             stop = min(start + batch_size, count)
             batch, _ = pad_to_multiple(np.ascontiguousarray(slices[start:stop, None]), divisor)
-            decoded = encoder.network.forward_features(torch.from_numpy(batch).to(device))
+            *decoded, scores = run(batch)
             for target, source in zip(maps, decoded, strict=True):
-                target[start:stop] = source.cpu().numpy().astype(np.float16)
-            scores = encoder.cluster_head(decoded[0]).cpu().numpy()
+                target[start:stop] = source.astype(np.float16)
             clusters[start:stop] = crop_to(scores, (h, w)).argmax(axis=1)
             if progress is not None:
                 progress(stop, count)
@@ -253,6 +293,7 @@ class FeatureCache:
         volume: Callable[[], np.ndarray],
         axis: int,
         progress: SliceProgress | None = None,
+        runner: FeatureRunner | None = None,
     ) -> FeatureMaps:
         """The entry, computed from ``volume()`` (normalised) if missing or on another axis."""
         cached = self.get(encoder_id, image_id)
@@ -260,7 +301,12 @@ class FeatureCache:
             return cached
         began = time.monotonic()
         features = compute_feature_maps(
-            encoder, volume(), axis, self.folder(encoder_id, image_id), progress=progress
+            encoder,
+            volume(),
+            axis,
+            self.folder(encoder_id, image_id),
+            progress=progress,
+            runner=runner,
         )
         logger.info(
             "cached features of image %s under encoder %s in %.1f s",

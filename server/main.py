@@ -12,10 +12,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 
 from server.db.session import migrate, session_factory
 from server.deps import require_token
 from server.errors import install_error_handlers
+from server.monailabel import monailabel_routers
 from server.queue import make_celery
 from server.routes import assist, datasets, health, images, jobs, labels, models, predictions
 from server.settings import Settings, get_settings
@@ -57,4 +59,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         protected.include_router(module.router)
     api.include_router(protected)
     app.include_router(api)
+    for router in monailabel_routers():  # 3D Slicer / OHIF: at the root and per dataset
+        app.include_router(router)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
     return app

@@ -42,6 +42,15 @@ class Settings(BaseSettings):
         background_pretrain_steps: total steps of the pretraining that then continues in the
             background from where the inline one stopped (0 = none); the assist workflow refits
             on the better encoder when it lands.
+        cors_origins: comma-separated origins allowed to call the API from a browser (CORS),
+            e.g. an OHIF viewer's ``https://viewer.example.org``; empty = none.
+        monailabel_modality: modality of the default dataset the MONAI Label routes at the
+            server's root create on first upload (a DICOM upload's own Modality wins).
+        monailabel_dataset: id of an existing dataset to serve at the root instead of the
+            default one (empty = the default dataset).
+        monailabel_username: user name ``POST /auth/token`` accepts (MONAI Label login).
+        monailabel_password: that user's password; ``/auth/token`` answers it with
+            ``api_token`` (empty = no login: clients send the token themselves).
     """
 
     model_config = SettingsConfigDict(env_prefix="SEGASSIST_", extra="ignore")
@@ -59,6 +68,11 @@ class Settings(BaseSettings):
     feature_cache_bytes: int = Field(default=20 * 1024**3, gt=0)
     assist_pretrain_steps: int = Field(default=60, ge=1)
     background_pretrain_steps: int = Field(default=1000, ge=0)
+    cors_origins: str = ""
+    monailabel_modality: str = Field(default="CT", min_length=1, max_length=32)
+    monailabel_dataset: str = Field(default="", pattern=r"^([0-9a-f]{32})?$")
+    monailabel_username: str = ""
+    monailabel_password: str = ""
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> Settings:
@@ -77,6 +91,11 @@ class Settings(BaseSettings):
                 "or leave it empty to disable authentication"
             )
         return self
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """``cors_origins`` as a list (blank entries dropped)."""
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @property
     def feature_dir(self) -> Path:

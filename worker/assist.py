@@ -39,7 +39,15 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from models.features import FeatureCache, FeatureMaps, apply_head
+from models.export import export_feature_extractor
+from models.features import (
+    FeatureCache,
+    FeatureMaps,
+    FeatureRunner,
+    apply_head,
+    onnx_runner,
+    torch_runner,
+)
 from models.fewshot import FewShotConfig, Method, fit_probe, fit_segmenter
 from models.networks.segmenter import SegmenterNet
 from models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
@@ -377,6 +385,7 @@ def _cache_features(
     """The cached maps of every image (computing the missing ones; progress over slices)."""
     cache = FeatureCache(ctx.settings.feature_dir, ctx.settings.feature_cache_bytes)
     images = list({image.id: image for image in [*labelled, *targets]}.values())
+    runner: FeatureRunner | None = None
     total = sum(int(image.shape[axis]) for image in images)
     done = 0
     began = time.monotonic()
@@ -391,12 +400,34 @@ def _cache_features(
         def volume(image: Image = image) -> np.ndarray:
             return normalise(pipelines._read_image(image), encoder.normalisation)
 
+        cached = cache.get(encoder_id, image.id)
+        if cached is None or cached.axis != axis:
+            runner = runner or _feature_runner(ctx, cache, encoder_id, encoder)
         with torch.random.fork_rng(devices=[]):
             out[image.id] = cache.get_or_compute(
-                encoder_id, image.id, encoder, volume, axis, report
+                encoder_id, image.id, encoder, volume, axis, report, runner
             )
         done += int(image.shape[axis])
     return out
+
+
+def _feature_runner(
+    ctx: JobContext, cache: FeatureCache, encoder_id: str, encoder: Encoder
+) -> FeatureRunner:
+    """ONNX Runtime on the encoder's exported feature extractor (exported once, kept beside its
+    cache entries), about twice as fast as PyTorch eager on the CPU; PyTorch if export fails."""
+    path = cache.root / encoder_id / "extractor.onnx"
+    if not path.is_file():
+        try:
+            export_feature_extractor(
+                encoder.network, encoder.cluster_head, path, size_divisor=encoder.size_divisor
+            )
+        except (RuntimeError, ValueError) as exc:
+            logger.warning(
+                "feature extractor of %s not exported (%s): PyTorch runs it", encoder_id, exc
+            )
+            return torch_runner(encoder)
+    return onnx_runner(path, ctx.settings.device)
 
 
 def _fit_network(

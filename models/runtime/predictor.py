@@ -21,7 +21,7 @@ from models.runtime._atomic import sha256_file
 from models.runtime.manifest import Manifest
 from models.runtime.preprocess import crop_to, normalise, pad_to_multiple
 
-__all__ = ["OnnxPredictor", "Prediction", "normalised_entropy", "softmax"]
+__all__ = ["Device", "OnnxPredictor", "Prediction", "normalised_entropy", "providers", "softmax"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ def normalised_entropy(probs: np.ndarray) -> np.ndarray:
     return np.clip(entropy / np.log(num_classes), 0.0, 1.0).astype(np.float32)
 
 
-def _providers(device: Device) -> list[str]:
+def providers(device: Device) -> list[str]:
+    """ONNX Runtime providers for ``device``: CUDA first when asked for and present, then CPU."""
     if device == "cpu":
         return [_CPU]
     if device not in ("auto", "cuda"):
@@ -129,7 +130,7 @@ class OnnxPredictor:
         if threads is not None:
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(
-            os.fspath(onnx_path), sess_options=options, providers=_providers(device)
+            os.fspath(onnx_path), sess_options=options, providers=providers(device)
         )
         predictor = cls(session, manifest)
         logger.info("loaded %s on %s", onnx_path, predictor.device)

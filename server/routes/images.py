@@ -22,7 +22,7 @@ from server.schemas import ImagePublic
 from server.storage import Storage
 from server.uploads import ReceivedUpload, multipart_openapi, receive_upload
 
-__all__ = ["image_publics", "remove_stored", "router", "typed_upload_path"]
+__all__ = ["image_publics", "remove_stored", "router", "store_image", "typed_upload_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +103,12 @@ def remove_stored(path: Path) -> None:
         logger.debug("kept non-empty folder %s", path.parent)
 
 
-def _store_image(
+def store_image(
     session: Session, storage: Storage, dataset_id: str, src: Path, name: str
 ) -> ImagePublic:
+    """Validate the upload at ``src`` and store it as image ``name`` of the dataset (NIfTI, the
+    input's affine), with its row; nothing is kept if a step fails. Shared by the REST upload and
+    the MONAI Label datastore."""
     image_id = new_id()
     dst = storage.image_path(image_id)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +166,7 @@ async def upload_image(
         try:
             name = upload.fields.get("name") or _SUFFIXES.sub("", upload.filename) or "image"
             stored = await run_in_threadpool(
-                _store_image, session, storage, dataset_id, typed, name[:255]
+                store_image, session, storage, dataset_id, typed, name[:255]
             )
         finally:
             typed.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from server.schemas import LabelPublic
 from server.storage import Storage, temporary_path
 from server.uploads import multipart_openapi, receive_upload
 
-__all__ = ["router"]
+__all__ = ["router", "store_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,12 @@ _TAG = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _VERSION_LOCK = threading.Lock()
 
 
-def _store_label(
+def store_label(
     session: Session, storage: Storage, image: Image, src: Path, tag: str
 ) -> LabelPublic:
+    """Validate the label volume at ``src`` against ``image`` and the dataset's schema (an empty
+    schema is filled from it) and store it as the next version, tagged ``tag``. Shared by the
+    REST upload and the MONAI Label datastore."""
     dataset = image.dataset
     open_schema = not dataset.labels
     allowed = set(range(IGNORE_INDEX + 1)) if open_schema else dataset.label_values()
@@ -113,7 +116,7 @@ async def upload_label(
             raise unprocessable(f"tag {tag!r} must be 1-64 letters, digits, '_', '-' or '.'")
         typed = typed_upload_path(upload)
         try:
-            return await run_in_threadpool(_store_label, session, storage, image, typed, tag)
+            return await run_in_threadpool(store_label, session, storage, image, typed, tag)
         finally:
             typed.unlink(missing_ok=True)
 

@@ -141,14 +141,8 @@ def test_assist_survives_a_killed_worker(
     first = start_worker()
     dataset_id, image_id = service.dataset_with_labels()
     job_id = service.post(f"/datasets/{dataset_id}/assist", json={"config": TINY_FEWSHOT})["id"]
-    service.wait(
-        job_id,
-        lambda job: (
-            job["status"] == "running"
-            and job["progress"]["phase"] == "pretrain"
-            and (job["progress"]["step"] or 0) >= 5
-        ),
-    )
+    checkpoint = Path(service.settings.data_dir) / "jobs" / job_id / "work" / "checkpoint.pt"
+    service.wait(job_id, lambda job: job["status"] == "running" and checkpoint.exists())
     first.kill()
     assert service.get(f"/jobs/{job_id}")["result"] is None
     assert service.get(f"/datasets/{dataset_id}/assist")["id"] == job_id
