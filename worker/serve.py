@@ -15,6 +15,7 @@ worker has started wait in the broker.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -121,7 +122,9 @@ class WorkerProcess:
             if self._log is None:
                 self._log = self.log_path.open("ab")
             # Its own session: a terminal's Ctrl-C reaches the API, which then stops the worker
-            # in order, instead of both at once.
+            # in order, instead of both at once. Bound to this process's life (see
+            # _die_with_parent) so a killed service leaves no worker behind.
+            parent = os.getpid()
             self._process = subprocess.Popen(
                 self.command,
                 env=_environment(self.settings),
@@ -129,6 +132,7 @@ class WorkerProcess:
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=(lambda: _die_with_parent(parent)) if _LINUX else None,
             )
             logger.info("started worker pid %d (log %s)", self._process.pid, self.log_path)
 
@@ -181,6 +185,22 @@ class WorkerProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+_LINUX = sys.platform.startswith("linux")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the forked worker, before exec: have the kernel send SIGTERM (Celery's warm shutdown)
+    when the service process dies, however it dies (``kill -9`` included), so a restarted
+    service never shares the embedded broker with an orphaned worker. Exits at once if the
+    service died before the request took effect."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        os._exit(1)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _embedded_settings(data_dir: Path | None) -> Settings:

@@ -138,3 +138,24 @@ def test_embedded_service_runs_jobs_and_restarts_a_dead_worker(
     assert not (data_dir / SERVER_FILE).exists()
     with pytest.raises(ProcessLookupError):
         os.kill(restarted, 0)  # the worker stopped with the service
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its adopter) is gone for our purpose
+    return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_a_killed_service_leaves_no_worker_behind(
+    embedded: tuple[subprocess.Popen[bytes], httpx.Client, Path],
+) -> None:
+    """``kill -9`` of ``segassist serve``: its workers stop too, so a restart finds none."""
+    process, _, _ = embedded
+    workers = _children(process.pid)
+    assert len(workers) == 2
+    process.kill()
+    process.wait()
+    _until(lambda: not any(_alive(pid) for pid in workers), "the orphaned workers to stop")
