@@ -137,10 +137,10 @@ def _integer_labels(data: np.ndarray) -> np.ndarray:
     return np.asarray(data, dtype=np.uint8)
 
 
-def _params_axis(params: dict[str, Any], image: Image) -> int:
+def _params_axis(params: dict[str, Any], image: Image, painted: np.ndarray) -> int:
     axis = params.get("axis")
     if axis is None:
-        return annotation_axis(image.spacing)
+        return annotation_axis(image.spacing, painted)
     if not isinstance(axis, int) or isinstance(axis, bool) or not 0 <= axis <= 2:
         raise unprocessable(f"params.axis must be 0, 1 or 2, got {axis!r}")
     return axis
@@ -167,7 +167,6 @@ def save_label(
         and not (isinstance(annotated, list) and all(isinstance(i, int) for i in annotated))
     ):
         raise unprocessable("params.annotated_slices must be a list of slice indices or 'all'")
-    axis = _params_axis(params, image)
     with volume_file(upload, storage) as src:
         if src.suffix == ".zip":
             raise IngestError("a label must be a NIfTI or NRRD volume, not a zip archive")
@@ -182,6 +181,7 @@ def save_label(
                 f"label of shape {tuple(data.shape)} is not on the grid of image {image.id!r} "
                 f"{tuple(image.shape)}: save the label on the image's voxel grid"
             )
+        axis = _params_axis(params, image, data)
         try:
             values, schema = map_segments(
                 _integer_labels(data), params.get("label_info"), dict(dataset.labels or {})

@@ -34,9 +34,20 @@ AnnotatedSlices = Sequence[int] | Literal["all"] | None
 """Slices the client says are annotated; ``None`` = the rule above."""
 
 
-def annotation_axis(spacing: Sequence[float]) -> int:
-    """The image's slice axis: the axis of largest voxel spacing, the last one on ties."""
+def annotation_axis(spacing: Sequence[float], painted: np.ndarray | None = None) -> int:
+    """The axis the annotator painted along: of the axes along which the painted (non-zero)
+    voxels occupy some but not all slices, the one with the fewest such slices; otherwise (or
+    without ``painted``) the image's slice axis, the axis of largest voxel spacing (the last one
+    on ties)."""
     values = [float(s) for s in spacing[:3]]
+    if painted is not None and painted.ndim == 3:
+        mask = painted != 0
+        counts = {
+            a: int(mask.any(axis=tuple(b for b in range(3) if b != a)).sum()) for a in range(3)
+        }
+        partial = {a: n for a, n in counts.items() if 0 < n < mask.shape[a]}
+        if partial:
+            return min(partial, key=lambda a: (partial[a], -a))
     return max(range(3), key=lambda a: (values[a], a))
 
 

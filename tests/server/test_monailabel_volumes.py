@@ -198,3 +198,12 @@ def test_segments_are_mapped_to_classes_by_name() -> None:
     assert schema == {"1": {"name": "liver", "color": "#e6194b"}}  # the input is not changed
     with pytest.raises(ValueError, match="idx"):
         map_segments(label, [{"name": "x", "idx": 0}], schema)
+
+
+def test_annotation_axis_follows_the_painting() -> None:
+    """Slices painted along the first axis of an image whose thickest axis is the last."""
+    painted = np.zeros((10, 8, 6), dtype=np.uint8)
+    painted[2, 1:5, 1:4] = 1
+    painted[7, 2:6, 2:5] = 2
+    assert annotation_axis([0.8, 0.8, 3.0], painted) == 0
+    assert annotation_axis([0.8, 0.8, 3.0], np.zeros_like(painted)) == 2  # nothing painted
