@@ -1,7 +1,8 @@
 """The ``segassist`` console script: a thin argparse layer around plain functions.
 
 Sub-commands: ``serve``, ``worker`` (start the service), ``segment`` (upload → pretrain or reuse →
-few-shot fit → predict → download), ``pretrain``, ``jobs``, ``models``, ``demo``, ``bench``.
+few-shot fit → predict → download), ``pretrain``, ``jobs``, ``models``, ``demo``, ``bench``,
+``users`` and ``audit`` (:mod:`client.admin`).
 Server-side code (``worker``, ``bench``, ``models``) is imported lazily, only by the sub-commands that
 need it, so the client runs with the base install.
 """
@@ -31,6 +32,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from client.admin import add_admin_parsers
 from client.api import JobFailedError, SegAssistAPIError, SegAssistClient, job_status
 from client.local import (
     DEFAULT_HOST,
@@ -92,6 +94,17 @@ def _server_url(args: argparse.Namespace, start: bool) -> str:
     if started:
         err_console.print(f"started the local segassist service at {url} (data: {args.data_dir})")
     return url
+
+
+_EXTRA_OF_MODULE = {
+    **dict.fromkeys(
+        ("fastapi", "uvicorn", "sqlalchemy", "alembic", "celery", "onnxruntime", "matplotlib"),
+        "server,worker",
+    ),
+    **dict.fromkeys(("torch", "monai", "sklearn", "onnx"), "server,worker"),
+    **dict.fromkeys(("psutil", "itk"), "bench"),
+}
+"""Modules of the extras (a client-only install has none): the extra that brings each."""
 
 
 # -- sub-commands --------------------------------------------------------------------------------
@@ -348,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", choices=("fewshot", "service"))
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
+
+    add_admin_parsers(sub)
     return parser
 
 
@@ -373,6 +388,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (FileNotFoundError, ValueError) as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        err_console.print(
+            f"[red]error:[/red] this command needs {exc.name!r}, which a client-only install "
+            f"lacks: pip install 'segassist[{extra}]'",
+            highlight=False,
+        )
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
