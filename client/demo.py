@@ -7,7 +7,8 @@ encoder for CT yet, the local embedded service pretrains one briefly on the volu
 (``SEGASSIST_ASSIST_PRETRAIN_STEPS``, 60 steps of 4 slices: about two minutes on 2 CPU cores) and
 continues in the background, fits a linear few-shot head, predicts every slice, and the demo prints
 the Dice against the reference on the slices nobody labelled. The service is left running, with its
-API documentation at ``http://127.0.0.1:8000/docs``.
+API documentation at ``http://127.0.0.1:8000/docs``; the demo ends with the address of the browser
+annotator showing the result (``http://127.0.0.1:8000/?dataset=…&image=…``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from models.runtime.configs import IGNORE_INDEX
 
 __all__ = [
     "DemoScore",
+    "annotator_url",
     "dice_on_unlabelled",
     "make_sparse_labels",
     "pick_slices",
@@ -90,6 +92,11 @@ def dice_on_unlabelled(
         dice = 2.0 * float(np.logical_and(p, r).sum()) / denominator if denominator else 1.0
         scores.append(DemoScore(name, dice, int(r.sum())))
     return scores
+
+
+def annotator_url(server: str, dataset_id: str, image_id: str) -> str:
+    """The browser annotator's address with an image (and its latest segmentation) open."""
+    return f"{server.rstrip('/')}/?dataset={dataset_id}&image={image_id}"
 
 
 def _save_like(array: np.ndarray, like: nib.Nifti1Image, path: Path) -> Path:
@@ -190,3 +197,6 @@ def _report(
         f"encoder {result.encoder_id}, segmenter {result.segmenter_id}; "
         f"the API stays up: [bold]{server}/docs[/bold]"
     )
+    page = annotator_url(server, result.dataset_id, result.image_id)
+    # the last line, whole (soft_wrap: no line break inside the address)
+    console.print(f"see it in the browser, paint and correct: [bold]{page}[/bold]", soft_wrap=True)

@@ -1,0 +1,118 @@
+"""The browser page against a live embedded service, in Debian's headless Chromium.
+
+Playwright for Python drives the system browser (``/usr/bin/chromium``, ``.ci/run`` installs it;
+``SEGASSIST_TEST_CHROMIUM`` names another), so no browser is downloaded. WebGL runs in software
+(SwiftShader through ANGLE). Every test saves a screenshot of each step under
+``tests/web/artifacts/<test>/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Page as Tab
+
+from tests.client.conftest import Service, running_service
+from tests.conftest import unavailable
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+BROWSER_ARGS = [
+    "--use-gl=angle",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    # Input events wait for a frame; without vsync a software frame is not held back further.
+    "--disable-gpu-vsync",
+    "--disable-frame-rate-limit",
+]
+
+VIEWPORT = {"width": 1280, "height": 800}
+
+PAGE_TIMEOUT_MS = 120_000
+"""Bounds a hung step (the machine is shared); not a performance claim."""
+
+
+@pytest.fixture(scope="session")
+def web_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """``segassist serve`` on a free port with a short first pretraining and none after."""
+    data_dir = tmp_path_factory.mktemp("segassist-web")
+    yield from running_service(data_dir, pretrain_steps=8)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Browser]:
+    """Debian's Chromium under Playwright (skipped, or failed under CI, when absent)."""
+    executable = os.environ.get("SEGASSIST_TEST_CHROMIUM") or shutil.which("chromium")
+    if executable is None:
+        unavailable("chromium not installed (apt-get install chromium)")
+        return
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=BROWSER_ARGS)
+        yield browser
+        browser.close()
+
+
+@dataclass
+class Page:
+    """A browser tab on the page, with the messages it logged and a screenshot per step."""
+
+    tab: Tab
+    url: str
+    folder: Path
+    errors: list[str] = field(default_factory=list)
+    shots: int = 0
+
+    def shot(self, step: str) -> Path:
+        """Save a screenshot of the page as ``<nn>-<step>.png``."""
+        self.shots += 1
+        path = self.folder / f"{self.shots:02d}-{step}.png"
+        self.tab.screenshot(path=str(path))
+        return path
+
+
+@pytest.fixture
+def page(chromium: Browser, web_service: Service, request: pytest.FixtureRequest) -> Iterator[Page]:
+    folder = ARTIFACTS / request.node.name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    context = chromium.new_context(viewport=VIEWPORT, accept_downloads=True)
+    context.set_default_timeout(PAGE_TIMEOUT_MS)
+    tab = context.new_page()
+    opened = Page(tab, web_service.url, folder)
+    tab.on("pageerror", lambda err: opened.errors.append(str(err)))
+    yield opened
+    context.close()
+
+
+@dataclass(frozen=True)
+class SpineCT:
+    """TPTBox's sample CT and its reference labels (``models.datasets``, tptbox-spine)."""
+
+    image: Path
+    reference: np.ndarray
+    affine: np.ndarray
+    axis: int
+    classes: dict[int, str]
+
+
+@pytest.fixture(scope="session")
+def spine_ct() -> SpineCT:
+    from models.datasets import load_set
+
+    case = next(c for c in load_set("tptbox-spine") if c.modality == "CT")
+    reference = nib.load(str(case.label))
+    return SpineCT(
+        image=case.image,
+        reference=np.asarray(reference.dataobj).astype(np.uint8),  # type: ignore[attr-defined]
+        affine=np.asarray(reference.affine),  # type: ignore[attr-defined]
+        axis=case.axis,
+        classes=dict(case.classes),
+    )
