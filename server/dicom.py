@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import io
 import logging
+import stat
 import zipfile
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import nibabel as nib
@@ -35,6 +36,11 @@ logger = logging.getLogger(__name__)
 MAX_MEMBERS = 20_000
 """Most files a DICOM zip may hold."""
 
+MAX_EXPANSION_RATIO = 200
+"""Largest uncompressed/compressed size of a zip member above :data:`_RATIO_CHECKED_BYTES`:
+DICOM slices compress a few times, a zip bomb thousands of times."""
+_RATIO_CHECKED_BYTES = 1024**2
+
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _GEOMETRY = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns")
@@ -50,11 +56,14 @@ class DicomVolume:
             slices), rescaled; int16 or float32.
         affine: 4×4 voxel → RAS+ (mm).
         series_uid: SeriesInstanceUID.
+        instances: the series' images in stacking order (slice ``k`` of ``data`` is
+            ``instances[k]``): the source images of a DICOM-SEG (:mod:`server.dicom_headers`).
     """
 
     data: np.ndarray
     affine: np.ndarray
     series_uid: str
+    instances: list[Dataset] = field(default_factory=list, repr=False, compare=False)
 
 
 def read_dicom_zip(src: Path, *, max_bytes: int) -> DicomVolume:
@@ -131,7 +140,12 @@ def series_to_volume(datasets: list[Dataset]) -> DicomVolume:
     lps[:3, 2] = step
     lps[:3, 3] = positions[0] + (rows - 1) * pixel_spacing[0] * col_dir
     data = _stack_pixels(datasets, rows, columns)
-    return DicomVolume(data=data, affine=_LPS_TO_RAS @ lps, series_uid=str(first.SeriesInstanceUID))
+    return DicomVolume(
+        data=data,
+        affine=_LPS_TO_RAS @ lps,
+        series_uid=str(first.SeriesInstanceUID),
+        instances=datasets,
+    )
 
 
 def volume_to_nifti(volume: DicomVolume) -> nib.Nifti1Image:
@@ -190,6 +204,18 @@ def _check_members(members: list[zipfile.ZipInfo], max_bytes: int) -> None:
             )
         if info.flag_bits & 0x1:
             raise IngestError("zip is password-protected; upload an unencrypted zip")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise IngestError(
+                f"zip member {info.filename!r} is a symbolic link; refusing the archive"
+            )
+        if info.file_size > _RATIO_CHECKED_BYTES and (
+            info.file_size > MAX_EXPANSION_RATIO * max(info.compress_size, 1)
+        ):
+            raise IngestError(
+                f"zip member {info.filename!r} expands {info.compress_size} bytes to"
+                f" {info.file_size} (over {MAX_EXPANSION_RATIO}:1, a zip bomb?); refusing the"
+                " archive"
+            )
 
 
 def _ignored(name: str) -> bool:

@@ -9,15 +9,15 @@ is kept in ``<data_dir>/monailabel/default-dataset``. Reads before that answer a
 Image ids: MONAI Label clients name images themselves (Slicer uses the volume's node name when it
 uploads, then refers to the image by that name), while segassist ids are 32 hex digits. An
 ``image`` parameter is therefore an image id of the dataset or, failing that, the name of its
-newest image of that name. Listings and next-sample answers give the segassist id.
+newest image of that name, or its image of that SeriesInstanceUID (OHIF's image id; a series of a
+DICOMweb dataset not stored yet is fetched). Listings and next-sample answers give the segassist
+id.
 """
 
 from __future__ import annotations
 
-import fcntl
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,9 @@ from sqlalchemy.orm import Session
 from models.runtime.configs import PretrainConfig
 from models.runtime.manifest import Manifest
 from server.db.tables import ID_PATTERN, Dataset, Image, Label, ModelKind, ModelRecord
+from server.dicomweb_images import fetch_image, stored_series_image
 from server.settings import Settings
-from server.storage import Storage, atomic_write_bytes
+from server.storage import Storage, atomic_write_bytes, file_lock
 
 __all__ = [
     "CLUSTERS_MODEL",
@@ -55,6 +56,7 @@ CLUSTERS_MODEL = "clusters"
 MODELS = (SEGMENTATION_MODEL, CLUSTERS_MODEL)
 DEFAULT_DATASET_NAME = "monailabel"
 _ID = re.compile(ID_PATTERN)
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -87,17 +89,6 @@ def monailabel_dir(storage: Storage) -> Path:
     return storage.root / "monailabel"
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def default_dataset(
     session: Session,
     settings: Settings,
@@ -125,7 +116,7 @@ def default_dataset(
     dataset = current()
     if dataset is not None or not create:
         return dataset
-    with _locked(marker.with_name("default-dataset.lock")):
+    with file_lock(marker.with_name("default-dataset.lock")):
         dataset = current()
         if dataset is None:
             dataset = Dataset(
@@ -139,8 +130,17 @@ def default_dataset(
     return dataset
 
 
-def find_image(session: Session, dataset: Dataset, ref: str, *, by_name: bool = True) -> Image:
-    """The dataset's image with id ``ref``, else (``by_name``) its newest image named ``ref``."""
+def find_image(
+    session: Session,
+    dataset: Dataset,
+    ref: str,
+    *,
+    by_name: bool = True,
+    storage: Storage | None = None,
+) -> Image:
+    """The dataset's image with id ``ref``, else (``by_name``) its newest image named ``ref`` or
+    of SeriesInstanceUID ``ref`` (OHIF's image id); with ``storage``, a series of a DICOMweb
+    dataset not stored yet is fetched (:func:`server.dicomweb_images.fetch_image`)."""
     if _ID.fullmatch(ref):
         image = session.get(Image, ref)
         if image is not None and image.dataset_id == dataset.id:
@@ -154,6 +154,11 @@ def find_image(session: Session, dataset: Dataset, ref: str, *, by_name: bool = 
         )
         if named is not None:
             return named
+        series = stored_series_image(session, dataset, ref)
+        if series is not None:
+            return series
+        if storage is not None and dataset.dicomweb and _UID.fullmatch(ref):
+            return fetch_image(session, storage, dataset, ref)
     raise HTTPException(
         status.HTTP_404_NOT_FOUND,
         f"image {ref!r} not found in dataset {dataset.id!r} (give its id, or the name it was "
@@ -248,6 +253,7 @@ def image_entry(image: Image) -> dict[str, Any]:
         "shape": list(image.shape),
         "spacing": list(image.spacing),
         "segassist_name": image.name,
+        **({"SeriesInstanceUID": image.series_uid} if image.series_uid else {}),
     }
 
 

@@ -7,7 +7,9 @@ image's name; uploading the same bytes under the same name again returns the sto
 
 Labels: converted by :mod:`server.monailabel.sparse` (viewer zeros → sparse labels, segment
 numbers → dataset classes by name), then stored as a new label version like
-``POST /api/v1/images/{id}/labels``.
+``POST /api/v1/images/{id}/labels``. For an image that came from DICOM, a header-less buffer of
+the series' frames in the viewer's order (OHIF's ``label.bin``) is accepted too
+(:func:`server.series_order.raw_series_label`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from server.monailabel.volumes import NRRD_MAGIC, dicom_modality, nrrd_to_nifti
 from server.routes.images import store_image as store_nifti_image
 from server.routes.images import typed_upload_path
 from server.routes.labels import store_label
+from server.series_order import raw_series_label
 from server.settings import Settings
 from server.storage import Storage
 from server.uploads import ReceivedUpload
@@ -157,7 +160,7 @@ def save_label(
 ) -> dict[str, Any]:
     """Convert and store a viewer's label volume; returns the MONAI Label answer."""
     dataset = app.require()
-    image = find_image(session, dataset, image_ref)
+    image = find_image(session, dataset, image_ref, storage=storage)
     if not TAG.match(tag):
         raise unprocessable(f"tag {tag!r} must be 1-64 letters, digits, '_', '-' or '.'")
     annotated = params.get("annotated_slices")
@@ -167,13 +170,18 @@ def save_label(
         and not (isinstance(annotated, list) and all(isinstance(i, int) for i in annotated))
     ):
         raise unprocessable("params.annotated_slices must be a list of slice indices or 'all'")
+    shape = (int(image.shape[0]), int(image.shape[1]), int(image.shape[2]))
+    raw = raw_series_label(upload.path, shape) if image.source != "nifti" else None
     with volume_file(upload, storage) as src:
-        if src.suffix == ".zip":
+        if raw is not None:  # OHIF: the series' frames as they are in the viewer
+            data, affine = raw, np.asarray(image.affine, dtype=np.float64)
+        elif src.suffix == ".zip":
             raise IngestError("a label must be a NIfTI or NRRD volume, not a zip archive")
-        try:
-            data, affine, _ = read_nifti(src)
-        except Exception as exc:
-            raise IngestError(f"label is not a readable NIfTI or NRRD volume: {exc}") from exc
+        else:
+            try:
+                data, affine, _ = read_nifti(src)
+            except Exception as exc:
+                raise IngestError(f"label is not a readable NIfTI or NRRD volume: {exc}") from exc
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
         if tuple(data.shape) != tuple(image.shape):

@@ -12,6 +12,10 @@ The answer is what 3D Slicer parses (``cgi.FieldStorage`` on the raw socket): a
 ``multipart/form-data`` body with a fixed ``Content-Length``, a ``params`` part (JSON, no file
 name; ``label_names`` maps segment names to values) and an ``image`` part whose file name carries
 the result's extension. ``output=image`` answers the file alone (OHIF), ``output=json`` the params.
+For OHIF (``output`` given), an NRRD result of an image that came from DICOM is in the series'
+own voxel order (OHIF copies it straight into the series as it stacks it: :func:`series_order`),
+its geometry unchanged; the params carry each segment's ``centroids`` (OHIF's extension reads
+them).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models.runtime.manifest import Manifest
+from models.runtime.nifti import open_nifti
 from server.db.tables import Image, Job, JobKind, JobStatus
 from server.errors import not_found, unprocessable
 from server.monailabel import sessions
@@ -51,12 +56,24 @@ from server.routes.jobs import submit_job
 from server.schemas import PredictParams
 from server.storage import Storage
 
-__all__ = ["INFER_TIMEOUT_SECONDS", "Result", "encode", "multipart", "plan", "wait_for_job"]
+__all__ = [
+    "INFER_TIMEOUT_SECONDS",
+    "OHIF_OUTPUTS",
+    "Result",
+    "centroids",
+    "encode",
+    "multipart",
+    "plan",
+    "series_order",
+    "wait_for_job",
+]
 
 INFER_TIMEOUT_SECONDS = 600.0
 """How long one infer request waits for its prediction job before answering 504."""
 _POLL_SECONDS = 0.2
 _FILES = {SEGMENTATION_MODEL: "labels.nii.gz", CLUSTERS_MODEL: "clusters.nii.gz"}
+OHIF_OUTPUTS = ("image", "all")
+"""``output`` values of OHIF's infer calls (Slicer sends none)."""
 
 
 @dataclass
@@ -82,7 +99,7 @@ def _image(
         return image
     if not ref:
         raise unprocessable("say which image to segment: ?image=<id or name> or ?session_id=")
-    return find_image(session, dataset, ref)
+    return find_image(session, dataset, ref, storage=storage)
 
 
 def _pending_prediction(
@@ -178,11 +195,16 @@ def _option(params: dict[str, Any], key: str, default: Any) -> Any:
     return default if value is None or value == "" else value
 
 
-def encode(result: Result, model: str, params: dict[str, Any]) -> tuple[bytes, str, dict[str, Any]]:
+def encode(
+    result: Result, model: str, params: dict[str, Any], output: str | None = None
+) -> tuple[bytes, str, dict[str, Any]]:
     """The result file's bytes, its file name and the response params.
 
     ``params`` may hold ``result_extension`` (``.nrrd`` default, ``.nii.gz``, ``.nii``),
-    ``result_dtype`` (``uint8`` default) and ``result_compress`` (default true).
+    ``result_dtype`` (``uint8`` default) and ``result_compress`` (default true). With OHIF's
+    ``output`` (``image``, or ``all`` in its newer extension), an NRRD of an image that came
+    from DICOM is in the series' voxel order (:func:`series_order`); Slicer (no ``output``) gets
+    the stored image's order. Both place every voxel at the same position.
     """
     extension = str(_option(params, "result_extension", ".nrrd")).lower()
     extension = extension if extension.startswith(".") else f".{extension}"
@@ -194,9 +216,7 @@ def encode(result: Result, model: str, params: dict[str, Any]) -> tuple[bytes, s
         )
     if dtype not in RESULT_DTYPES:
         raise unprocessable(f"result_dtype {dtype!r} is not one of {list(RESULT_DTYPES)}")
-    reference = nib.load(str(result.path))
-    if not isinstance(reference, nib.Nifti1Image):
-        raise TypeError(f"{result.path} is not NIfTI-1")
+    reference = open_nifti(result.path)
     data = np.asarray(reference.dataobj, dtype=np.uint16)
     if model == CLUSTERS_MODEL:
         data = data + 1
@@ -204,6 +224,8 @@ def encode(result: Result, model: str, params: dict[str, Any]) -> tuple[bytes, s
     else:
         manifest = Manifest.load(Path(result.segmenter_folder) / "manifest.json")
         label_names = {name: int(value) for value, name in sorted(manifest.labels.items())}
+    if output in OHIF_OUTPUTS and extension == ".nrrd" and result.image.source != "nifti":
+        data, reference = series_order(data, reference)
     content = encode_result(data, reference, extension, dtype, compress=bool(compress))
     name = file_name(result.image, "")
     response = {
@@ -214,8 +236,40 @@ def encode(result: Result, model: str, params: dict[str, Any]) -> tuple[bytes, s
         "prediction_job_id": result.job_id,
         "result_extension": extension,
         "result_dtype": dtype,
+        "centroids": centroids(data, label_names),
     }
     return content, f"{name}-{model}{extension}", response
+
+
+def centroids(data: np.ndarray, label_names: dict[str, int]) -> dict[str, list[int]]:
+    """``{name: [value, i, j, k]}``: the mean voxel index (in the result's order) of each
+    segment present, as OHIF's extension reads it to jump to a segment."""
+    found = {}
+    for name, value in label_names.items():
+        where = np.argwhere(data == value) if value > 0 else np.empty((0, 3))
+        if len(where):
+            found[name] = [int(value), *(int(v) for v in np.rint(where.mean(axis=0)))]
+    return found
+
+
+def series_order(
+    data: np.ndarray, reference: nib.Nifti1Image
+) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """A volume of a DICOM-sourced image in the series' own voxel order, for NRRD results.
+
+    The stored layout (:mod:`server.dicom`) runs its second axis against the DICOM rows (row
+    ``R−1`` first); OHIF copies a result's voxels straight into the series as it stacks it
+    (columns fastest, then rows from row 0, then instances along the slice normal). Reversing
+    the second axis gives that order; the affine follows (``A' = A · F`` with ``F`` mapping
+    ``y → R−1−y``), so the NRRD's geometry still places every voxel where it was.
+    """
+    rows = data.shape[1]
+    flip = np.eye(4)
+    flip[1, 1] = -1.0
+    flip[1, 3] = rows - 1
+    affine = np.asarray(reference.affine, dtype=np.float64) @ flip
+    flipped = np.ascontiguousarray(data[:, ::-1, :])
+    return flipped, nib.Nifti1Image(flipped, affine, reference.header)
 
 
 def multipart(params: dict[str, Any], filename: str, content: bytes) -> tuple[bytes, str]:
