@@ -6,7 +6,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from models.runtime._atomic import atomic_path, atomic_write_bytes
 
 __all__ = ["EncoderRecord", "Row", "machine_info", "summarise", "write_report"]
 
@@ -198,11 +199,7 @@ def _targets(entries: list[dict[str, Any]]) -> list[str]:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(text.encode(), path)
 
 
 def _plot(summary: list[dict[str, Any]], path: Path) -> None:
@@ -234,11 +231,9 @@ def _plot(summary: list[dict[str, Any]], path: Path) -> None:
     for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(

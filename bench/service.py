@@ -64,6 +64,7 @@ import psutil
 from bench.report import machine_info
 from client.api import JobFailedError, SegAssistAPIError, SegAssistClient
 from models.runtime.configs import IGNORE_INDEX
+from models.runtime.nifti import open_nifti
 from server.queue import PREDICTION_QUEUE
 
 __all__ = ["PROFILES", "Profile", "Table", "Target", "main", "run"]
@@ -775,9 +776,7 @@ class _Subject:
 
 def _check_segmentation(path: Path, shape: tuple[int, ...]) -> None:
     """Raise unless ``path`` is a label volume of ``shape`` (untimed sanity check)."""
-    image = nib.load(path)
-    if not isinstance(image, nib.Nifti1Image):
-        raise RuntimeError(f"downloaded segmentation {path.name} is not NIfTI-1")
+    image = open_nifti(path)
     got = tuple(int(n) for n in image.shape)
     if got != tuple(shape):
         raise RuntimeError(f"downloaded segmentation {path.name} is {got}, expected {shape}")

@@ -257,9 +257,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run a benchmark (``fewshot`` or ``service``) with its own arguments."""
+    """Run a benchmark (``fewshot``, ``service`` or ``robustness``) with its own arguments."""
     if args.suite == "fewshot":
         from bench.fewshot import main as bench_main
+    elif args.suite == "robustness":
+        from bench.robustness import main as bench_main
     else:
         from bench.service import main as bench_main
     return int(bench_main(list(args.bench_args)) or 0)
@@ -310,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only reuse or pretrain an encoder of this objective (none: random init)",
     )
     p.add_argument("--method", choices=METHODS, default="linear")
-    p.add_argument("--head", choices=("linear", "mlp"), default="linear")
+    p.add_argument("--head", choices=("linear", "mlp", "auto"), default="linear")
     p.add_argument("--encoder", metavar="ID", help="use this registered encoder")
     p.add_argument("--clusters", type=Path, metavar="CLUSTERS.nii.gz", help="also write clusters")
     p.add_argument("--modality", default="CT")
@@ -357,8 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", help="use this server instead of the local embedded one")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmarks: fewshot or service (arguments passed on)")
-    p.add_argument("suite", choices=("fewshot", "service"))
+    p = sub.add_parser(
+        "bench", help="benchmarks: fewshot, service or robustness (arguments passed on)"
+    )
+    p.add_argument("suite", choices=("fewshot", "service", "robustness"))
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
 

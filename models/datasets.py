@@ -55,6 +55,9 @@ from typing import NamedTuple
 import nibabel as nib
 import numpy as np
 
+from models.runtime._atomic import atomic_path, atomic_write_bytes
+from models.runtime.nifti import open_nifti
+
 __all__ = [
     "SETS",
     "Case",
@@ -193,26 +196,14 @@ def _extract(archive: Path, members: Sequence[str], root: Path, sdist: bool) -> 
                 if source is None:
                     raise FileNotFoundError(f"{member} in {archive.name} is not a regular file")
                 with source:
-                    _atomic_copy(source.read(), root / member)
+                    atomic_write_bytes(source.read(), root / member)
     else:
         with zipfile.ZipFile(archive) as zf:
             listed = set(zf.namelist())
             for member in members:
                 if member not in listed:
                     raise FileNotFoundError(f"{member} is not in {archive.name}")
-                _atomic_copy(zf.read(member), root / member)
-
-
-def _atomic_copy(data: bytes, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+                atomic_write_bytes(zf.read(member), root / member)
 
 
 def fetch_registry_file(
@@ -246,13 +237,6 @@ def fetch_registry_file(
     return root
 
 
-def _open(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
-    image = nib.load(path)
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        raise ValueError(f"{path}: not a NIfTI image ({type(image).__name__})")
-    return image
-
-
 def slice_axis(affine: np.ndarray) -> int:
     """Voxel axis closest to the superior–inferior direction (the axial slice axis)."""
     codes = nib.orientations.aff2axcodes(affine)
@@ -263,18 +247,11 @@ def slice_axis(affine: np.ndarray) -> int:
 
 
 def _save_atomic(array: np.ndarray, affine: np.ndarray, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        image = nib.Nifti1Image(array, affine)
-        image.set_qform(affine, code=1)
-        image.set_sform(affine, code=1)
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    with atomic_path(target) as tmp:
         nib.save(image, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _derived(target: Path, make: Callable[[], tuple[np.ndarray, np.ndarray]]) -> Path:
@@ -285,7 +262,7 @@ def _derived(target: Path, make: Callable[[], tuple[np.ndarray, np.ndarray]]) ->
 
 
 def _remap(path: Path, mapping: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    image = _open(path)
+    image = open_nifti(path)
     source = np.asanyarray(image.dataobj)
     lut = np.zeros(int(source.max()) + 1, dtype=np.uint8)
     for old, new in mapping.items():
@@ -356,7 +333,7 @@ def _mni_tissue() -> list[Case]:
     }
     root = _NILEARN.fetch(list(names.values()))
     folder = _derived_dir("mni-tissue")
-    t1 = _open(root / names["t1"])
+    t1 = open_nifti(root / names["t1"])
     affine = _downsampled_affine(np.asarray(t1.affine, dtype=np.float64), 2)
 
     def image() -> tuple[np.ndarray, np.ndarray]:
@@ -364,7 +341,7 @@ def _mni_tissue() -> list[Case]:
 
     def labels() -> tuple[np.ndarray, np.ndarray]:
         gm, wm = (
-            _block_mean(np.asanyarray(_open(root / names[k]).dataobj), 2) / 255.0
+            _block_mean(np.asanyarray(open_nifti(root / names[k]).dataobj), 2) / 255.0
             for k in ("gm", "wm")
         )
         out = np.zeros(gm.shape, dtype=np.uint8)
@@ -378,7 +355,7 @@ def _mni_tissue() -> list[Case]:
 
 
 def _case(name: str, image: Path, label: Path, modality: str, classes: dict[int, str]) -> Case:
-    axis = slice_axis(np.asarray(_open(image).affine))
+    axis = slice_axis(np.asarray(open_nifti(image).affine))
     return Case(name, image, label, modality, dict(classes), axis)
 
 
@@ -474,7 +451,7 @@ def load_msd_folder(path: str | os.PathLike[str]) -> list[Case]:
             logger.warning("%s: no image for label %s, skipped", folder, label.name)
             continue
         if not classes:
-            found = np.unique(np.asanyarray(_open(label).dataobj))
+            found = np.unique(np.asanyarray(open_nifti(label).dataobj))
             classes = {int(v): f"class_{int(v)}" for v in found if v != 0}
         image = _first_channel(image, folder.name, stem)
         cases.append(_case(stem, image, label, modality, classes))
@@ -484,7 +461,7 @@ def load_msd_folder(path: str | os.PathLike[str]) -> list[Case]:
 
 
 def _first_channel(image: Path, dataset: str, stem: str) -> Path:
-    header = _open(image)
+    header = open_nifti(image)
     if len(header.shape) == 3:
         return image
     target = _derived_dir(f"msd-{dataset}") / f"{stem}_channel0.nii.gz"

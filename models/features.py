@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 
 from models.networks.segmenter import SegmenterNet
 from models.pretrain import Encoder
+from models.runtime._atomic import atomic_dir
 from models.runtime.predictor import Device, providers
 from models.runtime.preprocess import crop_to, pad_to_multiple
 
@@ -165,9 +165,7 @@ def compute_feature_maps(
     hp, wp = (-(-d // divisor) * divisor for d in (h, w))
     channels = list(encoder.network.channels[:-1])
     run = runner or torch_runner(encoder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as staging:
         maps = [
             np.lib.format.open_memmap(
                 staging / f"map{i}.npy",
@@ -201,11 +199,6 @@ def compute_feature_maps(
             "channels": channels,
         }
         (staging / _META).write_text(json.dumps(meta))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return FeatureMaps.load(folder)
 
 

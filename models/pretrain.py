@@ -25,6 +25,7 @@ from models.clusters import fit_kmeans_head
 from models.networks.unet import DenseUNet
 from models.objectives import Objective, build_objective
 from models.progress import Progress, ProgressCallback
+from models.runtime._atomic import atomic_path
 from models.runtime.configs import PretrainConfig
 from models.runtime.preprocess import (
     Normalisation,
@@ -196,13 +197,8 @@ class Encoder(nn.Module):
 
 
 def _atomic_save(payload: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _step_generator(seed: int, step: int) -> tuple[torch.Generator, int]:

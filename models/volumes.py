@@ -13,10 +13,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 
-import nibabel as nib
 import numpy as np
 
 from models.runtime.configs import IGNORE_INDEX
+from models.runtime.nifti import open_nifti
 
 __all__ = [
     "IGNORE_INDEX",
@@ -51,9 +51,7 @@ def load_volume(path: str | PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         ValueError: if the image is not 3D.
     """
-    image = nib.load(path)
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        raise ValueError(f"{path}: not a NIfTI image ({type(image).__name__})")
+    image = open_nifti(path)
     shape = image.shape
     if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
         raise ValueError(f"{path}: expected a 3D volume, got shape {shape}")

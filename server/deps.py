@@ -1,14 +1,13 @@
-"""FastAPI dependencies as ``Annotated`` aliases: settings, DB session, storage, Celery."""
+"""FastAPI dependencies as ``Annotated`` aliases: settings, DB session, storage, Celery (the
+caller and its role: :mod:`server.auth`)."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, HTTPException, Path, Query, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Path, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.tables import ID_PATTERN
@@ -22,7 +21,6 @@ __all__ = [
     "SessionDep",
     "SettingsDep",
     "StorageDep",
-    "require_token",
 ]
 
 
@@ -61,22 +59,3 @@ IdPath = Annotated[str, Path(pattern=ID_PATTERN, description="32 lowercase hex d
 ``x/y``) is a 422 before any lookup or file access."""
 IdQuery = Annotated[str | None, Query(pattern=ID_PATTERN, description="32 lowercase hex digits")]
 """An optional id in the query string (a filter), checked like :data:`IdPath`."""
-
-_bearer = HTTPBearer(auto_error=False)
-
-
-def require_token(
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """When ``settings.api_token`` is set, require ``Authorization: Bearer <token>``."""
-    if not settings.api_token:
-        return
-    if credentials is None or not secrets.compare_digest(
-        credentials.credentials.encode(), settings.api_token.encode()
-    ):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "missing or wrong API token (send 'Authorization: Bearer <SEGASSIST_API_TOKEN>')",
-            headers={"WWW-Authenticate": "Bearer"},
-        )

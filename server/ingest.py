@@ -1,8 +1,8 @@
 """Upload → validated NIfTI on disk.
 
 The upload routes stream a request body into a temporary file, then call one of these pure
-functions, which check it and store it atomically (temporary file in ``dst``'s folder, then
-``os.replace``) as ``.nii.gz``:
+functions, which check it and store it atomically (:func:`models.runtime._atomic.atomic_path`)
+as ``.nii.gz``:
 
 - :func:`ingest_nifti`: a ``.nii`` or ``.nii.gz`` volume, stored byte for byte (gzip-compressed if
   it was not), so header, affine, qform/sform and their codes are kept exactly.
@@ -20,19 +20,22 @@ import gzip
 import hashlib
 import io
 import logging
-import os
 import shutil
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import nibabel as nib
 import numpy as np
 from nibabel.arrayproxy import ArrayProxy
 
+from models.runtime._atomic import atomic_path
 from models.runtime.configs import IGNORE_INDEX
-from server.storage import temporary_path
+from models.runtime.nifti import open_nifti
+
+if TYPE_CHECKING:
+    from server.dicom import DicomVolume
 
 __all__ = [
     "MAX_VOLUME_BYTES",
@@ -41,6 +44,7 @@ __all__ = [
     "VolumeInfo",
     "ingest_dicom_zip",
     "ingest_nifti",
+    "store_dicom_volume",
     "validate_label",
 ]
 
@@ -51,6 +55,9 @@ MAX_VOLUME_BYTES = 4 * 1024**3
 
 AFFINE_TOLERANCE = 1e-3
 """Largest difference (mm) between a label's affine and its image's still taken as the same grid."""
+
+_CHEAP_CLAIM_BYTES = 64 * 1024**2
+"""Voxel data a header may claim before its presence in the file is checked without allocating."""
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _NIFTI_KINDS = {348: (nib.Nifti1Image, b"n+1", 40, "i2"), 540: (nib.Nifti2Image, b"n+2", 16, "i8")}
@@ -73,6 +80,7 @@ class VolumeInfo:
         sha256: hex digest of the stored file.
         size_bytes: size of the stored file.
         axcodes: orientation of the voxel axes, e.g. ``"LAS"`` (nibabel ``aff2axcodes``).
+        series_uid: SeriesInstanceUID of a DICOM series (None for NIfTI).
     """
 
     shape: tuple[int, int, int]
@@ -82,6 +90,7 @@ class VolumeInfo:
     sha256: str
     size_bytes: int
     axcodes: str
+    series_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -132,18 +141,19 @@ def ingest_nifti(src: Path, dst: Path, *, max_bytes: int = MAX_VOLUME_BYTES) -> 
     """
     _check_destination(dst)
     nifti = _read_nifti(src, max_bytes, scaled=False)
-    with temporary_path(dst.parent, suffix=".nii.gz") as tmp:
+    with atomic_path(dst) as tmp:
         if nifti.gzipped and not nifti.squeezed:
             shutil.copyfile(src, tmp)
         else:
             _write_gzip_with_header(src, nifti, tmp)
         info = _volume_info(nifti.image, tmp)
-        _commit(tmp, dst)
     logger.info("stored NIfTI %s %s %s at %s", info.shape, info.dtype, info.axcodes, dst)
     return info
 
 
-def ingest_dicom_zip(src: Path, dst: Path, *, max_bytes: int = MAX_VOLUME_BYTES) -> VolumeInfo:
+def ingest_dicom_zip(
+    src: Path, dst: Path, *, max_bytes: int = MAX_VOLUME_BYTES, headers_dst: Path | None = None
+) -> VolumeInfo:
     """Convert a zip of one DICOM series to NIfTI at ``dst`` (``.nii.gz``).
 
     Slices are sorted along the slice normal and laid out as dcm2niix does (first axis along
@@ -155,22 +165,34 @@ def ingest_dicom_zip(src: Path, dst: Path, *, max_bytes: int = MAX_VOLUME_BYTES)
         src: the uploaded zip.
         dst: where to store the volume; must end in ``.nii.gz``.
         max_bytes: largest total uncompressed size of the zip's members.
+        headers_dst: where to keep the series' headers in stacking order
+            (:mod:`server.dicom_headers`; the source images of a DICOM-SEG), if given.
 
     Raises:
         IngestError: not a zip, unsafe member paths, no or several series, inconsistent or
             unevenly spaced slices, undecodable pixel data.
     """
     # pydicom is only needed for DICOM uploads; server.dicom imports this module.
-    from server.dicom import read_dicom_zip, volume_to_nifti
+    from server.dicom import read_dicom_zip
 
     _check_destination(dst)
-    volume = read_dicom_zip(src, max_bytes=max_bytes)
+    return store_dicom_volume(read_dicom_zip(src, max_bytes=max_bytes), dst, headers_dst)
+
+
+def store_dicom_volume(volume: DicomVolume, dst: Path, headers_dst: Path | None) -> VolumeInfo:
+    """Store a DICOM series read by :mod:`server.dicom` as NIfTI at ``dst`` (and its headers at
+    ``headers_dst``, if given): shared by zip uploads and series fetched by DICOMweb."""
+    from server.dicom import volume_to_nifti
+    from server.dicom_headers import write_headers
+
+    _check_destination(dst)
     image = volume_to_nifti(volume)
-    with temporary_path(dst.parent, suffix=".nii.gz") as tmp:
+    if headers_dst is not None:
+        write_headers(volume.instances, headers_dst)
+    with atomic_path(dst) as tmp:
         nib.save(image, tmp)
         # Report the affine as stored (float32 in the header), not the float64 it came from.
-        info = _volume_info(nib.load(tmp), tmp)
-        _commit(tmp, dst)
+        info = _volume_info(open_nifti(tmp), tmp)
     logger.info(
         "stored DICOM series %s (%d slices) as %s %s at %s",
         volume.series_uid,
@@ -179,7 +201,7 @@ def ingest_dicom_zip(src: Path, dst: Path, *, max_bytes: int = MAX_VOLUME_BYTES)
         info.axcodes,
         dst,
     )
-    return info
+    return replace(info, series_uid=volume.series_uid)
 
 
 def validate_label(
@@ -210,9 +232,7 @@ def validate_label(
             non-integral values, or values outside the schema.
     """
     _check_destination(dst)
-    image = nib.load(image_path)
-    if not isinstance(image, nib.Nifti1Image):  # Nifti2Image is a subclass
-        raise ValueError(f"{image_path} is not a stored NIfTI image")
+    image = open_nifti(image_path)
     nifti = _read_nifti(src, max_bytes, scaled=True)
     label_shape = nifti.image.shape[:3]
     if label_shape != image.shape[:3]:
@@ -226,10 +246,9 @@ def validate_label(
     header["cal_min"] = header["cal_max"] = 0
     stored = type(image)(labels, image.affine, header=header)
     annotated = labels != IGNORE_INDEX
-    with temporary_path(dst.parent, suffix=".nii.gz") as tmp:
+    with atomic_path(dst) as tmp:
         nib.save(stored, tmp)
         sha256, size = _digest(tmp)
-        _commit(tmp, dst)
     counts = np.bincount(labels[annotated], minlength=256)
     info = LabelInfo(
         sha256=sha256,
@@ -268,12 +287,26 @@ def _read_nifti(src: Path, max_bytes: int, *, scaled: bool) -> _Nifti:
             header_bytes, byteorder = _header_bytes(stream)
             stream.seek(0)
             image_class, magic, dim_offset, dim_type = _NIFTI_KINDS[len(header_bytes)]
+            # nibabel rewrites the magic of a header it reads into a single-file image: check
+            # the file's own bytes, or a ``ni1`` header's voxels would be read from offset 0.
+            stored = image_class.header_class.from_fileobj(io.BytesIO(header_bytes))
+            if bytes(stored["magic"]).rstrip(b"\0") != magic:
+                raise IngestError(
+                    "file is not a single-file NIfTI volume (its header points to a separate"
+                    " .img data file, or is Analyze); upload a .nii or .nii.gz file"
+                )
             image = image_class.from_stream(stream)
-            _check_header(image, magic, max_bytes)
+            _check_header(image, max_bytes)
+            _check_data_present(stream, image)
             proxy = cast(ArrayProxy, image.dataobj)
             data = np.asanyarray(proxy) if scaled else proxy.get_unscaled()
             while stream.read(1 << 20):  # reach the end so gzip checks its CRC and length
                 pass
+            if data.dtype.kind == "f" and not np.isfinite(data).all():
+                bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+                raise IngestError(
+                    f"volume holds {bad} NaN or infinite voxels; replace them before uploading"
+                )
     except IngestError:
         raise
     except EOFError as exc:
@@ -310,13 +343,8 @@ def _header_bytes(stream: io.BufferedIOBase) -> tuple[bytes, str]:
     )
 
 
-def _check_header(image: nib.Nifti1Image, magic: bytes, max_bytes: int) -> None:
+def _check_header(image: nib.Nifti1Image, max_bytes: int) -> None:
     header = image.header
-    if bytes(header["magic"]).rstrip(b"\0") != magic:
-        raise IngestError(
-            "file is not a single-file NIfTI volume (its header points to a separate .img data"
-            " file, or is Analyze); upload a .nii or .nii.gz file"
-        )
     shape = tuple(int(n) for n in header.get_data_shape())
     if len(shape) < 3 or any(n < 1 for n in shape):
         raise IngestError(f"volume must be 3D; this file has shape {shape}")
@@ -339,6 +367,30 @@ def _check_header(image: nib.Nifti1Image, magic: bytes, max_bytes: int) -> None:
         raise IngestError(
             "volume affine is degenerate (non-finite or zero voxel size); check the header's"
             " sform/qform and pixdim"
+        )
+
+
+def _check_data_present(stream: io.BufferedIOBase, image: nib.Nifti1Image) -> None:
+    """Refuse a header that claims more voxel data than the file holds, before allocating it.
+
+    Small claims are read directly (a short file then fails as truncated); a claim above
+    :data:`_CHEAP_CLAIM_BYTES` is first checked by streaming through the file in 1 MiB chunks,
+    so a 2 GB header on a 1 kB upload costs neither 2 GB of memory nor seconds.
+    """
+    header = image.header
+    claimed = int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if claimed <= _CHEAP_CLAIM_BYTES:
+        return
+    offset = int(header["vox_offset"])
+    stream.seek(offset)
+    present = 0
+    while present < claimed and (chunk := stream.read(min(1 << 20, claimed - present))):
+        present += len(chunk)
+    if present < claimed:
+        raise IngestError(
+            f"file is not a NIfTI volume: its header claims {claimed} bytes of voxel data"
+            f" (shape {tuple(header.get_data_shape())}) but the file holds {present};"
+            " the upload is truncated or the header is wrong"
         )
 
 
@@ -384,12 +436,6 @@ def _digest(path: Path) -> tuple[str, int]:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest(), path.stat().st_size
-
-
-def _commit(tmp: Path, dst: Path) -> None:
-    with tmp.open("rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, dst)
 
 
 def _check_same_grid(label_affine: np.ndarray, image_affine: np.ndarray) -> None:

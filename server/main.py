@@ -14,12 +14,29 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 
+from models.runtime._atomic import set_file_modes
+from server.audit import AuditMiddleware
+from server.auth import require_role
 from server.db.session import migrate, session_factory
-from server.deps import require_token
+from server.db.tables import Role
 from server.errors import install_error_handlers
+from server.methods import AllowHeaderMiddleware
 from server.monailabel import monailabel_routers
+from server.openapi import install_openapi
+from server.page import install_page
 from server.queue import make_celery
-from server.routes import assist, datasets, health, images, jobs, labels, models, predictions
+from server.routes import (
+    assist,
+    audit,
+    datasets,
+    dicomweb,
+    health,
+    images,
+    jobs,
+    labels,
+    models,
+    predictions,
+)
 from server.settings import Settings, get_settings
 from server.storage import Storage
 
@@ -33,10 +50,12 @@ API_PREFIX = "/api/v1"
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for ``settings`` (default: :func:`get_settings`)."""
     settings = settings or get_settings()
+    set_file_modes(settings.file_mode, settings.dir_mode)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(migrate, settings.database_url)
+        await run_in_threadpool(app.state.storage.remove_stale_uploads)
         yield
 
     app = FastAPI(
@@ -54,13 +73,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     api = APIRouter(prefix=API_PREFIX)
     api.include_router(health.router)
-    protected = APIRouter(dependencies=[Depends(require_token)])
-    for module in (datasets, assist, images, labels, jobs, models, predictions):
+    # Reading needs a viewer; writes declare more on their route (server.auth.route_role).
+    protected = APIRouter(dependencies=[Depends(require_role(Role.viewer))])
+    # dicomweb before predictions: its segmentation.dcm route precedes the generic file route.
+    for module in (datasets, assist, images, labels, jobs, models, dicomweb, predictions, audit):
         protected.include_router(module.router)
     api.include_router(protected)
     app.include_router(api)
     for router in monailabel_routers():  # 3D Slicer / OHIF: at the root and per dataset
         app.include_router(router)
+    install_page(app)  # the browser annotator at "/"
+    app.add_middleware(AuditMiddleware)
+    app.add_middleware(AllowHeaderMiddleware)
+    install_openapi(app, settings)
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,

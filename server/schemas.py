@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -24,13 +25,17 @@ from models.runtime.configs import (
     PretrainConfig,
 )
 from server.db.tables import ID_PATTERN, JobKind, JobStatus, ModelKind
+from server.dicomweb import DicomwebSettings
 
 __all__ = [
     "METHODS",
     "OBJECTIVES",
     "AssistCreate",
+    "AuditEventPublic",
     "DatasetCreate",
     "DatasetPublic",
+    "DicomwebPublic",
+    "ErrorPublic",
     "FinetuneConfig",
     "FinetuneParams",
     "HealthPublic",
@@ -50,10 +55,21 @@ __all__ = [
 
 Id = Annotated[str, Field(pattern=ID_PATTERN)]
 """An id in a request body: 32 lowercase hex digits (``server.deps.IdPath`` in paths)."""
+CLASS_VALUE = r"^0*([1-9][0-9]?|1[0-9]{2}|2[0-4][0-9]|25[0-4])$"
+"""A class value of a label schema as a JSON key: ``"1"``…``"254"`` (leading zeros allowed)."""
 
 
 class _Public(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _utc(cls, value: Any) -> Any:
+        """Times are stored in UTC; SQLite hands them back without a zone: put it back, so every
+        answer is an RFC 3339 ``date-time`` (with ``+00:00``) on every database."""
+        if isinstance(value, datetime) and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
 
 
 class LabelClass(BaseModel):
@@ -76,12 +92,19 @@ class DatasetCreate(BaseModel):
 
     name: str = Field(min_length=1, max_length=255)
     modality: str = Field(min_length=1, max_length=32)
-    labels: dict[str, LabelClass] = Field(default_factory=dict)
+    labels: dict[str, LabelClass] = Field(
+        default_factory=dict, json_schema_extra={"propertyNames": {"pattern": CLASS_VALUE}}
+    )
+    dicomweb: DicomwebSettings | None = Field(
+        default=None,
+        description="back the dataset by this DICOMweb server (Orthanc, a PACS): its series "
+        "become the dataset's images; the password is never returned",
+    )
 
     @field_validator("labels")
     @classmethod
     def _class_values(cls, labels: dict[str, LabelClass]) -> dict[str, LabelClass]:
-        bad = [k for k in labels if not (k.isdigit() and 1 <= int(k) < IGNORE_INDEX)]
+        bad = [k for k in labels if not re.fullmatch(CLASS_VALUE, k)]
         if bad:
             raise ValueError(
                 f"label values must be integers 1..{IGNORE_INDEX - 1} "
@@ -90,12 +113,22 @@ class DatasetCreate(BaseModel):
         return {str(int(k)): v for k, v in labels.items()}
 
 
+class DicomwebPublic(BaseModel):
+    """A dataset's DICOMweb server as shown: the URL without user info, the user name."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    url: str
+    username: str = ""
+
+
 class DatasetPublic(_Public):
     """A dataset with its label schema and number of images."""
 
     id: str
     name: str
     modality: str
+    dicomweb: DicomwebPublic | None = None
     labels: dict[str, LabelClass]
     image_count: int
     created_at: datetime
@@ -116,6 +149,13 @@ class ImagePublic(_Public):
     label_status: Literal["unlabelled", "labelled"]
     final_label_id: str | None
     label_versions: int
+    source: str = Field(
+        default="nifti",
+        description="nifti: a NIfTI upload; dicom: an uploaded DICOM series; dicomweb: a series "
+        "of the dataset's DICOMweb server. Predictions of DICOM sources download as DICOM-SEG "
+        "(GET /predictions/{model_id}/{image_id}/segmentation.dcm)",
+    )
+    series_uid: str | None = Field(default=None, description="SeriesInstanceUID of a DICOM source")
     created_at: datetime
 
 
@@ -202,7 +242,10 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: JobKind
+    kind: JobKind = Field(
+        # assist and features jobs are started by the server (422 here): not in the document
+        json_schema_extra={"enum": [JobKind.pretrain, JobKind.finetune, JobKind.predict]}
+    )
     dataset_id: Id
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -289,7 +332,34 @@ class AssistCreate(BaseModel):
     image of the dataset is segmented. The slice axis and the classes come from the labels.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # Documents the cross-field rules (checked in server.assist): objective "none" (random
+        # initialisation) needs method finetune or mean_teacher (a probe head reads a pretrained
+        # encoder), and excludes an encoder_id.
+        json_schema_extra={
+            "allOf": [
+                {
+                    "not": {
+                        "required": ["objective"],
+                        "properties": {
+                            "objective": {"const": "none"},
+                            "method": {"const": "linear"},
+                        },
+                    }
+                },
+                {
+                    "not": {
+                        "required": ["objective", "encoder_id"],
+                        "properties": {
+                            "objective": {"const": "none"},
+                            "encoder_id": {"type": "string"},
+                        },
+                    }
+                },
+            ]
+        },
+    )
 
     image_ids: list[Id] | None = Field(
         default=None, min_length=1, description="images to segment (default: every image)"
@@ -312,7 +382,11 @@ class AssistCreate(BaseModel):
         description="linear: a probe head on cached encoder features (seconds); finetune, "
         "mean_teacher: train the whole network (minutes)",
     )
-    head: Literal["linear", "mlp"] = "linear"
+    head: Literal["linear", "mlp", "auto"] = Field(
+        default="linear",
+        description="probe head; auto: the better of linear and mlp on held-out tiles of the "
+        "labelled slices (result.validation)",
+    )
     axis: int | None = Field(default=None, ge=0, le=2, description="default: from the labels")
     probabilities: bool = Field(
         default=False, description="also store class probabilities and the uncertainty map"
@@ -320,3 +394,25 @@ class AssistCreate(BaseModel):
     config: FewShotConfig | None = Field(
         default=None, description="expert overrides of the few-shot fit (only the keys given)"
     )
+
+
+class ErrorPublic(BaseModel):
+    """Every 4xx answer: ``{"detail": "<message naming the problem>"}`` (:mod:`server.errors`)."""
+
+    detail: str
+
+
+class AuditEventPublic(_Public):
+    """One recorded write: who, what (route template, path, path ids), when, from where."""
+
+    id: int
+    at: datetime
+    user_id: str | None
+    user_name: str | None
+    role: str | None
+    method: str
+    route: str | None
+    path: str
+    status_code: int
+    client: str | None
+    object_ids: dict[str, str]

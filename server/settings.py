@@ -9,15 +9,20 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["DEFAULT_API_TOKEN", "Settings", "get_settings"]
 
 DEFAULT_API_TOKEN = "changethis"
 """Placeholder token; refused when ``environment="production"``."""
+
+
+def _octal(value: object) -> object:
+    """Permission bits given as text are octal (``"0640"``, ``"0o640"``), as in ``chmod``."""
+    return int(value, 8) if isinstance(value, str) else value
 
 
 class Settings(BaseSettings):
@@ -49,6 +54,14 @@ class Settings(BaseSettings):
         monailabel_dataset: id of an existing dataset to serve at the root instead of the
             default one (empty = the default dataset).
         monailabel_username: user name ``POST /auth/token`` accepts (MONAI Label login).
+        file_mode: permissions of every stored file (octal, ``SEGASSIST_FILE_MODE=0640``):
+            group-readable by default, so an API and workers running as different users of one
+            group share the datastore.
+        dir_mode: permissions of staged folders (model artifacts, feature caches), e.g. ``0750``.
+        recovery_sweep_seconds: time between two sweeps of a worker's job recovery
+            (``worker/recovery.py``).
+        queued_resend_seconds: a queued job untouched this long is sent to the broker again
+            (its message may have been lost with a worker or a broker restart).
         monailabel_password: that user's password; ``/auth/token`` answers it with
             ``api_token`` (empty = no login: clients send the token themselves).
     """
@@ -73,6 +86,10 @@ class Settings(BaseSettings):
     monailabel_dataset: str = Field(default="", pattern=r"^([0-9a-f]{32})?$")
     monailabel_username: str = ""
     monailabel_password: str = ""
+    file_mode: Annotated[int, BeforeValidator(_octal)] = Field(default=0o640, ge=0, le=0o777)
+    dir_mode: Annotated[int, BeforeValidator(_octal)] = Field(default=0o750, ge=0, le=0o7777)
+    recovery_sweep_seconds: float = Field(default=30.0, gt=0)
+    queued_resend_seconds: float = Field(default=300.0, gt=0)
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> Settings:

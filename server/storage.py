@@ -10,26 +10,48 @@ Layout under ``data_dir`` (docs/internals.md)::
     uploads/                              (temporary upload files, same filesystem as the rest)
     broker/                               (embedded Celery filesystem transport)
 
-Every write goes to a temporary file in the destination folder and is moved into place with
-``os.replace``, so a reader sees either the old file, the whole new file, or nothing.
+Every write goes through :mod:`models.runtime._atomic` (temporary file in the destination folder,
+fsync, the configured permissions, ``os.replace``), so a reader sees either the old file, the
+whole new file, or nothing.
 """
 
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from models.runtime._atomic import atomic_write_bytes, atomic_write_chunks
 
 __all__ = [
     "Storage",
     "UploadTooLargeError",
     "atomic_write_bytes",
     "atomic_write_stream",
+    "file_lock",
     "temporary_path",
 ]
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created with its folder): one process or thread
+    at a time, across the API and workers that share the data directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+STALE_UPLOAD_SECONDS = 3600.0
+"""A temporary upload file untouched this long belongs to an upload that died with its API."""
 
 
 class UploadTooLargeError(ValueError):
@@ -62,26 +84,16 @@ def atomic_write_stream(
     raises or exceeds ``max_bytes`` (:class:`UploadTooLargeError`), the temporary file is
     removed and ``dst`` is left as it was.
     """
-    digest = hashlib.sha256()
-    size = 0
-    with temporary_path(dst.parent, suffix=".part") as tmp:
-        with tmp.open("wb") as out:
-            for chunk in chunks:
-                size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise UploadTooLargeError(max_bytes)
-                digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    return digest.hexdigest(), size
 
+    def limited() -> Iterator[bytes]:
+        size = 0
+        for chunk in chunks:
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise UploadTooLargeError(max_bytes)
+            yield chunk
 
-def atomic_write_bytes(data: bytes, dst: Path) -> str:
-    """Write ``data`` to ``dst`` atomically; returns its sha256 hex."""
-    digest, _ = atomic_write_stream([data], dst)
-    return digest
+    return atomic_write_chunks(limited(), dst)
 
 
 class Storage:
@@ -130,6 +142,21 @@ class Storage:
     def broker_dir(self) -> Path:
         """Embedded Celery filesystem transport."""
         return self.root / "broker"
+
+    def remove_stale_uploads(self, older_than_seconds: float = STALE_UPLOAD_SECONDS) -> int:
+        """Delete temporary upload files not written for ``older_than_seconds`` (left by an API
+        killed mid-upload: its cleanup never ran); returns how many. A live upload writes its
+        file continuously, so it is never that old."""
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for path in self.uploads_dir().glob(".tmp-*"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     @contextmanager
     def upload_tmp(self, suffix: str = "") -> Iterator[Path]:

@@ -3,6 +3,12 @@
 Starlette's ``request.form()`` spools the whole body before the route runs and cannot stop an
 oversized upload early; this parser writes the ``file`` part chunk by chunk to a temporary file in
 the datastore, hashing as it goes, and stops with 413 as soon as the limit is passed.
+
+Parsing, hashing and writing run in a worker thread (the event loop only receives the body and
+hands over about :data:`_HANDOFF_BYTES` at a time), so one upload never stalls the other
+requests. Every bound is explicit: at most :data:`MAX_PARTS` parts, :data:`MAX_PART_HEADERS`
+header lines of at most :data:`MAX_HEADER_LINE_BYTES` per part (python-multipart enforces both),
+:data:`_MAX_FIELD_BYTES` per text field and one file part.
 """
 
 from __future__ import annotations
@@ -12,16 +18,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from anyio import to_thread
 from fastapi import HTTPException, Request, status
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy.orm import Session
 
 from server.storage import UploadTooLargeError
 
-__all__ = ["ReceivedUpload", "multipart_openapi", "receive_upload"]
+__all__ = [
+    "MAX_HEADER_LINE_BYTES",
+    "MAX_PARTS",
+    "MAX_PART_HEADERS",
+    "ReceivedUpload",
+    "multipart_openapi",
+    "receive_upload",
+    "release_connection",
+]
 
+MAX_PARTS = 16
+"""Most parts (the file and text fields) one upload body may hold."""
+MAX_PART_HEADERS = 8
+"""Most header lines of one part."""
+MAX_HEADER_LINE_BYTES = 4096
+"""Longest header line of a part."""
 _MAX_FIELD_BYTES = 64 * 1024
 _MULTIPART_OVERHEAD = 64 * 1024
+_HANDOFF_BYTES = 1 << 20
+"""Body bytes gathered on the event loop before the worker thread parses and writes them."""
 
 
 @dataclass
@@ -60,8 +84,15 @@ class _Receiver:
         self._name = ""
         self._is_file = False
         self._buffer = bytearray()
+        self._parts = 0
 
     def on_part_begin(self) -> None:
+        self._parts += 1
+        if self._parts > MAX_PARTS:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                f"multipart body has more than {MAX_PARTS} parts",
+            )
         self._disposition = b""
         self._buffer.clear()
 
@@ -115,6 +146,9 @@ async def receive_upload(
 ) -> ReceivedUpload:
     """Stream the multipart body of ``request``; the ``file_field`` part goes to ``dst``.
 
+    The body is parsed, hashed and written in a worker thread; callers hold no database
+    connection while it streams.
+
     Raises:
         UploadTooLargeError: (413) the file part, or the declared body, exceeds ``max_bytes``.
         HTTPException: 422 when the body is not multipart, is malformed, or has no file part.
@@ -128,7 +162,7 @@ async def receive_upload(
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes + _MULTIPART_OVERHEAD:
         raise UploadTooLargeError(max_bytes)
-    with dst.open("wb") as out:
+    with await to_thread.run_sync(dst.open, "wb") as out:
         receiver = _Receiver(out, file_field, max_bytes)
         parser = MultipartParser(
             params[b"boundary"],
@@ -141,11 +175,17 @@ async def receive_upload(
                 "on_part_data": receiver.on_part_data,
                 "on_part_end": receiver.on_part_end,
             },
+            max_header_count=MAX_PART_HEADERS,
+            max_header_size=MAX_HEADER_LINE_BYTES,
         )
+        pending = bytearray()
         try:
             async for chunk in request.stream():
-                parser.write(chunk)
-            parser.finalize()
+                pending += chunk
+                if len(pending) >= _HANDOFF_BYTES:
+                    await to_thread.run_sync(parser.write, bytes(pending))
+                    pending.clear()
+            await to_thread.run_sync(_finish, parser, bytes(pending), out)
         except FormParserError as exc:
             raise HTTPException(
                 status.HTTP_422_UNPROCESSABLE_CONTENT, f"malformed multipart body: {exc}"
@@ -163,13 +203,34 @@ async def receive_upload(
     )
 
 
-def multipart_openapi(**fields: dict[str, Any]) -> dict[str, Any]:
-    """OpenAPI ``requestBody`` of an upload route: a required binary ``file`` plus ``fields``.
+async def release_connection(session: Session) -> None:
+    """End ``session``'s transaction so its pooled connection is free while a body streams.
+
+    An upload route looks its target up (a quick 404), releases the connection here, receives
+    the body, then stores it in a new transaction: twenty slow uploads do not hold twenty
+    connections (the pool holds fifteen). Objects loaded so far reload on their next access.
+    """
+    await to_thread.run_sync(session.rollback)
+
+
+def _finish(parser: MultipartParser, rest: bytes, out: BinaryIO) -> None:
+    """Parse the last bytes and check that the body ended properly."""
+    parser.write(rest)
+    parser.finalize()
+    out.flush()
+
+
+UPLOAD_MEDIA_TYPES = "application/gzip, application/zip, application/octet-stream"
+"""What a volume part may be: ``.nii.gz``, a ``.zip`` of a DICOM series, ``.nii`` (or NRRD)."""
+
+
+def multipart_openapi(file_field: str = "file", **fields: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of an upload route: a required binary ``file_field`` (a volume,
+    :data:`UPLOAD_MEDIA_TYPES`) plus ``fields``.
 
     The routes parse the body themselves (streamed, size-limited), so FastAPI cannot infer it.
     """
-    properties = {"file": {"type": "string", "format": "binary"}, **fields}
-    schema = {"type": "object", "required": ["file"], "properties": properties}
-    return {
-        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
-    }
+    properties = {file_field: {"type": "string", "format": "binary"}, **fields}
+    schema = {"type": "object", "required": [file_field], "properties": properties}
+    form = {"schema": schema, "encoding": {file_field: {"contentType": UPLOAD_MEDIA_TYPES}}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": form}}}

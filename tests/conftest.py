@@ -54,6 +54,31 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+TOTALSEG_DICOM = [
+    f"tests/reference_files/example_ct_dicom/CT.1.3.12.2.1107.5.1.4.60064.300000221208081134280000{n}"
+    for n in range(16573, 16593)
+]
+"""TotalSegmentator 2.18.0's 20-slice DICOM CT test series (members of its sdist)."""
+TOTALSEG_SEG = "tests/reference_files/example_seg_dicom.nii.gz"
+"""Its reference segmentation, on the series' grid as dcm2niix lays it out."""
+TOTALSEG_LIVER = 5
+
+
+@pytest.fixture(scope="session")
+def totalseg() -> Path:
+    """TotalSegmentator 2.18.0's DICOM CT test series and its segmentation, from the sdist
+    (fetched once with pip into the cache; folder holding :data:`TOTALSEG_DICOM`)."""
+    from models.datasets import fetch_registry_file
+
+    try:
+        return fetch_registry_file(
+            "totalsegmentator", "2.18.0", [*TOTALSEG_DICOM, TOTALSEG_SEG], sdist=True
+        )
+    except RuntimeError as exc:
+        unavailable(f"package index unreachable: {exc}")
+        raise
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from models.runtime._atomic import set_file_modes
 from server.db import make_engine, migrate
 from server.queue import celery_config
 from server.settings import get_settings
@@ -53,6 +54,13 @@ def __getattr__(name: str) -> Any:
     if name == "app":
         return get_app()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@signals.worker_init.connect
+def _file_modes(**_: Any) -> None:
+    """Stored files get the configured permissions (``SEGASSIST_FILE_MODE``/``DIR_MODE``)."""
+    settings = get_settings()
+    set_file_modes(settings.file_mode, settings.dir_mode)
 
 
 @signals.worker_init.connect

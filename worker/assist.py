@@ -17,7 +17,10 @@ retry works on exactly what the user submitted. Phases, as the job's progress re
 5. ``predict``: the head over the cached maps of every target image (probe), or ONNX Runtime
    (fine-tuned encoders); outputs written atomically under ``predictions/<model>/<image>/``.
 
-Result: ``segmenter_id``, ``encoder_id``, ``axis``, ``method``, ``predictions`` (image id → output
+Result: ``segmenter_id``, ``encoder_id``, ``axis``, ``method`` (the request's, or for a probe the
+fitted head as the registry names it: ``probe-linear``, ``probe-mlp``), ``validation`` (head
+``"auto"`` only: each candidate head's Dice on held-out tiles of the labelled slices,
+:func:`models.fewshot.select_probe_head`), ``predictions`` (image id → output
 URLs), ``next_slice`` (image id → the unannotated slice whose prediction is least certain: the
 hint of where to label next), ``uncertainty`` (image id → mean normalised entropy of its
 prediction, 0 = certain, 1 = uniform), ``timings`` (seconds per phase), ``background_job_id`` when a longer
@@ -48,7 +51,7 @@ from models.features import (
     onnx_runner,
     torch_runner,
 )
-from models.fewshot import FewShotConfig, Method, fit_probe, fit_segmenter
+from models.fewshot import FewShotConfig, Method, fit_probe, fit_segmenter, select_probe_head
 from models.networks.segmenter import SegmenterNet
 from models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
 from models.pretrain import pretrain as run_pretraining
@@ -124,15 +127,14 @@ def assist(ctx: JobContext) -> dict[str, Any]:
         with phase(ctx, "features"):
             cached = _cache_features(ctx, encoder_id, encoder, [i for i, _ in pairs], targets, axis)
         with phase(ctx, "fit"):
+            maps = [cached[image.id] for image, _ in pairs]
+            if config.head == "auto":
+                choice = select_probe_head(encoder, maps, labels, len(class_names), config)
+                config = config.model_copy(update={"head": choice.head})
+                result["validation"] = choice.validation
+            result["method"] = f"probe-{config.head}"
             losses = pipelines._LossTracker(ctx)
-            segmenter = fit_probe(
-                encoder,
-                [cached[image.id] for image, _ in pairs],
-                labels,
-                len(class_names),
-                config,
-                losses,
-            )
+            segmenter = fit_probe(encoder, maps, labels, len(class_names), config, losses)
     else:
         with phase(ctx, "fit"):
             segmenter, losses = _fit_network(
@@ -228,7 +230,7 @@ def refit_after_pretraining(ctx: JobContext, encoder_id: str) -> str | None:
     """
     from worker.app import get_app
 
-    with ctx.sessions.begin() as session:
+    with ctx.owned_session() as session:
         latest = session.scalar(
             select(Job)
             .where(Job.dataset_id == ctx.dataset_id, Job.kind == JobKind.assist)
@@ -339,7 +341,7 @@ def _continue_in_background(
     checkpoint = ctx.workdir / CHECKPOINT_NAME
     if steps <= encoder.config.steps or not checkpoint.exists():
         return None
-    with ctx.sessions.begin() as session:
+    with ctx.owned_session() as session:
         job = session.scalar(
             select(Job).where(
                 Job.kind == JobKind.pretrain,

@@ -3,7 +3,10 @@
 The SQL job row is the status of record. :func:`run_job` is safe to call again for the same job
 (a redelivered message, a re-enqueued orphan): a finished job is left alone, a job another live
 worker is running is left to it, and a job whose worker died is taken over (its pipeline resumes
-from what the previous attempt left in ``jobs/<id>/work/``).
+from what the previous attempt left in ``jobs/<id>/work/``). Starting a job increments its
+``attempts``; every later write of the delivery (progress, registered models, the outcome) is
+conditional on that attempt (:mod:`worker.attempts`), so a worker presumed dead cannot overwrite
+the one that took over.
 
 While the pipeline runs, everything logged in the process goes to ``jobs/<id>/log.txt`` as well
 (served by ``GET /jobs/{id}/logs``), and :class:`ProgressWriter` stores progress on the row at most
@@ -22,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.progress import Progress
@@ -30,13 +34,18 @@ from server.db import Job, JobStatus, session_factory
 from server.db.tables import utcnow
 from server.settings import Settings
 from server.storage import Storage
-from worker.lease import LeaseKeeper, lease_path, owner_gone
+from worker.attempts import (
+    AttemptSuperseded,
+    Heartbeat,
+    guard_attempt,
+    owner_gone,
+    worker_identity,
+)
 
 __all__ = [
     "MAX_ATTEMPTS",
     "JobCancelled",
     "JobContext",
-    "LeaseLost",
     "Pipeline",
     "ProgressWriter",
     "run_job",
@@ -50,15 +59,14 @@ MAX_ATTEMPTS = 3
 PROGRESS_INTERVAL_SECONDS = 1.0
 """Least time between two progress writes to the job row (the last step is always written)."""
 
+FINAL_WRITE_RETRY_SECONDS = 120.0
+"""How long the outcome of a job is retried while the database is unreachable (a restart)."""
+
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class JobCancelled(Exception):
     """Raised inside a pipeline when the job's cancellation was requested."""
-
-
-class LeaseLost(Exception):
-    """Raised inside a pipeline when another worker took the job over (this one was presumed lost)."""
 
 
 ProgressPublisher = Callable[[dict[str, Any]], None]
@@ -71,30 +79,34 @@ class ProgressWriter:
     A report is written when a second has passed since the last write, at the last step, and at
     a change of phase; a non-finite loss is stored as ``null`` (JSON has no NaN).
 
-    Each write also reads ``cancel_requested`` and raises :class:`JobCancelled` when it is set,
-    so a training loop stops (after checkpointing) within about a second of a cancel; it raises
-    :class:`LeaseLost` at once when ``lease`` reports that another worker took the job over.
+    Each write is conditional on ``attempt`` (it refreshes the heartbeat too) and reads
+    ``cancel_requested``: it raises :class:`JobCancelled` when that is set, so a training loop
+    stops (after checkpointing) within about a second of a cancel, and
+    :class:`~worker.attempts.AttemptSuperseded` when another worker took the job over (at once
+    when ``heartbeat`` already noticed). A database that is briefly unreachable skips a write.
     """
 
     def __init__(
         self,
         job_id: str,
+        attempt: int,
         sessions: sessionmaker[Session],
-        lease: LeaseKeeper | None = None,
+        heartbeat: Heartbeat | None = None,
         publish: ProgressPublisher | None = None,
         interval: float = PROGRESS_INTERVAL_SECONDS,
     ) -> None:
         self.job_id = job_id
+        self.attempt = attempt
         self.sessions = sessions
-        self.lease = lease
+        self.heartbeat = heartbeat
         self.publish = publish
         self.interval = interval
         self._last_write = float("-inf")
         self._last_phase: str | None = None
 
     def __call__(self, progress: Progress) -> None:
-        if self.lease is not None and self.lease.lost:
-            raise LeaseLost(f"job {self.job_id} was taken over by another worker")
+        if self.heartbeat is not None and self.heartbeat.lost:
+            raise AttemptSuperseded(f"job {self.job_id} was taken over by another worker")
         now = time.monotonic()
         routine = progress.step < progress.total and progress.phase == self._last_phase
         if routine and now - self._last_write < self.interval:
@@ -107,14 +119,28 @@ class ProgressWriter:
             "eta_seconds": progress.eta_seconds,
             "phase": progress.phase,
         }
-        with self.sessions.begin() as session:
-            job = session.get(Job, self.job_id)
-            if job is None:
-                raise JobCancelled("the job row was deleted")
-            job.progress = state
-            cancel = job.cancel_requested
+        try:
+            with self.sessions.begin() as session:
+                if session.get(Job, self.job_id) is None:
+                    raise JobCancelled("the job row was deleted")
+                guard_attempt(session, self.job_id, self.attempt)
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id)
+                    .values(progress=state)
+                    .execution_options(synchronize_session=False)
+                )
+                cancel = bool(
+                    session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
+                )
+        except OperationalError:
+            logger.warning("job %s: progress not written (database unreachable)", self.job_id)
+            return
         if self.publish is not None:
-            self.publish(state)
+            try:
+                self.publish(state)
+            except Exception:  # an optional sink (the result backend); the row has the state
+                logger.warning("job %s: progress not published", self.job_id, exc_info=True)
         if cancel:
             raise JobCancelled("cancellation requested")
 
@@ -140,6 +166,17 @@ class JobContext:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    @contextmanager
+    def owned_session(self) -> Iterator[Session]:
+        """A transaction that commits only while this attempt still owns the job.
+
+        Use it for every write that publishes something (a registered model, a follow-up job):
+        a superseded attempt gets :class:`~worker.attempts.AttemptSuperseded` and writes nothing.
+        """
+        with self.sessions.begin() as session:
+            guard_attempt(session, self.job_id, self.attempt)
+            yield session
+
     def check_cancelled(self) -> None:
         """Raise :class:`JobCancelled` if a cancel was requested (one row read)."""
         with self.sessions() as session:
@@ -160,30 +197,32 @@ def run_job(
 ) -> str:
     """Run one delivery of job ``job_id``; returns the job's status afterwards.
 
-    Raises only if the database itself fails (the message is then acknowledged as failed and the
-    job, left ``running`` without a lease, is re-enqueued by :mod:`worker.recovery`).
+    Raises only if the database stays unreachable (the message is then acknowledged as failed
+    and the job, left ``running`` with an ageing heartbeat, is re-enqueued by
+    :mod:`worker.recovery`).
     """
     sessions = session_factory(settings)
     storage = Storage(settings.data_dir)
     log_path = storage.job_log(job_id)
     with _job_log(log_path):
-        claimed = _claim(job_id, sessions, storage)
+        claimed = _claim(job_id, sessions)
         if claimed is None:
             return _status(job_id, sessions)
         if not _mark_running(job_id, claimed, sessions):
             logger.info("job %s was claimed by another worker meanwhile", job_id)
             return _status(job_id, sessions)
-        with LeaseKeeper(lease_path(storage, job_id)) as lease:
+        attempt = claimed.attempts + 1
+        with Heartbeat(job_id, attempt, sessions) as heartbeat:
             ctx = JobContext(
                 job_id=job_id,
                 kind=str(claimed.kind),
                 dataset_id=claimed.dataset_id,
                 params=dict(claimed.params or {}),
-                attempt=claimed.attempts + 1,
+                attempt=attempt,
                 settings=settings,
                 storage=storage,
                 sessions=sessions,
-                progress=ProgressWriter(job_id, sessions, lease, publish),
+                progress=ProgressWriter(job_id, attempt, sessions, heartbeat, publish),
             )
             return _execute(ctx, pipeline)
 
@@ -195,11 +234,11 @@ def _execute(ctx: JobContext, pipeline: Pipeline) -> str:
         result = pipeline(ctx)
     except Exception as exc:
         cause = _control_cause(exc)
-        if isinstance(cause, LeaseLost):
+        if isinstance(cause, AttemptSuperseded):
             logger.error("%s job %s: %s; this attempt stops here", ctx.kind, ctx.job_id, cause)
         elif isinstance(cause, JobCancelled):
             logger.info("%s job %s cancelled (%s)", ctx.kind, ctx.job_id, cause)
-            _finish(ctx.job_id, ctx.sessions, JobStatus.cancelled)
+            _finish_attempt(ctx, JobStatus.cancelled)
         elif isinstance(cause, SoftTimeLimitExceeded):
             limit = ctx.settings.task_soft_time_limit
             message = (
@@ -207,21 +246,21 @@ def _execute(ctx: JobContext, pipeline: Pipeline) -> str:
                 "(SEGASSIST_TASK_SOFT_TIME_LIMIT) and was stopped"
             )
             logger.error("%s job %s failed: %s", ctx.kind, ctx.job_id, message)
-            _finish(ctx.job_id, ctx.sessions, JobStatus.failed, error=message)
+            _finish_attempt(ctx, JobStatus.failed, error=message)
         else:
             logger.exception("%s job %s failed", ctx.kind, ctx.job_id)
-            _finish(ctx.job_id, ctx.sessions, JobStatus.failed, error=_describe(exc))
+            _finish_attempt(ctx, JobStatus.failed, error=_describe(exc))
     else:
         logger.info("%s job %s succeeded: %s", ctx.kind, ctx.job_id, result)
-        _finish(ctx.job_id, ctx.sessions, JobStatus.succeeded, result=result)
+        _finish_attempt(ctx, JobStatus.succeeded, result=result)
     return _status(ctx.job_id, ctx.sessions)
 
 
-_CONTROL = (LeaseLost, JobCancelled, SoftTimeLimitExceeded)
+_CONTROL = (AttemptSuperseded, JobCancelled, SoftTimeLimitExceeded)
 
 
 def _control_cause(exc: BaseException) -> BaseException | None:
-    """The cancel, lease-loss or time-limit exception behind ``exc``, if any.
+    """The cancel, take-over or time-limit exception behind ``exc``, if any.
 
     Libraries wrap what is raised inside them (MONAI re-raises an error inside a transform as
     ``RuntimeError("applying transform …")``), and the soft time limit is raised asynchronously
@@ -254,7 +293,7 @@ class _Claim:
     attempts: int
 
 
-def _claim(job_id: str, sessions: sessionmaker[Session], storage: Storage) -> _Claim | None:
+def _claim(job_id: str, sessions: sessionmaker[Session]) -> _Claim | None:
     """Decide whether this delivery runs the job; records the outcomes that need no pipeline."""
     with sessions() as session:
         job = session.get(Job, job_id)
@@ -268,12 +307,12 @@ def _claim(job_id: str, sessions: sessionmaker[Session], storage: Storage) -> _C
             status=JobStatus(job.status),
             attempts=job.attempts,
         )
-        cancel_requested, updated_at = job.cancel_requested, job.updated_at
+        cancel_requested, gone = job.cancel_requested, owner_gone(job)
     if claim.status.finished:
         logger.info("job %s already %s; duplicate delivery ignored", job_id, claim.status)
         return None
     if claim.status is JobStatus.running:
-        if not owner_gone(lease_path(storage, job_id), updated_at):
+        if not gone:
             logger.info("job %s is running on a live worker; duplicate delivery ignored", job_id)
             return None
         logger.warning(
@@ -302,7 +341,12 @@ def _mark_running(job_id: str, claim: _Claim, sessions: sessionmaker[Session]) -
             update(Job)
             .where(Job.id == job_id, Job.status == claim.status, Job.attempts == claim.attempts)
             .values(
-                status=JobStatus.running, attempts=claim.attempts + 1, error=None, updated_at=now
+                status=JobStatus.running,
+                attempts=claim.attempts + 1,
+                error=None,
+                updated_at=now,
+                heartbeat_at=now,
+                worker_id=worker_identity(),
             )
             .execution_options(synchronize_session=False)
         )
@@ -335,6 +379,45 @@ def _finish(
                 status=status, result=result, error=error, finished_at=utcnow(), updated_at=utcnow()
             ).execution_options(synchronize_session=False)
         )
+
+
+def _finish_attempt(
+    ctx: JobContext,
+    status: JobStatus,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> None:
+    """Record the outcome of ``ctx``'s attempt, only if the row is still that attempt's.
+
+    A superseded attempt's outcome is refused (and logged by :func:`guard_attempt`). While the
+    database is unreachable (a restart) the write is retried for
+    :data:`FINAL_WRITE_RETRY_SECONDS`, so a finished job does not run again for nothing.
+    """
+    deadline = time.monotonic() + FINAL_WRITE_RETRY_SECONDS
+    delay = 0.5
+    while True:
+        try:
+            with ctx.owned_session() as session:
+                now = utcnow()
+                session.execute(
+                    update(Job)
+                    .where(Job.id == ctx.job_id)
+                    .values(
+                        status=status, result=result, error=error, finished_at=now, updated_at=now
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+            return
+        except AttemptSuperseded:
+            return
+        except OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            logger.warning(
+                "job %s: database unreachable; outcome retried in %.1f s", ctx.job_id, delay
+            )
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
 
 
 def _status(job_id: str, sessions: sessionmaker[Session]) -> str:

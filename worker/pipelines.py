@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -41,6 +39,7 @@ from models.networks.segmenter import SegmenterNet
 from models.pretrain import Encoder, PretrainConfig
 from models.pretrain import pretrain as run_pretraining
 from models.progress import Progress
+from models.runtime._atomic import atomic_dir
 from models.runtime.manifest import Manifest
 from models.runtime.nifti import read_nifti
 from models.runtime.predictor import OnnxPredictor
@@ -460,21 +459,12 @@ def _publishing(ctx: JobContext, model_id: str) -> Iterator[Path]:
     A folder left at the destination by an earlier attempt of the same job is replaced.
     """
     final = ctx.storage.model_dir(model_id)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{model_id}-", dir=final.parent))
-    try:
+    with atomic_dir(final) as staging:
         yield staging
-        if final.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".old-{model_id}-", dir=final.parent))
-            os.replace(final, stale / "model")
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(staging, final)
-        logger.info("published model artifacts in %s", final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("published model artifacts in %s", final)
 
 
 def _register(ctx: JobContext, record: ModelRecord) -> None:
-    with ctx.sessions.begin() as session:
+    with ctx.owned_session() as session:
         session.add(record)
     logger.info("registered %s %s", record.kind, record.id)

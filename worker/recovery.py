@@ -1,32 +1,31 @@
-"""Re-enqueue jobs whose message the broker no longer holds (a worker died with it).
+"""Re-enqueue (or fail) jobs whose worker or message is gone, from the job rows alone.
 
-Late acknowledgement makes a message survive its worker on Redis: the unacknowledged message
-goes back to the queue after the visibility timeout. The embedded filesystem transport is
-different: a consumer deletes the message file as it reads it and keeps the unacknowledged
-message in memory, so ``kill -9`` (or a power cut) loses it. The job row would then stay
-``queued`` or ``running`` forever.
+A message can outlive its worker or vanish with it: late acknowledgement keeps it on Redis until
+the visibility timeout, but the embedded filesystem transport holds an unacknowledged message in
+the consumer's memory (``kill -9`` loses it), and a Redis restarted without persistence loses
+every queued message. The job row, not the broker, is therefore what recovery reads. Every worker
+runs a :class:`RecoverySweeper` in its main process: at start-up and then every
+``settings.recovery_sweep_seconds`` (30 s) it looks at the ``queued`` and ``running`` rows and
 
-Every worker therefore runs a :class:`RecoverySweeper` in its main process: at start-up and then
-every :data:`SWEEP_SECONDS` it looks for
-
-- ``running`` jobs whose lease (:mod:`worker.lease`) is stale — their worker is gone. The row is
-  set back to ``queued`` (compare-and-set, so of several sweeping workers exactly one wins), a
-  line is added to the job's log, and the job is re-enqueued unless the filesystem broker still
-  holds a message for it (a cold shutdown puts unacknowledged messages back);
-- on the filesystem broker only, ``queued`` jobs older than :data:`QUEUED_GRACE_SECONDS` with no
-  message file (lost between read and start) — re-enqueued.
+- a ``running`` job whose owner is gone (:func:`worker.attempts.owner_gone`: heartbeat older than
+  :data:`~worker.attempts.HEARTBEAT_TIMEOUT_SECONDS`, or its process on this host dead) is set
+  back to ``queued`` by compare-and-set on its attempt (of several sweeping workers exactly one
+  wins), noted in the job's log and re-enqueued; after :data:`~worker.jobs.MAX_ATTEMPTS` lost
+  workers it is failed with the reason instead;
+- a ``queued`` job untouched for ``settings.queued_resend_seconds`` (300 s) is re-enqueued and
+  its ``updated_at`` moved on (compare-and-set), so it is sent again at most once per period
+  while it waits.
 
 Duplicates are harmless: the task id is the job id and :func:`worker.jobs.run_job` ignores a
-delivery for a finished job or for one a live worker is running. The next delivery resumes the
-job: pretraining continues from ``jobs/<id>/work/checkpoint.pt``.
+delivery for a finished job or one a live worker is running. The next delivery resumes the job:
+pretraining continues from ``jobs/<id>/work/checkpoint.pt``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from celery import Celery
@@ -35,64 +34,57 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.db import Job, JobStatus, session_factory
 from server.db.tables import utcnow
-from server.queue import PREDICTION_QUEUE, QUEUE_NAME, broker_folders, enqueue_job
+from server.queue import enqueue_job
 from server.settings import Settings
 from server.storage import Storage
-from worker.lease import lease_path, owner_gone
+from worker.attempts import owner_gone
+from worker.jobs import MAX_ATTEMPTS
 
-__all__ = [
-    "QUEUED_GRACE_SECONDS",
-    "SWEEP_SECONDS",
-    "RecoverySweeper",
-    "recover_orphaned_jobs",
-]
+__all__ = ["RecoverySweeper", "recover_orphaned_jobs"]
 
 logger = logging.getLogger(__name__)
 
-SWEEP_SECONDS = 30.0
-"""Time between two sweeps of a worker."""
-
-QUEUED_GRACE_SECONDS = 60.0
-"""A queued job younger than this may still be on its way to the broker; left alone."""
-
 
 def recover_orphaned_jobs(celery: Celery, settings: Settings) -> list[str]:
-    """One sweep: re-enqueue the jobs that lost their message; returns their ids."""
+    """One sweep over the job rows; returns the ids of the jobs re-enqueued."""
     sessions = session_factory(settings)
     storage = Storage(settings.data_dir)
-    embedded = settings.broker_url.startswith("filesystem://")
-    pending = _messages_in_folder(settings) if embedded else set()
     now = datetime.now(UTC)
-    recovered: list[str] = []
     with sessions() as session:
         candidates = session.scalars(
             select(Job).where(Job.status.in_([JobStatus.queued, JobStatus.running]))
         ).all()
+    recovered: list[str] = []
     for job in candidates:
         if job.status == JobStatus.running:
-            if not owner_gone(lease_path(storage, job.id), job.updated_at):
+            if not owner_gone(job, now):
                 continue
-            if not _requeue_row(job, sessions):
+            lost = f"the worker running attempt {job.attempts} was lost"
+            if job.attempts >= MAX_ATTEMPTS:
+                error = (
+                    f"gave up after {job.attempts} attempts: the worker running this job died "
+                    "each time (killed, out of memory, or over the hard time limit)"
+                )
+                if _set_from_running(job, sessions, JobStatus.failed, error=error):
+                    _note(storage.job_log(job.id), f"{lost}; {error}")
                 continue
-            _note(storage.job_log(job.id), f"the worker running attempt {job.attempts} was lost")
-        elif not (embedded and _age(job.updated_at, now) > QUEUED_GRACE_SECONDS):
-            continue
-        if job.id in pending:
+            if not _set_from_running(job, sessions, JobStatus.queued):
+                continue
+            _note(storage.job_log(job.id), f"{lost}; re-queued")
+        elif not _resend_due(job, sessions, now, settings.queued_resend_seconds):
             continue
         enqueue_job(celery, job)
-        logger.warning("re-enqueued %s job %s (its message was lost)", job.kind, job.id)
+        logger.warning("re-enqueued %s job %s (%s)", job.kind, job.id, job.status)
         recovered.append(job.id)
     return recovered
 
 
-def _age(moment: datetime, now: datetime) -> float:
-    # SQLite hands timezone-aware columns back naive (stored in UTC).
-    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-    return (now - aware).total_seconds()
-
-
-def _requeue_row(job: Job, sessions: sessionmaker[Session]) -> bool:
-    """Set a lost ``running`` job back to ``queued`` unless someone changed it meanwhile."""
+def _set_from_running(
+    job: Job, sessions: sessionmaker[Session], status: JobStatus, error: str | None = None
+) -> bool:
+    """Move a lost ``running`` attempt to ``status`` unless the row changed meanwhile."""
+    now = utcnow()
+    finished = {"finished_at": now, "error": error} if status.finished else {}
     with sessions.begin() as session:
         result = session.execute(
             update(Job)
@@ -101,7 +93,28 @@ def _requeue_row(job: Job, sessions: sessionmaker[Session]) -> bool:
                 Job.status == JobStatus.running,
                 Job.attempts == job.attempts,
             )
-            .values(status=JobStatus.queued, updated_at=utcnow())
+            .values(status=status, updated_at=now, heartbeat_at=None, **finished)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _resend_due(
+    job: Job, sessions: sessionmaker[Session], now: datetime, after_seconds: float
+) -> bool:
+    """Whether a ``queued`` job waited ``after_seconds`` untouched; claims the resend."""
+    updated = job.updated_at if job.updated_at.tzinfo else job.updated_at.replace(tzinfo=UTC)
+    if now - updated <= timedelta(seconds=after_seconds):
+        return False
+    with sessions.begin() as session:
+        result = session.execute(
+            update(Job)
+            .where(
+                Job.id == job.id,
+                Job.status == JobStatus.queued,
+                Job.updated_at == job.updated_at,
+            )
+            .values(updated_at=utcnow())
             .execution_options(synchronize_session=False)
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -112,30 +125,17 @@ def _note(log_path: Path, message: str) -> None:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().isoformat(sep=" ", timespec="milliseconds")
     with log_path.open("a", encoding="utf-8") as log:
-        log.write(f"{stamp} WARNING {__name__}: {message}; re-queued\n")
-
-
-def _messages_in_folder(settings: Settings) -> set[str]:
-    """Task ids (= job ids) of the messages waiting in the filesystem broker's folder."""
-    folder = Path(broker_folders(settings)["data_folder_in"])
-    ids: set[str] = set()
-    paths = [p for q in (QUEUE_NAME, PREDICTION_QUEUE) for p in folder.glob(f"*.{q}.msg")]
-    for path in paths:
-        try:
-            payload = json.loads(path.read_bytes())
-            ids.add(str(payload["headers"]["id"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return ids
+        log.write(f"{stamp} WARNING {__name__}: {message}\n")
 
 
 class RecoverySweeper:
-    """Runs :func:`recover_orphaned_jobs` now and every ``interval`` seconds in a daemon thread."""
+    """Runs :func:`recover_orphaned_jobs` now and every ``settings.recovery_sweep_seconds`` in a
+    daemon thread."""
 
-    def __init__(self, celery: Celery, settings: Settings, interval: float = SWEEP_SECONDS) -> None:
+    def __init__(self, celery: Celery, settings: Settings) -> None:
         self.celery = celery
         self.settings = settings
-        self.interval = interval
+        self.interval = settings.recovery_sweep_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-recovery", daemon=True)
 

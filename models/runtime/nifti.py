@@ -17,9 +17,22 @@ from numpy.typing import DTypeLike
 
 from models.runtime._atomic import atomic_path
 
-__all__ = ["read_nifti", "write_nifti_atomic"]
+__all__ = ["open_nifti", "read_nifti", "write_nifti_atomic"]
 
 Reference = nib.Nifti1Image | tuple[np.ndarray, nib.Nifti1Header]
+
+
+def open_nifti(path: str | os.PathLike[str]) -> nib.Nifti1Image:
+    """Open a NIfTI-1 or NIfTI-2 file lazily: header and affine read, voxels left on disk
+    (``image.dataobj`` reads them on demand). The one place segassist calls ``nib.load``.
+
+    Raises:
+        ValueError: if nibabel reads the file as something other than NIfTI.
+    """
+    image = nib.load(os.fspath(path))
+    if not isinstance(image, nib.Nifti1Image):  # Nifti2Image is a subclass
+        raise ValueError(f"{path} is not a NIfTI image (nibabel read it as {type(image).__name__})")
+    return image
 
 
 def read_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
@@ -33,9 +46,7 @@ def read_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, ni
         (X×Y×Z[×…], float for scaled or float data, the stored integer type otherwise), the
         4×4 ``float64`` affine, and a copy of the header.
     """
-    image = nib.load(os.fspath(path))
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        raise ValueError(f"{path} is not a NIfTI image (nibabel read it as {type(image).__name__})")
+    image = open_nifti(path)
     header = image.header
     if isinstance(image, nib.Nifti2Image):
         header = nib.Nifti1Header.from_header(header)

@@ -105,8 +105,7 @@ def _migration_lock(engine: Engine) -> Iterator[Any]:
 
 
 def migrate(url: str) -> None:
-    """Upgrade the database at ``url`` to the newest schema (Alembic ``upgrade heads``: independent
-    migrations may branch from the same parent).
+    """Upgrade the database at ``url`` to the newest schema (Alembic ``upgrade head``).
 
     Safe to call from several processes at once (API and worker start together): PostgreSQL
     takes an advisory lock, SQLite a file lock next to the database file.
@@ -115,6 +114,6 @@ def migrate(url: str) -> None:
     config = alembic_config(url)
     with _migration_lock(engine) as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "heads")
+        command.upgrade(config, "head")
         connection.commit()
     logger.info("database schema at head (%s)", engine.url.render_as_string(hide_password=True))

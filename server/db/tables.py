@@ -36,7 +36,9 @@ from models.runtime.configs import IGNORE_INDEX
 __all__ = [
     "FINAL_TAG",
     "ID_PATTERN",
+    "IMAGE_SOURCES",
     "PREVIOUS_TAG",
+    "AuditEvent",
     "Base",
     "Dataset",
     "Image",
@@ -46,12 +48,16 @@ __all__ = [
     "Label",
     "ModelKind",
     "ModelRecord",
+    "Role",
+    "User",
     "new_id",
     "utcnow",
 ]
 
 FINAL_TAG = "final"
 PREVIOUS_TAG = "previous"
+IMAGE_SOURCES = ("nifti", "dicom", "dicomweb")
+"""An image's ``source``: a NIfTI upload, an uploaded DICOM series, a series fetched by DICOMweb."""
 
 
 ID_PATTERN = r"^[0-9a-f]{32}$"
@@ -129,6 +135,9 @@ class Dataset(Base):
     name: Mapped[str] = mapped_column(String(255))
     modality: Mapped[str] = mapped_column(String(32))
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    dicomweb: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    """``{"url", "username", "password"}`` of the DICOMweb server backing the dataset (None:
+    uploaded files); never logged or returned (:mod:`server.dicomweb`)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     images: Mapped[list[Image]] = relationship(back_populates="dataset", passive_deletes=True)
@@ -168,6 +177,12 @@ class Image(Base):
     dtype: Mapped[str] = mapped_column(String(32))
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(
+        String(16), default=IMAGE_SOURCES[0], server_default=IMAGE_SOURCES[0]
+    )
+    """Where the NIfTI came from: one of :data:`IMAGE_SOURCES`."""
+    series_uid: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    """SeriesInstanceUID of a DICOM source (``dicom``, ``dicomweb``)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     dataset: Mapped[Dataset] = relationship(back_populates="images")
@@ -209,7 +224,10 @@ class Job(Base):
     """A background job; this row (not Celery's result backend) is the status of record.
 
     ``progress`` holds ``{"step", "total", "loss", "eta_seconds", "phase"}`` as the worker
-    reports it; ``result`` the job's outputs (e.g. ``{"encoder_id": …}``).
+    reports it; ``result`` the job's outputs (e.g. ``{"encoder_id": …}``). ``attempts`` counts
+    the deliveries that started the job: the running one is attempt ``attempts``, and its worker
+    (``worker_id`` = ``"<host> <pid>"``) refreshes ``heartbeat_at`` while it runs; every write of
+    a worker is conditional on its attempt (``worker/attempts.py``).
     """
 
     __tablename__ = "jobs"
@@ -227,7 +245,10 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    worker_id: Mapped[str | None] = mapped_column(String(255), default=None)
     celery_task_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_by: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
@@ -262,3 +283,62 @@ class ModelRecord(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     folder: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Role(enum.StrEnum):
+    """What a user may do; each role includes the ones before it (``viewer < annotator < admin``).
+
+    ``viewer`` reads; ``annotator`` also uploads images and labels, starts jobs and cancels its
+    own; ``admin`` does everything, including cancelling anyone's job and reading the audit log.
+    """
+
+    viewer = "viewer"
+    annotator = "annotator"
+    admin = "admin"
+
+    @property
+    def rank(self) -> int:
+        """Position in ``viewer < annotator < admin``."""
+        return list(Role).index(self)
+
+
+class User(Base):
+    """A person (or service) holding one bearer token; ``token_hash`` is its SHA-256 (hex).
+
+    The token itself is shown once, when made, and never stored. A revoked user keeps its row
+    (the audit log refers to it) and its token stops working.
+    """
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[Role] = mapped_column(_enum(Role, "user_role"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class AuditEvent(Base):
+    """One write request (POST, PUT, PATCH, DELETE) and its outcome, refused ones included.
+
+    ``route`` is the matched route template (``/api/v1/jobs/{job_id}/cancel``; ``None`` when no
+    route matched), ``path`` the concrete path; ``object_ids`` the request's path parameters
+    (``{"job_id": …}``). ``user_id`` is ``None`` for the shared API token and for anonymous
+    callers (``user_name`` then says which).
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_user_at", "user_name", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    user_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    user_name: Mapped[str | None] = mapped_column(String(64), default=None)
+    role: Mapped[str | None] = mapped_column(String(16), default=None)
+    method: Mapped[str] = mapped_column(String(8))
+    route: Mapped[str | None] = mapped_column(String(255), default=None)
+    path: Mapped[str] = mapped_column(Text)
+    status_code: Mapped[int] = mapped_column(Integer)
+    client: Mapped[str | None] = mapped_column(String(64), default=None)
+    object_ids: Mapped[dict[str, Any]] = mapped_column(default=dict)

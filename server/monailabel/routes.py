@@ -5,12 +5,16 @@ ones the MONAI Label plugins of 3D Slicer and OHIF call (``shared/MONAILABEL.md`
 :func:`monailabel_routers` builds the same routes twice, once per way of choosing the app
 (:mod:`server.monailabel.apps`).
 
-Authentication: with ``SEGASSIST_API_TOKEN`` set, every route takes the same bearer token as
-``/api/v1``, except ``GET /auth/`` and ``POST /auth/token`` (the login: user name and password of
-``SEGASSIST_MONAILABEL_USERNAME``/``_PASSWORD``, or any user name with the token itself as the
-password) and ``GET /datastore/image`` with an image **id**: Slicer's sample-data loader downloads
-that URL without any header, so an image id (128 random bits, handed out only to authenticated
-callers) is itself the permission to download that one image. Names need the token.
+Authentication (:mod:`server.auth`): when it is on, every route takes the same bearer tokens
+and roles as ``/api/v1`` (reads: viewer; uploads, labels, inference, training: annotator),
+except ``GET /auth/`` and ``POST /auth/token``, the login: user name = a segassist user's name,
+password = that user's token (answered with the token itself); or the user and password of
+``SEGASSIST_MONAILABEL_USERNAME``/``_PASSWORD``, or any user name with ``SEGASSIST_API_TOKEN``
+as the password (answered with the API token). Outside ``production``, ``GET /datastore/image``
+with an image **id** needs no token either: Slicer's sample-data loader downloads that URL
+without any header, so an image id (128 random bits, handed out only to authenticated callers)
+is itself the permission to download that one image. In production it needs a token like
+every other route.
 """
 
 # No ``from __future__ import annotations``: the routes are built in a function whose ``AppDep``
@@ -25,13 +29,21 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Form, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from sqlalchemy import select
 
 from server.assist import resolve_assist
-from server.db.tables import FINAL_TAG, ID_PATTERN, Dataset, Job, JobKind
-from server.deps import CeleryDep, IdPath, SessionDep, SettingsDep, StorageDep, require_token
+from server.auth import (
+    Credentials,
+    CurrentPrincipal,
+    Principal,
+    authentication_required,
+    authorise,
+    find_principal,
+    require_role,
+)
+from server.db.tables import FINAL_TAG, ID_PATTERN, Dataset, Job, JobKind, Role
+from server.deps import CeleryDep, IdPath, SessionDep, SettingsDep, StorageDep
 from server.errors import format_errors, not_found, unprocessable
 from server.monailabel import sessions
 from server.monailabel.apps import (
@@ -55,7 +67,7 @@ from server.monailabel.training import active_training, latest_training, task, t
 from server.routes.jobs import cancel_job, submit_job
 from server.schemas import AssistCreate
 from server.storage import Storage
-from server.uploads import receive_upload
+from server.uploads import multipart_openapi, receive_upload, release_connection
 
 __all__ = ["DATASET_PREFIX", "monailabel_routers"]
 
@@ -63,7 +75,6 @@ DATASET_PREFIX = "/monailabel/{dataset_id}"
 CLIENT_ID = "segassist"
 _ID = re.compile(ID_PATTERN)
 _TRAINER_KEYS = ("method", "head", "probabilities", "objective", "encoder_id", "axis", "config")
-_bearer = HTTPBearer(auto_error=False)
 
 Resolver = Callable[..., App]
 
@@ -82,13 +93,18 @@ def _dataset_app(dataset_id: IdPath, session: SessionDep) -> App:
 
 
 def _download_auth(
+    request: Request,
     settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    image: Annotated[str, Query(min_length=1, max_length=255)],
+    credentials: Credentials,
+    image: str | None = None,
 ) -> None:
-    """Token, or an image id (module docstring: Slicer's loader sends no header)."""
-    if settings.api_token and not _ID.fullmatch(image):
-        require_token(settings, credentials)
+    """A viewer's token; outside production an image id instead (module docstring: Slicer's
+    loader sends no header). The route itself requires ``image``: checked after this gate."""
+    if settings.environment == "production" or not _ID.fullmatch(image or ""):
+        authorise(request, None if credentials is None else credentials.credentials, Role.viewer)
+
+
+_download_auth.required_role = Role.viewer  # type: ignore[attr-defined]
 
 
 def _version() -> str:
@@ -137,45 +153,51 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
     """Every MONAI Label route, with ``resolve`` choosing the app of a request."""
     AppDep = Annotated[App, Depends(resolve)]
     router = APIRouter(prefix=prefix, tags=["MONAI Label"])
-    protected = APIRouter(dependencies=[Depends(require_token)])
+    protected = APIRouter(dependencies=[Depends(require_role(Role.viewer))])
 
     # -- auth ------------------------------------------------------------------------------------
     @router.get("/auth/")
-    def auth_enabled(settings: SettingsDep) -> dict[str, Any]:
+    def auth_enabled(settings: SettingsDep, session: SessionDep) -> dict[str, Any]:
         """Whether a login is needed; 404 when authentication is off (what clients expect)."""
-        if not settings.api_token:
+        if not authentication_required(settings, session):
             raise HTTPException(
-                status.HTTP_404_NOT_FOUND, "authentication is off (SEGASSIST_API_TOKEN is empty)"
+                status.HTTP_404_NOT_FOUND,
+                "authentication is off (development, no SEGASSIST_API_TOKEN, no user)",
             )
         return {"enabled": True, "client_id": CLIENT_ID, "realm": ""}
 
     @router.post("/auth/token")
     def auth_token(
         settings: SettingsDep,
-        username: Annotated[str, Form()],
-        password: Annotated[str, Form()],
+        session: SessionDep,
+        username: Annotated[str, Form(min_length=1)],
+        password: Annotated[str, Form(min_length=1)],
     ) -> dict[str, Any]:
-        """The API token for the configured user (or for the token given as password)."""
-        if not settings.api_token:
+        """The bearer token for a login (module docstring: user name and token, or the
+        configured MONAI Label user, or the API token)."""
+        if not authentication_required(settings, session):
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND, "authentication is off: no token is needed"
             )
-        user_ok = bool(settings.monailabel_password) and (
+        configured_user = bool(settings.api_token and settings.monailabel_password) and (
             (not settings.monailabel_username or _same(username, settings.monailabel_username))
             and _same(password, settings.monailabel_password)
         )
-        if not (user_ok or _same(password, settings.api_token)):
+        if configured_user:
+            return {"access_token": settings.api_token, "token_type": "bearer"}
+        principal = find_principal(settings, session, password)
+        if principal is None or (principal.user_id is not None and principal.name != username):
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
-                "wrong user name or password (SEGASSIST_MONAILABEL_USERNAME/_PASSWORD, or the "
-                "API token as password)",
+                "wrong user name or password (a user's name and token, "
+                "SEGASSIST_MONAILABEL_USERNAME/_PASSWORD, or any name with the API token)",
             )
-        return {"access_token": settings.api_token, "token_type": "bearer"}
+        return {"access_token": password, "token_type": "bearer"}
 
     @protected.get("/auth/token/valid")
-    def auth_token_valid() -> dict[str, Any]:
+    def auth_token_valid(principal: CurrentPrincipal) -> dict[str, Any]:
         """200 when the bearer token is accepted."""
-        return {"valid": True, "username": CLIENT_ID}
+        return {"valid": True, "username": principal.name}
 
     # -- info ------------------------------------------------------------------------------------
     @protected.get("/info/")
@@ -246,6 +268,7 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
         image: Annotated[str | None, Query(max_length=255)] = None,
     ) -> dict[str, Any]:
         """Upload a volume (multipart ``file`` + ``params``): NIfTI, zipped DICOM or NRRD."""
+        await release_connection(session)
         with storage.upload_tmp() as tmp:
             upload = await receive_upload(request, tmp, settings.max_upload_bytes, "file")
             parse_params(upload.fields.get("params"))
@@ -255,10 +278,24 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
             )
         return {"image": stored.id, "name": stored.name}
 
-    protected.put("/datastore/", summary="Upload a volume (as Slicer calls it)")(add_image)
-    protected.put("/datastore/image", summary="Upload a volume")(add_image)
+    upload = Depends(require_role(Role.annotator))
+    volume_body = multipart_openapi()
+    protected.put(
+        "/datastore/",
+        summary="Upload a volume (as Slicer calls it)",
+        dependencies=[upload],
+        openapi_extra=volume_body,
+    )(add_image)
+    protected.put(
+        "/datastore/image",
+        summary="Upload a volume",
+        dependencies=[upload],
+        openapi_extra=volume_body,
+    )(add_image)
 
-    @router.get("/datastore/image", dependencies=[Depends(_download_auth)])
+    @router.get(
+        "/datastore/image", dependencies=[Depends(_download_auth)], response_class=FileResponse
+    )
     def download_image(image: str, app: AppDep, session: SessionDep) -> FileResponse:
         """The stored volume (NIfTI, gzip); by id without a token (module docstring)."""
         found = find_image(session, app.require(), image)
@@ -269,7 +306,11 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
         """What the datastore knows about an image."""
         return image_entry(find_image(session, app.require(), image))
 
-    @protected.put("/datastore/label")
+    @protected.put(
+        "/datastore/label",
+        dependencies=[Depends(require_role(Role.annotator))],
+        openapi_extra=multipart_openapi("label"),
+    )
     async def put_label(
         request: Request,
         image: str,
@@ -284,6 +325,7 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
         A viewer's full volume (unpainted = 0) becomes a sparse label by the rule of
         :mod:`server.monailabel.sparse`; ``params.label_info`` names its segments.
         """
+        await release_connection(session)
         with storage.upload_tmp() as tmp:
             upload = await receive_upload(request, tmp, settings.max_upload_bytes, "label")
             params = parse_params(upload.fields.get("params"))
@@ -291,7 +333,7 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
                 save_label, session, storage, app, image, upload, tag or FINAL_TAG, params
             )
 
-    @protected.get("/datastore/label")
+    @protected.get("/datastore/label", response_class=FileResponse)
     def get_label(
         label: str, app: AppDep, session: SessionDep, tag: str = FINAL_TAG
     ) -> FileResponse:
@@ -303,7 +345,11 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
         return FileResponse(stored.path, media_type="application/gzip", filename=file_name(found))
 
     # -- infer -----------------------------------------------------------------------------------
-    @protected.post("/infer/{model}")
+    @protected.post(
+        "/infer/{model}",
+        dependencies=[Depends(require_role(Role.annotator))],
+        responses={200: {"content": {"multipart/form-data": {}, "application/octet-stream": {}}}},
+    )
     async def infer(
         model: str,
         request: Request,
@@ -322,7 +368,7 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
         )
         if result.job_id is not None:
             await wait_for_job(session, result.job_id)
-        content, filename, answer = await run_in_threadpool(encode, result, model, params)
+        content, filename, answer = await run_in_threadpool(encode, result, model, params, output)
         if output == "json":
             return JSONResponse(answer)
         if output == "image":
@@ -342,6 +388,7 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
         session: SessionDep,
         storage: StorageDep,
         celery: CeleryDep,
+        principal: Principal,
     ) -> dict[str, Any]:
         if model != SEGMENTATION_MODEL:
             raise unknown("trainer", model, [SEGMENTATION_MODEL])
@@ -361,35 +408,42 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
             )
         body = _assist_request(params)
         job = submit_job(
-            session, celery, JobKind.assist, dataset, resolve_assist(session, dataset, body)
+            session,
+            celery,
+            JobKind.assist,
+            dataset,
+            resolve_assist(session, dataset, body),
+            principal.user_id,
         )
         row = session.get(Job, job.id)
         if row is None:  # pragma: no cover - just committed
             raise RuntimeError(f"job {job.id} vanished")
         return task(row, storage)
 
-    @protected.post("/train/")
+    @protected.post("/train/", dependencies=[Depends(require_role(Role.annotator))])
     def train_all(
         app: AppDep,
         session: SessionDep,
         storage: StorageDep,
         celery: CeleryDep,
+        principal: CurrentPrincipal,
         params: Annotated[dict[str, Any] | None, Body()] = None,
     ) -> dict[str, Any]:
         """Start the trainer (OHIF's call): the assist workflow on every final label."""
-        return start(SEGMENTATION_MODEL, params, app, session, storage, celery)
+        return start(SEGMENTATION_MODEL, params, app, session, storage, celery, principal)
 
-    @protected.post("/train/{model}")
+    @protected.post("/train/{model}", dependencies=[Depends(require_role(Role.annotator))])
     def train_model(
         model: str,
         app: AppDep,
         session: SessionDep,
         storage: StorageDep,
         celery: CeleryDep,
+        principal: CurrentPrincipal,
         params: Annotated[dict[str, Any] | None, Body()] = None,
     ) -> dict[str, Any]:
         """Start trainer ``model`` (Slicer's call); 409 while a training runs."""
-        return start(model, params, app, session, storage, celery)
+        return start(model, params, app, session, storage, celery, principal)
 
     @protected.get("/train/")
     def train_status(
@@ -420,14 +474,17 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
             )
         return task(latest, storage)
 
-    @protected.delete("/train/")
-    def train_stop(app: AppDep, session: SessionDep, storage: StorageDep) -> Any:
-        """Cancel the running training; ``null`` when none runs."""
+    @protected.delete("/train/", dependencies=[Depends(require_role(Role.annotator))])
+    def train_stop(
+        app: AppDep, session: SessionDep, storage: StorageDep, principal: CurrentPrincipal
+    ) -> Any:
+        """Cancel the running training (an annotator's own; an admin's any); ``null`` when none
+        runs."""
         running = active_training(session, app.dataset)
         if running is None:
             return None
         try:
-            cancel_job(running.id, session)
+            cancel_job(running.id, session, principal)
         except HTTPException as exc:  # finished meanwhile
             if exc.status_code != status.HTTP_409_CONFLICT:
                 raise
@@ -450,7 +507,11 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
         return {} if picked is None else {**image_entry(picked), "strategy": strategy}
 
     # -- sessions --------------------------------------------------------------------------------
-    @protected.put("/session/")
+    @protected.put(
+        "/session/",
+        dependencies=[Depends(require_role(Role.annotator))],
+        openapi_extra=multipart_openapi("files"),
+    )
     async def create_session(
         request: Request,
         app: AppDep,
@@ -461,6 +522,7 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
         expiry: Annotated[int, Query(ge=0)] = 0,
     ) -> dict[str, Any]:
         """Upload a volume (multipart ``files``) to refer to by session id for ``expiry`` s."""
+        await release_connection(session)
         with storage.upload_tmp() as tmp:
             upload = await receive_upload(request, tmp, settings.max_upload_bytes, "files")
             name = upload_name(upload.filename, None)
@@ -486,7 +548,7 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
             )
         return record
 
-    @protected.get("/session/{session_id}")
+    @protected.get("/session/{session_id}", responses={200: {"content": {"application/gzip": {}}}})
     def get_session(
         session_id: str,
         app: AppDep,
@@ -504,7 +566,7 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
             )
         return record.public(found.path)
 
-    @protected.delete("/session/{session_id}")
+    @protected.delete("/session/{session_id}", dependencies=[Depends(require_role(Role.annotator))])
     def delete_session(
         session_id: str, app: AppDep, session: SessionDep, storage: StorageDep
     ) -> dict[str, Any]:

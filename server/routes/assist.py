@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, status
 from sqlalchemy import select
 
 from server.assist import resolve_assist
-from server.db.tables import Dataset, Job, JobKind
+from server.auth import CurrentPrincipal, require_role
+from server.db.tables import Dataset, Job, JobKind, Role
 from server.deps import CeleryDep, IdPath, SessionDep
 from server.errors import not_found
 from server.routes.jobs import submit_job
@@ -24,9 +25,17 @@ def _dataset(session: SessionDep, dataset_id: str) -> Dataset:
     return dataset
 
 
-@router.post("/{dataset_id}/assist", status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/{dataset_id}/assist",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(require_role(Role.annotator))],
+)
 def start_assist(
-    dataset_id: IdPath, session: SessionDep, celery: CeleryDep, body: AssistCreate | None = None
+    dataset_id: IdPath,
+    session: SessionDep,
+    celery: CeleryDep,
+    principal: CurrentPrincipal,
+    body: AssistCreate | None = None,
 ) -> JobPublic:
     """Segment images from the labelled slices: one ``assist`` job, polled at ``/jobs/{id}``.
 
@@ -40,7 +49,7 @@ def start_assist(
     """
     dataset = _dataset(session, dataset_id)
     params = resolve_assist(session, dataset, body or AssistCreate())
-    return submit_job(session, celery, JobKind.assist, dataset, params)
+    return submit_job(session, celery, JobKind.assist, dataset, params, principal.user_id)
 
 
 @router.get("/{dataset_id}/assist")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Depends, status
 from sqlalchemy import func, select
 
-from server.db.tables import Dataset, Image
+from server.auth import require_role
+from server.db.tables import Dataset, Image, Role
 from server.deps import IdPath, SessionDep
+from server.dicomweb import DicomwebServer
 from server.errors import not_found
+from server.routes.dicomweb import DICOMWEB_RESPONSES
 from server.schemas import DatasetCreate, DatasetPublic
 
 __all__ = ["router"]
@@ -22,13 +25,24 @@ def _public(dataset: Dataset, image_count: int) -> DatasetPublic:
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[Depends(require_role(Role.annotator))],
+    responses=DICOMWEB_RESPONSES,
+)
 def create_dataset(body: DatasetCreate, session: SessionDep) -> DatasetPublic:
-    """Create a dataset; class ``0`` (background) is implicit, ``255`` means unannotated."""
+    """Create a dataset; class ``0`` (background) is implicit, ``255`` means unannotated.
+
+    With ``dicomweb``, the server is asked once first: 424 when it refuses the credentials, 503
+    when it cannot be reached (nothing is created)."""
+    if body.dicomweb is not None:
+        DicomwebServer(body.dicomweb).check()
     dataset = Dataset(
         name=body.name,
         modality=body.modality,
         labels={k: v.model_dump() for k, v in body.labels.items()},
+        dicomweb=body.dicomweb.stored() if body.dicomweb is not None else None,
     )
     session.add(dataset)
     session.commit()

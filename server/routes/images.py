@@ -7,20 +7,27 @@ import os
 import re
 from pathlib import Path
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Depends, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from server.assist import prefetch_features
-from server.db.tables import FINAL_TAG, Dataset, Image, Label, new_id
+from server.auth import require_role
+from server.db.tables import FINAL_TAG, Dataset, Image, Label, Role, new_id
 from server.deps import CeleryDep, IdPath, SessionDep, SettingsDep, StorageDep
+from server.dicom_headers import headers_path
 from server.errors import not_found
 from server.ingest import ingest_dicom_zip, ingest_nifti
 from server.schemas import ImagePublic
 from server.storage import Storage
-from server.uploads import ReceivedUpload, multipart_openapi, receive_upload
+from server.uploads import (
+    ReceivedUpload,
+    multipart_openapi,
+    receive_upload,
+    release_connection,
+)
 
 __all__ = ["image_publics", "remove_stored", "router", "store_image", "typed_upload_path"]
 
@@ -69,6 +76,8 @@ def image_publics(session: Session, images: list[Image]) -> list[ImagePublic]:
             label_status="labelled" if image.id in finals else "unlabelled",
             final_label_id=finals.get(image.id),
             label_versions=versions.get(image.id, 0),
+            source=image.source,
+            series_uid=image.series_uid,
             created_at=image.created_at,
         )
         for image in images
@@ -112,9 +121,13 @@ def store_image(
     image_id = new_id()
     dst = storage.image_path(image_id)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    is_dicom = src.suffix == ".zip"
+    headers = headers_path(dst)
     try:
-        ingest = ingest_dicom_zip if src.suffix == ".zip" else ingest_nifti
-        info = ingest(src, dst)
+        if is_dicom:
+            info = ingest_dicom_zip(src, dst, headers_dst=headers)
+        else:
+            info = ingest_nifti(src, dst)
         image = Image(
             id=image_id,
             dataset_id=dataset_id,
@@ -126,11 +139,14 @@ def store_image(
             dtype=str(info.dtype),
             sha256=info.sha256,
             size_bytes=int(info.size_bytes),
+            source="dicom" if is_dicom else "nifti",
+            series_uid=info.series_uid or None,
         )
         session.add(image)
         session.commit()
     except BaseException:
         session.rollback()
+        headers.unlink(missing_ok=True)
         remove_stored(dst)
         raise
     logger.info("stored image %s (%s, %d bytes)", image_id, image.shape, image.size_bytes)
@@ -141,6 +157,7 @@ def store_image(
     "/datasets/{dataset_id}/images",
     status_code=status.HTTP_201_CREATED,
     openapi_extra=multipart_openapi(name={"type": "string"}),
+    dependencies=[Depends(require_role(Role.annotator))],
 )
 async def upload_image(
     dataset_id: IdPath,
@@ -160,6 +177,7 @@ async def upload_image(
     dataset = await run_in_threadpool(session.get, Dataset, dataset_id)
     if dataset is None:
         raise not_found("dataset", dataset_id)
+    await release_connection(session)
     with storage.upload_tmp() as tmp:
         upload = await receive_upload(request, tmp, settings.max_upload_bytes)
         typed = typed_upload_path(upload)

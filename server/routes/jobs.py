@@ -6,12 +6,13 @@ import logging
 from typing import Annotated, Any
 
 from celery import Celery
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
+from server.auth import CurrentPrincipal, Principal, require_role
 from server.db.tables import (
     FINAL_TAG,
     Dataset,
@@ -22,6 +23,7 @@ from server.db.tables import (
     Label,
     ModelKind,
     ModelRecord,
+    Role,
     utcnow,
 )
 from server.deps import CeleryDep, IdPath, IdQuery, SessionDep, StorageDep
@@ -128,14 +130,20 @@ def _get_job(session: Session, job_id: str) -> Job:
 
 
 def submit_job(
-    session: Session, celery: Celery, kind: JobKind, dataset: Dataset, params: dict[str, Any]
+    session: Session,
+    celery: Celery,
+    kind: JobKind,
+    dataset: Dataset,
+    params: dict[str, Any],
+    owner: str | None = None,
 ) -> JobPublic:
-    """Record a ``queued`` job with already checked ``params`` and enqueue it by name.
+    """Record a ``queued`` job with already checked ``params`` and enqueue it by name;
+    ``owner`` is the id of the user starting it (who may cancel it besides admins).
 
     Raises:
         HTTPException: 503 when the broker cannot be reached (the job is then ``failed``).
     """
-    job = Job(kind=kind, dataset_id=dataset.id, params=params)
+    job = Job(kind=kind, dataset_id=dataset.id, params=params, created_by=owner)
     session.add(job)
     session.commit()
     try:
@@ -153,8 +161,12 @@ def submit_job(
     return JobPublic.model_validate(job)
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED)
-def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep) -> JobPublic:
+@router.post(
+    "", status_code=status.HTTP_202_ACCEPTED, dependencies=[Depends(require_role(Role.annotator))]
+)
+def create_job(
+    body: JobCreate, session: SessionDep, celery: CeleryDep, principal: CurrentPrincipal
+) -> JobPublic:
     """Validate, record (``queued``) and enqueue a job; the worker picks it up by id."""
     dataset = session.get(Dataset, body.dataset_id)
     if dataset is None:
@@ -164,7 +176,12 @@ def create_job(body: JobCreate, session: SessionDep, celery: CeleryDep) -> JobPu
             f"{body.kind} jobs are started by POST /datasets/{{id}}/assist, not POST /jobs"
         )
     return submit_job(
-        session, celery, body.kind, dataset, _validated_params(session, dataset, body)
+        session,
+        celery,
+        body.kind,
+        dataset,
+        _validated_params(session, dataset, body),
+        principal.user_id,
     )
 
 
@@ -189,11 +206,23 @@ def get_job(job_id: IdPath, session: SessionDep) -> JobPublic:
     return JobPublic.model_validate(_get_job(session, job_id))
 
 
-@router.post("/{job_id}/cancel")
-def cancel_job(job_id: IdPath, session: SessionDep) -> JobPublic:
+def _check_may_cancel(job: Job, principal: Principal) -> None:
+    own = principal.user_id is not None and job.created_by == principal.user_id
+    if not (own or principal.may(Role.admin)):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"job {job.id!r} was not started by {principal.name!r}: only its owner or an admin "
+            "can cancel it",
+        )
+
+
+@router.post("/{job_id}/cancel", dependencies=[Depends(require_role(Role.annotator))])
+def cancel_job(job_id: IdPath, session: SessionDep, principal: CurrentPrincipal) -> JobPublic:
     """Cancel a job: a queued job is cancelled at once; a running one gets ``cancel_requested``
-    and stops at its next progress report. Finished jobs answer 409."""
+    and stops at its next progress report. Finished jobs answer 409. Annotators cancel the jobs
+    they started; admins any job."""
     job = _get_job(session, job_id)
+    _check_may_cancel(job, principal)
     now = utcnow()
     # Conditional updates: the worker may move the job from queued to running concurrently.
     cancelled = session.execute(

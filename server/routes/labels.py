@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from pathlib import Path
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Depends, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from models.runtime._atomic import commit_file
 from models.runtime.configs import IGNORE_INDEX
-from server.db.tables import FINAL_TAG, PREVIOUS_TAG, Image, Label, default_schema, new_id
+from server.auth import require_role
+from server.db.tables import FINAL_TAG, PREVIOUS_TAG, Image, Label, Role, default_schema, new_id
 from server.deps import IdPath, SessionDep, SettingsDep, StorageDep
+from server.dicom_results import store_label_on_server
 from server.errors import not_found, unprocessable
 from server.ingest import validate_label
 from server.routes.images import remove_stored, typed_upload_path
 from server.schemas import LabelPublic
 from server.storage import Storage, temporary_path
-from server.uploads import multipart_openapi, receive_upload
+from server.uploads import multipart_openapi, receive_upload, release_connection
 
 __all__ = ["router", "store_label"]
 
@@ -79,20 +81,24 @@ def store_label(
                 )
                 session.add(label)
                 session.flush()
-                os.replace(validated, dst)
+                commit_file(validated, dst)
                 session.commit()
             except BaseException:
                 session.rollback()
                 remove_stored(dst)
                 raise
     logger.info("stored label v%d (%s) of image %s", version, tag, image.id)
+    store_label_on_server(image, dst, version)  # DICOMweb datasets: STOW-RS as DICOM-SEG
     return LabelPublic.model_validate(label)
 
 
 @router.post(
     "/images/{image_id}/labels",
     status_code=status.HTTP_201_CREATED,
-    openapi_extra=multipart_openapi(tag={"type": "string", "default": FINAL_TAG}),
+    openapi_extra=multipart_openapi(
+        tag={"type": "string", "default": FINAL_TAG, "pattern": f"^({_TAG.pattern[1:-1]})?$"}
+    ),
+    dependencies=[Depends(require_role(Role.annotator))],
 )
 async def upload_label(
     image_id: IdPath,
@@ -109,10 +115,11 @@ async def upload_label(
     image = await run_in_threadpool(session.get, Image, image_id)
     if image is None:
         raise not_found("image", image_id)
+    await release_connection(session)
     with storage.upload_tmp() as tmp:
         upload = await receive_upload(request, tmp, settings.max_upload_bytes)
         tag = upload.fields.get("tag") or FINAL_TAG
-        if not _TAG.match(tag):
+        if not _TAG.fullmatch(tag):
             raise unprocessable(f"tag {tag!r} must be 1-64 letters, digits, '_', '-' or '.'")
         typed = typed_upload_path(upload)
         try:

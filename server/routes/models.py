@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, status
 from sqlalchemy import select
 
-from server.db.tables import Image, JobKind, ModelKind, ModelRecord
+from server.auth import CurrentPrincipal, require_role
+from server.db.tables import Image, JobKind, ModelKind, ModelRecord, Role
 from server.deps import CeleryDep, IdPath, IdQuery, SessionDep
 from server.errors import not_found, unprocessable
 from server.routes.jobs import submit_job
@@ -48,9 +49,17 @@ def get_model(model_id: IdPath, session: SessionDep) -> ModelPublic:
     return ModelPublic.model_validate(model)
 
 
-@router.post("/{model_id}/predict", status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/{model_id}/predict",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(require_role(Role.annotator))],
+)
 def predict(
-    model_id: IdPath, body: PredictionCreate, session: SessionDep, celery: CeleryDep
+    model_id: IdPath,
+    body: PredictionCreate,
+    session: SessionDep,
+    celery: CeleryDep,
+    principal: CurrentPrincipal,
 ) -> JobPublic:
     """Segment one stored image with a segmenter: a ``predict`` job on the prediction queue.
 
@@ -79,4 +88,4 @@ def predict(
     params = PredictParams(
         model_id=model.id, image_ids=[image.id], probabilities=body.probabilities
     ).model_dump(mode="json")
-    return submit_job(session, celery, JobKind.predict, dataset, params)
+    return submit_job(session, celery, JobKind.predict, dataset, params, principal.user_id)

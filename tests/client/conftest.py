@@ -72,18 +72,15 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    data_dir = tmp_path_factory.mktemp("segassist-data")
+def running_service(data_dir: Path, pretrain_steps: int) -> Iterator[Service]:
+    """``segassist serve`` on a free port over ``data_dir`` (log: ``serve.log``) with
+    ``pretrain_steps`` of first pretraining and none in the background; stopped after the yield."""
     log = data_dir / "serve.log"
-    existing = os.environ.get("SEGASSIST_TEST_SERVER")
-    if existing:  # run the client tests against a service started elsewhere
-        wait_until_healthy(existing, timeout=30)
-        yield Service(existing.rstrip("/"), data_dir, log)
-        return
     port = _free_port()
-    # A short first pretraining and none in the background: the tests' budget, not the product's.
-    budget = {"SEGASSIST_ASSIST_PRETRAIN_STEPS": "3", "SEGASSIST_BACKGROUND_PRETRAIN_STEPS": "0"}
+    budget = {
+        "SEGASSIST_ASSIST_PRETRAIN_STEPS": str(pretrain_steps),
+        "SEGASSIST_BACKGROUND_PRETRAIN_STEPS": "0",
+    }
     saved = {k: os.environ.get(k) for k in budget}
     os.environ.update(budget)
     try:
@@ -102,6 +99,19 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         pytest.fail(f"{exc}\n--- serve.log ---\n{log.read_text()[-4000:]}")
     yield Service(url, data_dir, log)
     _stop(process)
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    data_dir = tmp_path_factory.mktemp("segassist-data")
+    log = data_dir / "serve.log"
+    existing = os.environ.get("SEGASSIST_TEST_SERVER")
+    if existing:  # run the client tests against a service started elsewhere
+        wait_until_healthy(existing, timeout=30)
+        yield Service(existing.rstrip("/"), data_dir, log)
+        return
+    # A short first pretraining and none in the background: the tests' budget, not the product's.
+    yield from running_service(data_dir, pretrain_steps=3)
 
 
 def make_volume(shape: tuple[int, int, int] = (32, 32, 12)) -> tuple[np.ndarray, np.ndarray]:

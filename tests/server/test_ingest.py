@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from server.ingest import IngestError, ingest_dicom_zip, ingest_nifti, validate_label
-from tests.conftest import unavailable
+from tests.conftest import TOTALSEG_DICOM, TOTALSEG_LIVER, TOTALSEG_SEG
 from tests.server.dicom_factory import SeriesSpec, write_series, zip_files
 
 OBLIQUE = np.array(
@@ -27,13 +27,6 @@ LPS = np.array(
     [[-0.8, 0, 0, 90.0], [0, -0.8, 0, 110.0], [0, 0, 2.5, -60.0], [0, 0, 0, 1]], dtype=float
 )
 RAS = np.array([[1.5, 0, 0, -40.0], [0, 1.5, 0, -50.0], [0, 0, 3.0, 12.0], [0, 0, 0, 1]])
-
-TOTALSEG_DICOM = [
-    f"tests/reference_files/example_ct_dicom/CT.1.3.12.2.1107.5.1.4.60064.300000221208081134280000{n}"
-    for n in range(16573, 16593)
-]
-TOTALSEG_SEG = "tests/reference_files/example_seg_dicom.nii.gz"
-TOTALSEG_LIVER = 5
 
 
 def _load(path: Path) -> nib.Nifti1Image:
@@ -350,39 +343,25 @@ def test_dicom_zips_that_are_not_one_clean_series_are_rejected(tmp_path: Path) -
     assert not dst.exists()
 
 
-@pytest.fixture(scope="module")
-def totalseg_reference() -> Path:
-    """TotalSegmentator 2.18.0's DICOM CT test series and its segmentation, from the sdist."""
-    from models.datasets import fetch_registry_file
-
-    try:
-        return fetch_registry_file(
-            "totalsegmentator", "2.18.0", [*TOTALSEG_DICOM, TOTALSEG_SEG], sdist=True
-        )
-    except RuntimeError as exc:
-        unavailable(f"package index unreachable: {exc}")
-        raise
-
-
 def test_real_ct_series_matches_totalsegmentators_dcm2niix_grid(
-    tmp_path: Path, totalseg_reference: Path
+    tmp_path: Path, totalseg: Path
 ) -> None:
     """TotalSegmentator converted this series with dcm2niix and segmented the result; our
     conversion must land on the same grid so that segmentation is a valid label for it."""
-    files = [totalseg_reference / member for member in TOTALSEG_DICOM]
+    files = [totalseg / member for member in TOTALSEG_DICOM]
     upload = zip_files(files, tmp_path / "ct.zip")
     image_path = tmp_path / "images" / "image.nii.gz"
 
     info = ingest_dicom_zip(upload, image_path)
 
-    reference = _load(totalseg_reference / TOTALSEG_SEG)
+    reference = _load(totalseg / TOTALSEG_SEG)
     assert info.shape == reference.shape == (512, 512, 20)
     assert np.allclose(info.affine, reference.affine, atol=1e-4)
     assert info.axcodes == "LAS"
     assert info.dtype == "int16"
 
     labels = validate_label(
-        totalseg_reference / TOTALSEG_SEG,
+        totalseg / TOTALSEG_SEG,
         tmp_path / "labels" / "v1.nii.gz",
         image_path,
         allowed_values=set(range(118)),

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from server.db.session import make_engine, migrate
+from server.db.session import alembic_config, make_engine, migrate
 from server.main import create_app
 from server.settings import DEFAULT_API_TOKEN, Settings
 
@@ -19,7 +20,10 @@ def test_api_and_worker_starting_together_migrate_once(database_url: str) -> Non
     with ThreadPoolExecutor(max_workers=3) as pool:
         list(pool.map(migrate, [database_url] * 3))
     with make_engine(database_url).connect() as connection:
-        assert MigrationContext.configure(connection).get_current_heads() == ("0001",)
+        current = MigrationContext.configure(connection).get_current_heads()
+    heads = ScriptDirectory.from_config(alembic_config(database_url)).get_heads()
+    assert len(heads) == 1, f"migrations must form one line, found heads {heads}"
+    assert list(current) == heads
     make_engine(database_url).dispose()
 
 

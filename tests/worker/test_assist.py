@@ -77,8 +77,15 @@ def test_assist_reuses_encoder_and_caches_features(
     label[6:16, 5:14, 3] = 1
     files = {"file": ("label.nii.gz", io.BytesIO(nifti_bytes(label)), "x")}
     service.post(f"/images/{image_id}/labels", files=files)
-    again = _assist(service, dataset_id, head="mlp", config=TINY_FEWSHOT)
+    again = _assist(service, dataset_id, head="auto", config=TINY_FEWSHOT)
     assert again["status"] == "succeeded", again
+    # both probe heads validated on held-out tiles of the labelled slices; the winner recorded
+    validation = again["result"]["validation"]
+    assert set(validation) == {"linear", "mlp"}
+    assert all(0.0 <= v <= 1.0 for v in validation.values())
+    winner = max(validation, key=lambda head: (validation[head], head == "linear"))
+    assert again["result"]["method"] == f"probe-{winner}"
+    assert service.get(f"/models/{again['result']['segmenter_id']}")["method"] == f"probe-{winner}"
     assert again["result"]["segmenter_id"] != result["segmenter_id"]
     assert {p.name: p.stat().st_mtime_ns for p in cached.glob("map*.npy")} == stamps
     assert again["result"]["next_slice"][image_id] not in (*ANNOTATED, 3)
