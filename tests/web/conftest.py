@@ -40,14 +40,14 @@ PAGE_TIMEOUT_MS = 120_000
 """Bounds a hung step (the machine is shared); not a performance claim."""
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def web_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """``segassist serve`` on a free port with a short first pretraining and none after."""
     data_dir = tmp_path_factory.mktemp("segassist-web")
     yield from running_service(data_dir, pretrain_steps=8)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Browser]:
     """Debian's Chromium under Playwright (skipped, or failed under CI, when absent)."""
     executable = os.environ.get("SEGASSIST_TEST_CHROMIUM") or shutil.which("chromium")
