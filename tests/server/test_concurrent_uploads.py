@@ -93,9 +93,10 @@ async def _streaming_bodies(
 
 
 @pytest.mark.skip(
-    reason="KNOWN BUG, NOT PASSING: in about half the runs fewer than 20 uploads reach streaming "
-    "and the test stops at its hang guard (2 of 4 runs on 2026-12-01); skipped so the suite "
-    "stays deterministic until the cause is found (issue 11)"
+    reason="known bug under investigation (issue 11): in about half the runs only 5 of the 20 "
+    "uploads start streaming and the rest never reach the route, while every server thread is "
+    "idle (not the database pool); the test would hang at its guard, so it does not run in CI "
+    "until the cause is fixed"
 )
 def test_twenty_concurrent_uploads_on_postgresql_all_succeed(base_url: str, data_dir: Path) -> None:
     contents = [nifti_bytes(volume(seed)) for seed in range(UPLOADS)]
