@@ -67,17 +67,29 @@ def base_url(data_dir: Path, postgres_url: str) -> Iterator[str]:
 async def _streaming_bodies(
     uploads_dir: Path, contents: list[bytes]
 ) -> tuple[str, list[AsyncIterator[bytes]]]:
-    """Multipart bodies that send their first half, then wait until every upload is streaming."""
-    boundary = uuid.uuid4().hex
+    """Multipart bodies that send their first half, then wait until every upload is streaming.
 
-    async def all_streaming() -> None:
+    One watcher sets a shared latch when all temporary files exist at once: the first body to
+    finish removes its file, so bodies polling the folder each on their own would miss it.
+    """
+    boundary = uuid.uuid4().hex
+    latch = asyncio.Event()
+
+    async def watch() -> None:
         for _ in range(int(HANG_GUARD_SECONDS * 20)):
             if len(list(uploads_dir.glob("*"))) >= UPLOADS:
+                latch.set()
                 return
             await asyncio.sleep(0.05)
-        raise AssertionError(
-            f"only {len(list(uploads_dir.glob('*')))} of {UPLOADS} uploads reached streaming"
-        )
+
+    watcher = asyncio.create_task(watch())
+
+    async def all_streaming() -> None:
+        await watcher
+        if not latch.is_set():
+            raise AssertionError(
+                f"only {len(list(uploads_dir.glob('*')))} of {UPLOADS} uploads reached streaming"
+            )
 
     async def body(index: int, content: bytes) -> AsyncIterator[bytes]:
         head = (
@@ -92,12 +104,6 @@ async def _streaming_bodies(
     return boundary, [body(i, c) for i, c in enumerate(contents)]
 
 
-@pytest.mark.skip(
-    reason="known bug under investigation (issue 11): in about half the runs only 5 of the 20 "
-    "uploads start streaming and the rest never reach the route, while every server thread is "
-    "idle (not the database pool); the test would hang at its guard, so it does not run in CI "
-    "until the cause is fixed"
-)
 def test_twenty_concurrent_uploads_on_postgresql_all_succeed(base_url: str, data_dir: Path) -> None:
     contents = [nifti_bytes(volume(seed)) for seed in range(UPLOADS)]
 
