@@ -20,6 +20,8 @@ COPY models ./models
 COPY server ./server
 COPY worker ./worker
 COPY client ./client
+# the segassist namespace: links to the four folders above (segassist.server → server/, …)
+COPY segassist ./segassist
 
 # --- api: the REST service; predictions through ONNX Runtime (CPU, or GPU with VARIANT=gpu) ---
 FROM base AS api
@@ -34,7 +36,7 @@ USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/api/v1/health', timeout=4).status == 200 else 1)"]
-CMD ["uvicorn", "server.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["uvicorn", "segassist.server.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
 
 # --- worker: pretraining, few-shot fitting, ONNX export (torch) ---
 FROM base AS worker

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.protocol import labelled_mask
-from models.volumes import IGNORE_INDEX, annotated_slices
+from segassist.bench.protocol import labelled_mask
+from segassist.models.volumes import IGNORE_INDEX, annotated_slices
 
 __all__ = ["fill_between_slices", "warm_up"]
 

@@ -1,9 +1,9 @@
 """Few-shot segmentation benchmark: does dense self-supervised pretraining save annotation?
 
-``python -m bench.fewshot [--profile quick|default|full] [--sets ...] [--dataset DIR ...]``
+``python -m segassist.bench.fewshot [--profile quick|default|full] [--sets ...] [--dataset DIR ...]``
 (also ``segassist bench fewshot ...``) writes ``bench/results/fewshot.{md,json,png}``.
 
-Protocol (DESIGN.md, :mod:`bench.protocol`):
+Protocol (DESIGN.md, :mod:`segassist.bench.protocol`):
 
 - Slice propagation, per volume: label ``k ∈ {1, 3, 5}`` slices spread over the structures'
   extent, predict the rest; Dice per class on the unlabelled slices.
@@ -17,7 +17,7 @@ Protocol (DESIGN.md, :mod:`bench.protocol`):
   the best objective; ITK's fill-between-slices for ``k ≥ 2``.
 - Encoders: for the registry sets, one encoder per (modality, objective) pretrained on the
   modality's whole pool — every registry volume of that modality, the evaluated one included,
-  unlabelled (:func:`models.datasets.load_pool`): the product's "pretrain once per modality and
+  unlabelled (:func:`segassist.models.datasets.load_pool`): the product's "pretrain once per modality and
   reuse" path, and the most data we have. MSD folders pretrain on their own images. Seed 0: the ±
   is over few-shot seeds (head init, batches, augmentation, and the random-init network), not
   over pretraining runs. Encoders are cached under ``<cache>/encoders/<key>.pt``, ``key`` = hash
@@ -82,8 +82,8 @@ import numpy as np
 import psutil
 import torch
 
-from bench.baselines import fill_between_slices, warm_up
-from bench.protocol import (
+from segassist.bench.baselines import fill_between_slices, warm_up
+from segassist.bench.protocol import (
     cross_volume_splits,
     dice_per_class,
     mean_dice,
@@ -91,15 +91,28 @@ from bench.protocol import (
     sparse_labels,
     spread_slices,
 )
-from bench.report import ITK, RANDOM, EncoderRecord, Row, machine_info, write_report
-from models.datasets import SETS, Case, cache_dir, load_msd_folder, load_pool, load_set, slice_axis
-from models.fewshot import FewShotConfig, Method, fit_segmenter
-from models.networks.segmenter import SegmenterNet
-from models.objectives import OBJECTIVES
-from models.pretrain import Encoder, PretrainConfig, pretrain
-from models.progress import Progress
-from models.runtime.preprocess import crop_to, default_normalisation, normalise, pad_to_multiple
-from models.volumes import load_volume
+from segassist.bench.report import ITK, RANDOM, EncoderRecord, Row, machine_info, write_report
+from segassist.models.datasets import (
+    SETS,
+    Case,
+    cache_dir,
+    load_msd_folder,
+    load_pool,
+    load_set,
+    slice_axis,
+)
+from segassist.models.fewshot import FewShotConfig, Method, fit_segmenter
+from segassist.models.networks.segmenter import SegmenterNet
+from segassist.models.objectives import OBJECTIVES
+from segassist.models.pretrain import Encoder, PretrainConfig, pretrain
+from segassist.models.progress import Progress
+from segassist.models.runtime.preprocess import (
+    crop_to,
+    default_normalisation,
+    normalise,
+    pad_to_multiple,
+)
+from segassist.models.volumes import load_volume
 
 __all__ = ["PROFILES", "Profile", "main", "predict_volume", "run"]
 
@@ -675,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = replace(profile, seeds=args.seeds)
     sets = args.sets if args.sets is not None else ([] if args.dataset else list(profile.sets))
     command = shlex.join(
-        ["python", "-m", "bench.fewshot", *(sys.argv[1:] if argv is None else argv)]
+        ["python", "-m", "segassist.bench.fewshot", *(sys.argv[1:] if argv is None else argv)]
     )
     paths = run(
         profile,

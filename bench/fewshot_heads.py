@@ -1,9 +1,9 @@
 """Probe heads on frozen encoders: the rows of the few-shot benchmark that decide the default head.
 
-``python -m bench.fewshot_heads [--heads linear mlp auto] [--seeds N] [--out DIR]`` writes
+``python -m segassist.bench.fewshot_heads [--heads linear mlp auto] [--seeds N] [--out DIR]`` writes
 ``DIR/fewshot.{md,json,png}`` (default ``bench/results/heads/``).
 
-The protocol of :mod:`bench.fewshot` (slice propagation, k ∈ {1, 3, 5} slices spread over the
+The protocol of :mod:`segassist.bench.fewshot` (slice propagation, k ∈ {1, 3, 5} slices spread over the
 structures, Dice on the unlabelled slices), its ``default`` profile's probe settings, pool
 encoders and encoder cache, but only the probe rows, run as the assist workflow runs them: the
 encoder computes every slice's decoder maps once per volume (:func:`compute_feature_maps`), and
@@ -29,15 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.baselines import fill_between_slices, warm_up
-from bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
-from bench.protocol import mean_dice, slice_propagation_dice, sparse_labels, spread_slices
-from bench.report import ITK, RANDOM, Row, write_report
-from models.datasets import cache_dir, load_set
-from models.features import FeatureMaps, apply_head, compute_feature_maps
-from models.fewshot import FewShotConfig, fit_probe
-from models.objectives import OBJECTIVES
-from models.pretrain import Encoder, PretrainConfig
+from segassist.bench.baselines import fill_between_slices, warm_up
+from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
+from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_labels, spread_slices
+from segassist.bench.report import ITK, RANDOM, Row, write_report
+from segassist.models.datasets import cache_dir, load_set
+from segassist.models.features import FeatureMaps, apply_head, compute_feature_maps
+from segassist.models.fewshot import FewShotConfig, fit_probe
+from segassist.models.objectives import OBJECTIVES
+from segassist.models.pretrain import Encoder, PretrainConfig
 
 __all__ = ["OBJECTIVE_PER_SET", "main"]
 
@@ -121,7 +121,9 @@ def _cells(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m bench.fewshot_heads", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m segassist.bench.fewshot_heads", description=__doc__
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--sets", nargs="*", default=list(OBJECTIVE_PER_SET))
     parser.add_argument("--heads", nargs="*", choices=list(HEAD_ROWS), default=list(HEAD_ROWS))
@@ -159,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 encoder = _pool_encoder(state, case.modality, objective)
                 _cells(state, set_name, volume, encoder, objective, args.heads, itk)
     command = shlex.join(
-        ["python", "-m", "bench.fewshot_heads", *(sys.argv[1:] if argv is None else argv)]
+        ["python", "-m", "segassist.bench.fewshot_heads", *(sys.argv[1:] if argv is None else argv)]
     )
     context = {
         "command": command,

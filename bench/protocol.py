@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from models.volumes import IGNORE_INDEX
+from segassist.models.volumes import IGNORE_INDEX
 
 __all__ = [
     "cross_volume_splits",

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from models.runtime._atomic import atomic_path, atomic_write_bytes
+from segassist.models.runtime._atomic import atomic_path, atomic_write_bytes
 
 __all__ = ["EncoderRecord", "Row", "machine_info", "summarise", "write_report"]
 

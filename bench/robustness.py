@@ -1,6 +1,6 @@
 """Robustness benchmark: faults injected into real processes, and a load test on PostgreSQL.
 
-``python -m bench.robustness [--out DIR] [--clients 50] [--load-seconds 60]`` (or ``segassist
+``python -m segassist.bench.robustness [--out DIR] [--clients 50] [--load-seconds 60]`` (or ``segassist
 bench robustness …``) runs, each against real components it starts itself on free loopback
 ports (a private ``redis-server`` without persistence and a private PostgreSQL cluster, so the
 machine's shared servers are never restarted):
@@ -11,7 +11,7 @@ machine's shared servers are never restarted):
    image is visible and the files stored before are unchanged.
 2. **SIGKILL of a worker mid-fit** (API + Celery worker on PostgreSQL + Redis): a pretraining is
    killed at step ≥ 5 with its whole process group; a new worker takes it over (the job row's
-   heartbeat and attempt, :mod:`worker.recovery`).
+   heartbeat and attempt, :mod:`segassist.worker.recovery`).
 3. **Restart of Redis mid-job**: a pretraining runs and a second job waits in the queue when
    Redis restarts empty (the queued message is lost); both must finish.
 4. **Restart of PostgreSQL mid-job** (``pg_ctl restart -m fast``) while a pretraining runs.
@@ -52,13 +52,13 @@ import nibabel as nib
 import numpy as np
 import psutil
 
-from bench.service import Service, _free_port, machine
-from models.runtime._atomic import atomic_write_bytes
-from worker.serve import worker_command
+from segassist.bench.service import Service, _free_port, machine
+from segassist.models.runtime._atomic import atomic_write_bytes
+from segassist.worker.serve import worker_command
 
 __all__ = ["main", "run"]
 
-logger = logging.getLogger("bench.robustness")
+logger = logging.getLogger("segassist.bench.robustness")
 
 REPO = Path(__file__).resolve().parent.parent
 API = "/api/v1"
@@ -76,7 +76,7 @@ JOB_DEADLINE = 1200.0
 START_DEADLINE = 180.0
 _FINISHED = ("succeeded", "failed", "cancelled")
 _API_LAUNCHER = (
-    "import sys, uvicorn; from server.main import create_app; "
+    "import sys, uvicorn; from segassist.server.main import create_app; "
     "uvicorn.run(create_app(), host='127.0.0.1', port=int(sys.argv[1]), log_level='warning')"
 )
 
@@ -681,7 +681,9 @@ def run(out: Path, clients: int, load_seconds: float) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench.robustness", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="segassist.bench.robustness", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--load-seconds", type=float, default=60.0)

@@ -1,9 +1,9 @@
 """Service benchmark: the assist loop measured through the REST API, plus inference speed.
 
-``python -m bench.service [--quick] [--out DIR]`` (or ``segassist bench service …``) starts the
-embedded service (:func:`worker.serve.run_embedded`: uvicorn plus a training-queue and a
+``python -m segassist.bench.service [--quick] [--out DIR]`` (or ``segassist bench service …``) starts the
+embedded service (:func:`segassist.worker.serve.run_embedded`: uvicorn plus a training-queue and a
 prediction-queue Celery worker, SQLite and the filesystem broker in a temporary data directory,
-127.0.0.1 only) in a subprocess and measures it through :class:`client.api.SegAssistClient` (raw
+127.0.0.1 only) in a subprocess and measures it through :class:`segassist.client.api.SegAssistClient` (raw
 httpx only where the wire itself is timed: the uploads and the concurrent metadata clients):
 
 1. upload throughput of a synthetic int16 CT volume (~200 MiB as ``.nii``, and as ``.nii.gz``),
@@ -61,11 +61,11 @@ import nibabel as nib
 import numpy as np
 import psutil
 
-from bench.report import machine_info
-from client.api import JobFailedError, SegAssistAPIError, SegAssistClient
-from models.runtime.configs import IGNORE_INDEX
-from models.runtime.nifti import open_nifti
-from server.queue import PREDICTION_QUEUE
+from segassist.bench.report import machine_info
+from segassist.client.api import JobFailedError, SegAssistAPIError, SegAssistClient
+from segassist.models.runtime.configs import IGNORE_INDEX
+from segassist.models.runtime.nifti import open_nifti
+from segassist.server.queue import PREDICTION_QUEUE
 
 __all__ = ["PROFILES", "Profile", "Table", "Target", "main", "run"]
 
@@ -83,7 +83,7 @@ _MIB = 2.0**20
 _LAUNCHER = (
     "import logging, sys; from pathlib import Path; "
     "logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s'); "
-    "from worker.serve import run_embedded; "
+    "from segassist.worker.serve import run_embedded; "
     "run_embedded('127.0.0.1', int(sys.argv[1]), Path(sys.argv[2]))"
 )
 _TREES = ("training", "prediction")
@@ -118,9 +118,9 @@ class Profile:
         e2e_repeats: (a)/(b) pairs of assist runs, each on its own image (medians reported).
         predictions: concurrent prediction jobs (each on its own image).
         pretrain_steps: steps of the (untimed) pretraining job.
-        pretrain_config: :class:`models.pretrain.PretrainConfig` overrides of that job (also the
+        pretrain_config: :class:`segassist.models.pretrain.PretrainConfig` overrides of that job (also the
             architecture of the inference comparison).
-        fewshot_config: :class:`models.fewshot.FewShotConfig` overrides of the timed assist jobs
+        fewshot_config: :class:`segassist.models.fewshot.FewShotConfig` overrides of the timed assist jobs
             (empty: the service's defaults, which is what the default profile measures).
         service_env: ``SEGASSIST_*`` settings of the service (empty: its defaults, e.g. 60 inline
             pretraining steps when no encoder exists).
@@ -1200,11 +1200,11 @@ def bench_inference(profile: Profile, folder: Path) -> tuple[Table, Table, float
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models.export import export_segmenter
-    from models.networks.segmenter import SegmenterNet
-    from models.networks.unet import DenseUNet
-    from models.pretrain import PretrainConfig
-    from models.runtime.preprocess import default_normalisation
+    from segassist.models.export import export_segmenter
+    from segassist.models.networks.segmenter import SegmenterNet
+    from segassist.models.networks.unet import DenseUNet
+    from segassist.models.pretrain import PretrainConfig
+    from segassist.models.runtime.preprocess import default_normalisation
 
     config = PretrainConfig.from_dict(profile.pretrain_config)
     torch.manual_seed(0)
@@ -1317,7 +1317,7 @@ def _load_average() -> float:
 
 
 def machine() -> dict[str, Any]:
-    """The machine and library versions (:func:`bench.report.machine_info` + ONNX Runtime)."""
+    """The machine and library versions (:func:`segassist.bench.report.machine_info` + ONNX Runtime)."""
     import onnxruntime as ort
 
     return machine_info() | {"onnxruntime": ort.__version__, "load_average_1m": _load_average()}
@@ -1336,7 +1336,7 @@ def write_results(
     text = "\n\n".join(
         [
             "# Service benchmark",
-            f"Profile `{profile.name}`; run `python -m bench.service` "
+            f"Profile `{profile.name}`; run `python -m segassist.bench.service` "
             f"{'--quick ' if profile.name == 'quick' else ''}(finished {info['finished']}).",
             f"Machine — {described}.",
             "## Targets\n\n" + "\n".join(target.line() for target in targets),
@@ -1503,7 +1503,7 @@ def run(profile: Profile, out: Path) -> tuple[Path, Path]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.service", description=__doc__.split("\n\n", 1)[0]
+        prog="python -m segassist.bench.service", description=__doc__.split("\n\n", 1)[0]
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, ~2 min)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")

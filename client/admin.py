@@ -27,8 +27,8 @@ err_console = Console(stderr=True)
 
 def _session(args: argparse.Namespace) -> Session:
     """A session on the configured database, migrated to the current schema."""
-    from server.db.session import migrate, session_factory
-    from server.settings import Settings
+    from segassist.server.db.session import migrate, session_factory
+    from segassist.server.settings import Settings
 
     settings = Settings(data_dir=args.data_dir) if args.data_dir else Settings()
     migrate(settings.database_url)
@@ -41,7 +41,7 @@ def _when(value: datetime | None) -> str:
 
 def cmd_users(args: argparse.Namespace) -> int:
     """Add, list, revoke users, change a role or a token; a new token is printed once."""
-    from server import users
+    from segassist.server import users
 
     with _session(args) as session:
         try:
@@ -77,8 +77,8 @@ def cmd_users(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Print the newest recorded writes (who, what, when, from where, status)."""
-    from server.audit import query_events
-    from server.schemas import AuditEventPublic
+    from segassist.server.audit import query_events
+    from segassist.server.schemas import AuditEventPublic
 
     with _session(args) as session:
         events = [

@@ -2,7 +2,7 @@
 
 Sub-commands: ``serve``, ``worker`` (start the service), ``segment`` (upload → pretrain or reuse →
 few-shot fit → predict → download), ``pretrain``, ``jobs``, ``models``, ``demo``, ``bench``,
-``users`` and ``audit`` (:mod:`client.admin`).
+``users`` and ``audit`` (:mod:`segassist.client.admin`).
 Server-side code (``worker``, ``bench``, ``models``) is imported lazily, only by the sub-commands that
 need it, so the client runs with the base install.
 """
@@ -32,16 +32,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from client.admin import add_admin_parsers
-from client.api import JobFailedError, SegAssistAPIError, SegAssistClient, job_status
-from client.local import (
+from segassist.client.admin import add_admin_parsers
+from segassist.client.api import JobFailedError, SegAssistAPIError, SegAssistClient, job_status
+from segassist.client.local import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     ServiceStartError,
     default_data_dir,
     ensure_local_service,
 )
-from client.segment import METHODS, OBJECTIVES, SegmentRequest, run_segment
+from segassist.client.segment import METHODS, OBJECTIVES, SegmentRequest, run_segment
 
 __all__ = ["build_parser", "main", "make_progress"]
 
@@ -110,7 +110,7 @@ _EXTRA_OF_MODULE = {
 # -- sub-commands --------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the API and one embedded Celery worker in the foreground."""
-    from worker.serve import run_embedded
+    from segassist.worker.serve import run_embedded
 
     run_embedded(args.host, args.port, Path(args.data_dir))
     return 0
@@ -118,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a Celery worker alone (deployment with Redis and PostgreSQL)."""
-    from worker.serve import run_worker
+    from segassist.worker.serve import run_worker
 
     run_worker()
     return 0
@@ -247,7 +247,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Segment a real CT from three labelled slices and print the Dice."""
-    from client.demo import run_demo
+    from segassist.client.demo import run_demo
 
     data_dir = Path(args.data_dir)
     out_dir = Path(args.out_dir) if args.out_dir else data_dir / "demo"
@@ -259,11 +259,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark (``fewshot``, ``service`` or ``robustness``) with its own arguments."""
     if args.suite == "fewshot":
-        from bench.fewshot import main as bench_main
+        from segassist.bench.fewshot import main as bench_main
     elif args.suite == "robustness":
-        from bench.robustness import main as bench_main
+        from segassist.bench.robustness import main as bench_main
     else:
-        from bench.service import main as bench_main
+        from segassist.bench.service import main as bench_main
     return int(bench_main(list(args.bench_args)) or 0)
 
 

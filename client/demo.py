@@ -1,7 +1,7 @@
 """``segassist demo``: segment a real spine CT from three labelled slices.
 
 The CT of the ``tptbox-spine`` set (TPTBox's sample, fetched from the package registry by
-:mod:`models.datasets`) is segmented into vertebral body and posterior elements from three
+:mod:`segassist.models.datasets`) is segmented into vertebral body and posterior elements from three
 annotated axial slices spread over the spine through the server's assist workflow: with no
 encoder for CT yet, the local embedded service pretrains one briefly on the volume
 (``SEGASSIST_ASSIST_PRETRAIN_STEPS``, 60 steps of 4 slices: about two minutes on 2 CPU cores) and
@@ -23,10 +23,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from client.api import SegAssistClient
-from client.local import DEFAULT_HOST, DEFAULT_PORT, ensure_local_service
-from client.segment import SegmentRequest, SegmentResult, run_segment
-from models.runtime.configs import IGNORE_INDEX
+from segassist.client.api import SegAssistClient
+from segassist.client.local import DEFAULT_HOST, DEFAULT_PORT, ensure_local_service
+from segassist.client.segment import SegmentRequest, SegmentResult, run_segment
+from segassist.models.runtime.configs import IGNORE_INDEX
 
 __all__ = [
     "DemoScore",
@@ -125,7 +125,7 @@ def run_demo(
         console: where the report is printed.
         server: use this server instead of the local embedded one.
     """
-    from models.datasets import load_set  # lazy: the data cache is only needed here
+    from segassist.models.datasets import load_set  # lazy: the data cache is only needed here
 
     console = console or Console()
     console.rule("segassist demo: spine CT from 3 labelled slices")
@@ -161,7 +161,7 @@ def run_demo(
         label_names=dict(case.classes),
         dataset_name="demo tptbox-spine CT",
     )
-    from client.cli import make_progress  # the CLI's progress bar, on stderr
+    from segassist.client.cli import make_progress  # the CLI's progress bar, on stderr
 
     with SegAssistClient(server) as api, make_progress() as progress:
         result = run_segment(api, request, progress)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from client.api import SegAssistClient
+from segassist.client.api import SegAssistClient
 
 __all__ = [
     "DEFAULT_HOST",
@@ -54,7 +54,7 @@ def start_service(
     cmd = [
         sys.executable,
         "-m",
-        "client.cli",
+        "segassist.client.cli",
         "serve",
         "--host",
         host,

@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.progress import Progress, TaskID
 
-from client.api import SegAssistClient, job_status
+from segassist.client.api import SegAssistClient, job_status
 
 __all__ = [
     "METHODS",

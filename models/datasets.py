@@ -55,8 +55,8 @@ from typing import NamedTuple
 import nibabel as nib
 import numpy as np
 
-from models.runtime._atomic import atomic_path, atomic_write_bytes
-from models.runtime.nifti import open_nifti
+from segassist.models.runtime._atomic import atomic_path, atomic_write_bytes
+from segassist.models.runtime.nifti import open_nifti
 
 __all__ = [
     "SETS",

@@ -1,6 +1,6 @@
 """Export a trained segmenter to ONNX, check it against PyTorch, and write its artifact folder.
 
-The folder gets ``model.onnx`` and ``manifest.json`` (see :class:`models.runtime.manifest.Manifest`),
+The folder gets ``model.onnx`` and ``manifest.json`` (see :class:`segassist.models.runtime.manifest.Manifest`),
 both written atomically. The graph has dynamic batch, height and width; parity with PyTorch is
 checked with ONNX Runtime on an input whose batch size and H×W differ from the traced example, so a
 silently specialised dimension fails the export instead of failing in production.
@@ -26,10 +26,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from models.networks.unet import DenseUNet
-from models.runtime._atomic import atomic_path, sha256_file
-from models.runtime.manifest import MANIFEST_NAME, Manifest
-from models.runtime.preprocess import Normalisation
+from segassist.models.networks.unet import DenseUNet
+from segassist.models.runtime._atomic import atomic_path, sha256_file
+from segassist.models.runtime.manifest import MANIFEST_NAME, Manifest
+from segassist.models.runtime.preprocess import Normalisation
 
 __all__ = ["ONNX_NAME", "OUTPUT_NAMES", "export_feature_extractor", "export_segmenter"]
 
@@ -154,7 +154,7 @@ def export_segmenter(
 
     Args:
         model: a segmenter, ``forward(x: B×1×H×W) -> (logits B×L×H×W, cluster_scores B×K×H×W)``
-            (e.g. :class:`models.networks.segmenter.SegmenterNet`). Exported in eval mode; its
+            (e.g. :class:`segassist.models.networks.segmenter.SegmenterNet`). Exported in eval mode; its
             training flag is restored afterwards.
         folder: artifact folder (created if missing).
         labels: class index → name, background 0 included; must match the L logits channels.

@@ -7,7 +7,7 @@ head and applying it to the whole volume then never re-runs the encoder.
 Layout of one entry (``<root>/<encoder_id>/<image_id>/``):
 
 - ``map<i>.npy``: ``S×C_i×(Hp/2^i)×(Wp/2^i)`` float16, decoder map ``i`` (fine to coarse, as
-  :meth:`models.networks.unet.DenseUNet.forward_features` returns them) of the ``S`` slices along
+  :meth:`segassist.models.networks.unet.DenseUNet.forward_features` returns them) of the ``S`` slices along
   ``axis``, each zero-padded to ``Hp×Wp`` (multiples of the encoder's size divisor) exactly as the
   ONNX runtime pads them, so a head applied here gives what the exported segmenter gives.
 - ``clusters.npy``: ``S×H×W`` uint8 argmax of the encoder's cluster head (cropped).
@@ -40,11 +40,11 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from models.networks.segmenter import SegmenterNet
-from models.pretrain import Encoder
-from models.runtime._atomic import atomic_dir
-from models.runtime.predictor import Device, providers
-from models.runtime.preprocess import crop_to, pad_to_multiple
+from segassist.models.networks.segmenter import SegmenterNet
+from segassist.models.pretrain import Encoder
+from segassist.models.runtime._atomic import atomic_dir
+from segassist.models.runtime.predictor import Device, providers
+from segassist.models.runtime.preprocess import crop_to, pad_to_multiple
 
 __all__ = [
     "FeatureCache",
@@ -84,7 +84,7 @@ def torch_runner(encoder: Encoder) -> FeatureRunner:
 
 
 def onnx_runner(path: Path, device: Device = "auto") -> FeatureRunner:
-    """Run the ONNX feature extractor at ``path`` (:func:`models.export.export_feature_extractor`)
+    """Run the ONNX feature extractor at ``path`` (:func:`segassist.models.export.export_feature_extractor`)
     with ONNX Runtime: CUDA when available and asked for, else the CPU."""
     session = ort.InferenceSession(os.fspath(path), providers=providers(device))
     names = [o.name for o in session.get_outputs()]

@@ -40,13 +40,13 @@ from monai.transforms import (
 )
 from torch import nn
 
-from models.features import FeatureMaps, head_input
-from models.networks.segmenter import SegmenterNet
-from models.pretrain import Encoder
-from models.progress import Progress, ProgressCallback
-from models.runtime.configs import METHODS, PROBE_HEADS, FewShotConfig, Method, ProbeHead
-from models.segloss import MaskedDiceCELoss
-from models.volumes import IGNORE_INDEX, SparseLabels, annotated_slices
+from segassist.models.features import FeatureMaps, head_input
+from segassist.models.networks.segmenter import SegmenterNet
+from segassist.models.pretrain import Encoder
+from segassist.models.progress import Progress, ProgressCallback
+from segassist.models.runtime.configs import METHODS, PROBE_HEADS, FewShotConfig, Method, ProbeHead
+from segassist.models.segloss import MaskedDiceCELoss
+from segassist.models.volumes import IGNORE_INDEX, SparseLabels, annotated_slices
 
 __all__ = [
     "METHODS",
@@ -393,7 +393,7 @@ def _first_conv(head: nn.Module) -> nn.Conv2d:
 def _fold_standardisation(conv: nn.Conv2d, mean: torch.Tensor, scale: torch.Tensor) -> None:
     """Fold the input standardisation into ``conv``: ``W′ = W/s`` (per input channel),
     ``b′ = b − W′μ``, so that ``W′x + b′ = W(x − μ)/s + b`` and the exported head reads the raw
-    maps, as the ONNX graph and :func:`models.features.apply_head` give them."""
+    maps, as the ONNX graph and :func:`segassist.models.features.apply_head` give them."""
     conv.weight.div_(scale[None, :, None, None])
     shift = conv.weight[:, :, 0, 0] @ mean
     if conv.bias is None:
@@ -414,7 +414,7 @@ def fit_probe(
 
     The interactive path of the assist workflow: the same result as
     ``fit_segmenter(..., method="linear")`` on the same slices, but reading the annotated
-    slices' head features from :class:`models.features.FeatureMaps` instead of running the
+    slices' head features from :class:`segassist.models.features.FeatureMaps` instead of running the
     encoder on them.
 
     Args:

@@ -8,9 +8,9 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from models.losses import IICBoundaryLoss, Pix2RepLoss, PixelBarlowTwinsLoss
-from models.losses.pix2rep import check_pair, sample_valid_pixels
-from models.runtime.configs import OBJECTIVES
+from segassist.models.losses import IICBoundaryLoss, Pix2RepLoss, PixelBarlowTwinsLoss
+from segassist.models.losses.pix2rep import check_pair, sample_valid_pixels
+from segassist.models.runtime.configs import OBJECTIVES
 
 __all__ = [
     "OBJECTIVES",
@@ -122,7 +122,7 @@ class Pix2RepObjective(_ProjectedPixelObjective):
         feature_channels: ``C`` of the backbone.
         projection_dim: output width of the projection head.
         projection_depth: convolutions in the head (0 = none).
-        num_samples: pixels drawn per batch by :class:`~models.losses.Pix2RepLoss`.
+        num_samples: pixels drawn per batch by :class:`~segassist.models.losses.Pix2RepLoss`.
         temperature: InfoNCE temperature.
     """
 
@@ -149,7 +149,7 @@ class Pix2RepBarlowObjective(_ProjectedPixelObjective):
         projection_dim: output width ``D`` of the projection head.
         projection_depth: convolutions in the head (0 = none).
         lambda_offdiag: weight of the off-diagonal term.
-        num_samples: pixels drawn per batch by :class:`~models.losses.PixelBarlowTwinsLoss`.
+        num_samples: pixels drawn per batch by :class:`~segassist.models.losses.PixelBarlowTwinsLoss`.
     """
 
     name = "pix2rep_barlow"
@@ -177,7 +177,7 @@ class IICBoundaryObjective(Objective):
         feature_channels: ``C`` of the backbone.
         num_clusters: ``K``.
         num_heads: sub-heads whose losses are averaged.
-        w_rmi, w_cc, alpha, lam, eps, gamma, window: see :class:`~models.losses.IICBoundaryLoss`.
+        w_rmi, w_cc, alpha, lam, eps, gamma, window: see :class:`~segassist.models.losses.IICBoundaryLoss`.
     """
 
     name = "iic_boundary"

@@ -1,8 +1,8 @@
 """Self-supervised pretraining of the dense encoder on the slices of unlabelled volumes.
 
 One step draws a batch of 2D slices, two views with known pixel correspondence
-(:class:`models.views.TwoViewSampler`), and minimises the chosen objective
-(:func:`models.objectives.build_objective`) on ``z1 = W_A(f(a1(x)))`` and ``z2 = f(W_A(a2(x)))``
+(:class:`segassist.models.views.TwoViewSampler`), and minimises the chosen objective
+(:func:`segassist.models.objectives.build_objective`) on ``z1 = W_A(f(a1(x)))`` and ``z2 = f(W_A(a2(x)))``
 with Adam. The loop checkpoints to ``workdir/checkpoint.pt`` and resumes from it; the batch, crops
 and views of step ``t`` depend only on ``(config.seed, t)``, so an interrupted and resumed run
 ends with the same weights as an uninterrupted one.
@@ -21,19 +21,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.clusters import fit_kmeans_head
-from models.networks.unet import DenseUNet
-from models.objectives import Objective, build_objective
-from models.progress import Progress, ProgressCallback
-from models.runtime._atomic import atomic_path
-from models.runtime.configs import PretrainConfig
-from models.runtime.preprocess import (
+from segassist.models.clusters import fit_kmeans_head
+from segassist.models.networks.unet import DenseUNet
+from segassist.models.objectives import Objective, build_objective
+from segassist.models.progress import Progress, ProgressCallback
+from segassist.models.runtime._atomic import atomic_path
+from segassist.models.runtime.configs import PretrainConfig
+from segassist.models.runtime.preprocess import (
     Normalisation,
     crop_to,
     default_normalisation,
     pad_to_multiple,
 )
-from models.views import TwoViewSampler, warp
+from segassist.models.views import TwoViewSampler, warp
 
 __all__ = ["CHECKPOINT_NAME", "Encoder", "PretrainConfig", "pretrain"]
 

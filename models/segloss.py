@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
 from torch import nn
 
-from models.volumes import IGNORE_INDEX
+from segassist.models.volumes import IGNORE_INDEX
 
 __all__ = ["MaskedDiceCELoss"]
 

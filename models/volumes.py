@@ -15,8 +15,8 @@ from os import PathLike
 
 import numpy as np
 
-from models.runtime.configs import IGNORE_INDEX
-from models.runtime.nifti import open_nifti
+from segassist.models.runtime.configs import IGNORE_INDEX
+from segassist.models.runtime.nifti import open_nifti
 
 __all__ = [
     "IGNORE_INDEX",

@@ -1,7 +1,7 @@
 """Checks and resolution of an assist request, once, on the server (torch-free).
 
-``POST /datasets/{id}/assist`` turns what a client asks (:class:`server.schemas.AssistCreate`)
-into the params of one ``assist`` job (:mod:`worker.assist`): the label versions (default: every
+``POST /datasets/{id}/assist`` turns what a client asks (:class:`segassist.server.schemas.AssistCreate`)
+into the params of one ``assist`` job (:mod:`segassist.worker.assist`): the label versions (default: every
 image's ``final`` one), the images to segment (default: every image of the dataset), the slice
 axis and the encoder, all checked here so a bad request is a 4xx naming the problem instead of a
 job failing minutes later, and fixed in the params so a retried job works on what was submitted.
@@ -22,10 +22,18 @@ from fastapi import HTTPException, status
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from server.db.tables import FINAL_TAG, Dataset, Image, JobKind, Label, ModelKind, ModelRecord
-from server.errors import not_found, unprocessable
-from server.routes.jobs import submit_job
-from server.schemas import AssistCreate
+from segassist.server.db.tables import (
+    FINAL_TAG,
+    Dataset,
+    Image,
+    JobKind,
+    Label,
+    ModelKind,
+    ModelRecord,
+)
+from segassist.server.errors import not_found, unprocessable
+from segassist.server.routes.jobs import submit_job
+from segassist.server.schemas import AssistCreate
 
 __all__ = ["annotation_axis", "prefetch_features", "resolve_assist"]
 

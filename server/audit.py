@@ -2,7 +2,7 @@
 
 :class:`AuditMiddleware` is a plain ASGI middleware: it lets the request through untouched
 (uploads keep streaming, no database connection is held meanwhile), remembers the response's
-status code as it is sent, and then records who (the :class:`~server.auth.Principal` the role
+status code as it is sent, and then records who (the :class:`~segassist.server.auth.Principal` the role
 dependency left in the request's state), what (method, route template, concrete path, path
 parameters), when and from where, in a short session of its own. Refused writes (401, 403, 4xx)
 are recorded too; a write that crashed is recorded as 500.
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.db.tables import AuditEvent
+from segassist.server.db.tables import AuditEvent
 
 __all__ = ["WRITE_METHODS", "AuditMiddleware", "query_events", "record_event", "route_template"]
 

@@ -27,8 +27,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db.tables import Role, User
-from server.settings import Settings
+from segassist.server.db.tables import Role, User
+from segassist.server.settings import Settings
 
 __all__ = [
     "ANONYMOUS_USER",

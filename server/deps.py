@@ -1,5 +1,5 @@
 """FastAPI dependencies as ``Annotated`` aliases: settings, DB session, storage, Celery (the
-caller and its role: :mod:`server.auth`)."""
+caller and its role: :mod:`segassist.server.auth`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from celery import Celery
 from fastapi import Depends, Path, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db.tables import ID_PATTERN
-from server.settings import Settings
-from server.storage import Storage
+from segassist.server.db.tables import ID_PATTERN
+from segassist.server.settings import Settings
+from segassist.server.storage import Storage
 
 __all__ = [
     "CeleryDep",

@@ -27,7 +27,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from server.ingest import IngestError
+from segassist.server.ingest import IngestError
 
 __all__ = ["DicomVolume", "read_dicom_zip", "series_to_volume", "volume_to_nifti"]
 
@@ -57,7 +57,7 @@ class DicomVolume:
         affine: 4×4 voxel → RAS+ (mm).
         series_uid: SeriesInstanceUID.
         instances: the series' images in stacking order (slice ``k`` of ``data`` is
-            ``instances[k]``): the source images of a DICOM-SEG (:mod:`server.dicom_headers`).
+            ``instances[k]``): the source images of a DICOM-SEG (:mod:`segassist.server.dicom_headers`).
     """
 
     data: np.ndarray
@@ -77,7 +77,7 @@ def read_dicom_zip(src: Path, *, max_bytes: int) -> DicomVolume:
         max_bytes: largest total uncompressed size of its members.
 
     Raises:
-        IngestError: see :func:`server.ingest.ingest_dicom_zip`.
+        IngestError: see :func:`segassist.server.ingest.ingest_dicom_zip`.
     """
     datasets = _read_images(src, max_bytes)
     series: dict[str, list[Dataset]] = defaultdict(list)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from server.storage import atomic_write_bytes
+from segassist.server.storage import atomic_write_bytes
 
 __all__ = ["HEADERS_NAME", "headers_path", "read_headers", "write_headers"]
 

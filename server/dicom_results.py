@@ -2,7 +2,7 @@
 
 ``predictions/<model_id>/<image_id>/segmentation.dcm`` is built on first request from
 ``labels.nii.gz``, the dataset's label schema and the source series' headers
-(:mod:`server.dicom_headers`), and kept (rebuilt if the labels file is newer). A label version of
+(:mod:`segassist.server.dicom_headers`), and kept (rebuilt if the labels file is newer). A label version of
 an image of a DICOMweb dataset is stored on the dataset's server as a MANUAL segmentation when it
 is saved (:func:`store_label_on_server`); a prediction on request (:func:`stow_prediction`).
 """
@@ -20,14 +20,14 @@ from fastapi import HTTPException, status
 from pydicom.dataset import Dataset as DicomDataset
 from sqlalchemy.orm import Session
 
-from models.runtime.nifti import read_nifti
-from server.db.tables import Dataset, Image
-from server.dicom_headers import headers_path, read_headers
-from server.dicom_seg import SegmentClass, build_segmentation
-from server.dicomweb_images import dataset_server
-from server.errors import not_found
-from server.predictions import PREDICTION_FILES
-from server.storage import Storage, atomic_write_bytes
+from segassist.models.runtime.nifti import read_nifti
+from segassist.server.db.tables import Dataset, Image
+from segassist.server.dicom_headers import headers_path, read_headers
+from segassist.server.dicom_seg import SegmentClass, build_segmentation
+from segassist.server.dicomweb_images import dataset_server
+from segassist.server.errors import not_found
+from segassist.server.predictions import PREDICTION_FILES
+from segassist.server.storage import Storage, atomic_write_bytes
 
 __all__ = [
     "SEGMENTATION_FILE",

@@ -1,8 +1,8 @@
 """Label volumes of DICOM-sourced images as DICOM Segmentation objects (highdicom), and back.
 
-Voxel order: an image that came from DICOM is stored as :mod:`server.dicom` lays it out; its
-label volumes become the series' own ``Z×rows×columns`` frames (:mod:`server.series_order`),
-frame ``k`` on source instance ``k`` of :mod:`server.dicom_headers`.
+Voxel order: an image that came from DICOM is stored as :mod:`segassist.server.dicom` lays it out; its
+label volumes become the series' own ``Z×rows×columns`` frames (:mod:`segassist.server.series_order`),
+frame ``k`` on source instance ``k`` of :mod:`segassist.server.dicom_headers`.
 
 Segments: one per class of the dataset's schema (value ``v`` ≥ 1), numbered 1…N in value order
 (DICOM wants consecutive segment numbers); the segment label is the class name, the tracking id
@@ -24,8 +24,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from models.runtime.configs import IGNORE_INDEX
-from server.series_order import frames_from_volume, volume_from_frames
+from segassist.models.runtime.configs import IGNORE_INDEX
+from segassist.server.series_order import frames_from_volume, volume_from_frames
 
 __all__ = [
     "LOCAL_SCHEME",

@@ -3,8 +3,8 @@
 A DICOMweb dataset lists its server's series (QIDO-RS); a series becomes an image of the dataset
 the first time something needs its voxels (``POST /datasets/{id}/series/{uid}``, or a MONAI Label
 request naming the series): every instance is fetched (WADO-RS) into memory, stacked by the same
-rules as a DICOM upload (:func:`server.dicom.series_to_volume`), stored as NIfTI with its headers
-(:mod:`server.dicom_headers`) and checksummed. Only then is the image row written, so a fetch that
+rules as a DICOM upload (:func:`segassist.server.dicom.series_to_volume`), stored as NIfTI with its headers
+(:mod:`segassist.server.dicom_headers`) and checksummed. Only then is the image row written, so a fetch that
 fails halfway (server stopped, bad series) leaves nothing behind. Later requests get the stored
 image; concurrent fetches of one series wait for the first (a file lock per series).
 """
@@ -21,11 +21,11 @@ from fastapi import HTTPException, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.db.tables import Dataset, Image, new_id
-from server.dicom_headers import headers_path
-from server.dicomweb import DicomwebServer, DicomwebSettings
-from server.ingest import store_dicom_volume
-from server.storage import Storage, file_lock
+from segassist.server.db.tables import Dataset, Image, new_id
+from segassist.server.dicom_headers import headers_path
+from segassist.server.dicomweb import DicomwebServer, DicomwebSettings
+from segassist.server.ingest import store_dicom_volume
+from segassist.server.storage import Storage, file_lock
 
 __all__ = ["dataset_server", "fetch_image", "stored_series_image"]
 
@@ -77,7 +77,7 @@ def fetch_image(
         DicomwebError: the server failed, refused the credentials or has no such series.
         IngestError: the series is not one stack of evenly spaced parallel slices.
     """
-    from server.dicom import series_to_volume
+    from segassist.server.dicom import series_to_volume
 
     stored = stored_series_image(session, dataset, series_uid)
     if stored is not None:

@@ -13,8 +13,8 @@ from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from server.ingest import IngestError
-from server.storage import UploadTooLargeError
+from segassist.server.ingest import IngestError
+from segassist.server.storage import UploadTooLargeError
 
 __all__ = ["format_errors", "install_error_handlers", "not_found", "unprocessable"]
 

@@ -1,13 +1,13 @@
 """Upload → validated NIfTI on disk.
 
 The upload routes stream a request body into a temporary file, then call one of these pure
-functions, which check it and store it atomically (:func:`models.runtime._atomic.atomic_path`)
+functions, which check it and store it atomically (:func:`segassist.models.runtime._atomic.atomic_path`)
 as ``.nii.gz``:
 
 - :func:`ingest_nifti`: a ``.nii`` or ``.nii.gz`` volume, stored byte for byte (gzip-compressed if
   it was not), so header, affine, qform/sform and their codes are kept exactly.
 - :func:`ingest_dicom_zip`: a zip of one DICOM series, converted the way dcm2niix lays it out
-  (see :mod:`server.dicom`).
+  (see :mod:`segassist.server.dicom`).
 - :func:`validate_label`: a label volume for a stored image, stored as ``uint8`` on the image's
   header (``255`` = unannotated).
 
@@ -30,12 +30,12 @@ import nibabel as nib
 import numpy as np
 from nibabel.arrayproxy import ArrayProxy
 
-from models.runtime._atomic import atomic_path
-from models.runtime.configs import IGNORE_INDEX
-from models.runtime.nifti import open_nifti
+from segassist.models.runtime._atomic import atomic_path
+from segassist.models.runtime.configs import IGNORE_INDEX
+from segassist.models.runtime.nifti import open_nifti
 
 if TYPE_CHECKING:
-    from server.dicom import DicomVolume
+    from segassist.server.dicom import DicomVolume
 
 __all__ = [
     "MAX_VOLUME_BYTES",
@@ -166,24 +166,24 @@ def ingest_dicom_zip(
         dst: where to store the volume; must end in ``.nii.gz``.
         max_bytes: largest total uncompressed size of the zip's members.
         headers_dst: where to keep the series' headers in stacking order
-            (:mod:`server.dicom_headers`; the source images of a DICOM-SEG), if given.
+            (:mod:`segassist.server.dicom_headers`; the source images of a DICOM-SEG), if given.
 
     Raises:
         IngestError: not a zip, unsafe member paths, no or several series, inconsistent or
             unevenly spaced slices, undecodable pixel data.
     """
-    # pydicom is only needed for DICOM uploads; server.dicom imports this module.
-    from server.dicom import read_dicom_zip
+    # pydicom is only needed for DICOM uploads; segassist.server.dicom imports this module.
+    from segassist.server.dicom import read_dicom_zip
 
     _check_destination(dst)
     return store_dicom_volume(read_dicom_zip(src, max_bytes=max_bytes), dst, headers_dst)
 
 
 def store_dicom_volume(volume: DicomVolume, dst: Path, headers_dst: Path | None) -> VolumeInfo:
-    """Store a DICOM series read by :mod:`server.dicom` as NIfTI at ``dst`` (and its headers at
+    """Store a DICOM series read by :mod:`segassist.server.dicom` as NIfTI at ``dst`` (and its headers at
     ``headers_dst``, if given): shared by zip uploads and series fetched by DICOMweb."""
-    from server.dicom import volume_to_nifti
-    from server.dicom_headers import write_headers
+    from segassist.server.dicom import volume_to_nifti
+    from segassist.server.dicom_headers import write_headers
 
     _check_destination(dst)
     image = volume_to_nifti(volume)

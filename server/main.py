@@ -1,6 +1,6 @@
 """The FastAPI application factory.
 
-Run with ``uvicorn --factory server.main:create_app`` (settings from ``SEGASSIST_*``), or build
+Run with ``uvicorn --factory segassist.server.main:create_app`` (settings from ``SEGASSIST_*``), or build
 an app for tests with ``create_app(Settings(...))``. Startup upgrades the database schema.
 """
 
@@ -14,18 +14,18 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 
-from models.runtime._atomic import set_file_modes
-from server.audit import AuditMiddleware
-from server.auth import require_role
-from server.db.session import migrate, session_factory
-from server.db.tables import Role
-from server.errors import install_error_handlers
-from server.methods import AllowHeaderMiddleware
-from server.monailabel import monailabel_routers
-from server.openapi import install_openapi
-from server.page import install_page
-from server.queue import make_celery
-from server.routes import (
+from segassist.models.runtime._atomic import set_file_modes
+from segassist.server.audit import AuditMiddleware
+from segassist.server.auth import require_role
+from segassist.server.db.session import migrate, session_factory
+from segassist.server.db.tables import Role
+from segassist.server.errors import install_error_handlers
+from segassist.server.methods import AllowHeaderMiddleware
+from segassist.server.monailabel import monailabel_routers
+from segassist.server.openapi import install_openapi
+from segassist.server.page import install_page
+from segassist.server.queue import make_celery
+from segassist.server.routes import (
     assist,
     audit,
     datasets,
@@ -37,8 +37,8 @@ from server.routes import (
     models,
     predictions,
 )
-from server.settings import Settings, get_settings
-from server.storage import Storage
+from segassist.server.settings import Settings, get_settings
+from segassist.server.storage import Storage
 
 __all__ = ["API_PREFIX", "create_app"]
 
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     api = APIRouter(prefix=API_PREFIX)
     api.include_router(health.router)
-    # Reading needs a viewer; writes declare more on their route (server.auth.route_role).
+    # Reading needs a viewer; writes declare more on their route (segassist.server.auth.route_role).
     protected = APIRouter(dependencies=[Depends(require_role(Role.viewer))])
     # dicomweb before predictions: its segmentation.dcm route precedes the generic file route.
     for module in (datasets, assist, images, labels, jobs, models, dicomweb, predictions, audit):

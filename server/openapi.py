@@ -1,10 +1,10 @@
 """The OpenAPI document as the service really answers (checked by Schemathesis in the tests).
 
 FastAPI documents the success answer of each route and a 422 whose ``detail`` is a list; the
-service answers every client error as :class:`~server.schemas.ErrorPublic` (``detail`` a string,
-:mod:`server.errors`). :func:`install_openapi` rewrites the generated document once: each
+service answers every client error as :class:`~segassist.server.schemas.ErrorPublic` (``detail`` a string,
+:mod:`segassist.server.errors`). :func:`install_openapi` rewrites the generated document once: each
 operation declares the 4xx it can answer with that body, and the bearer security only where a
-route declares a role (:mod:`server.auth`), as optional while the service may run open
+route declares a role (:mod:`segassist.server.auth`), as optional while the service may run open
 (development without an API token: no token is needed until the first user exists).
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.schemas import ErrorPublic
-from server.settings import Settings
+from segassist.server.schemas import ErrorPublic
+from segassist.server.settings import Settings
 
 __all__ = ["install_openapi"]
 

@@ -1,7 +1,7 @@
 """Prediction outputs on disk (no torch): what the workers write and the API serves.
 
 :func:`predict_to_folder` runs an ONNX segmenter on a stored image and :func:`write_prediction`
-writes any :class:`~models.runtime.predictor.Prediction`, every file atomically on the input's
+writes any :class:`~segassist.models.runtime.predictor.Prediction`, every file atomically on the input's
 grid::
 
     predictions/<model_id>/<image_id>/labels.nii.gz      uint8, the input's affine and header
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from models.runtime._atomic import link_atomic
-from models.runtime.nifti import Reference, read_nifti, write_nifti_atomic
-from models.runtime.predictor import OnnxPredictor, Prediction
-from models.runtime.preprocess import Normalisation
-from models.runtime.render import render_cluster_montage
+from segassist.models.runtime._atomic import link_atomic
+from segassist.models.runtime.nifti import Reference, read_nifti, write_nifti_atomic
+from segassist.models.runtime.predictor import OnnxPredictor, Prediction
+from segassist.models.runtime.preprocess import Normalisation
+from segassist.models.runtime.render import render_cluster_montage
 
 __all__ = [
     "PREDICTION_FILES",

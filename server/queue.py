@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 if TYPE_CHECKING:
-    from server.db.tables import Job
-    from server.settings import Settings
+    from segassist.server.db.tables import Job
+    from segassist.server.settings import Settings
 
 __all__ = [
     "PREDICTION_QUEUE",

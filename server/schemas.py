@@ -15,7 +15,7 @@ from pydantic import (
     field_validator,
 )
 
-from models.runtime.configs import (
+from segassist.models.runtime.configs import (
     IGNORE_INDEX,
     METHODS,
     OBJECTIVES,
@@ -24,8 +24,8 @@ from models.runtime.configs import (
     Objective,
     PretrainConfig,
 )
-from server.db.tables import ID_PATTERN, JobKind, JobStatus, ModelKind
-from server.dicomweb import DicomwebSettings
+from segassist.server.db.tables import ID_PATTERN, JobKind, JobStatus, ModelKind
+from segassist.server.dicomweb import DicomwebSettings
 
 __all__ = [
     "METHODS",
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 Id = Annotated[str, Field(pattern=ID_PATTERN)]
-"""An id in a request body: 32 lowercase hex digits (``server.deps.IdPath`` in paths)."""
+"""An id in a request body: 32 lowercase hex digits (``segassist.server.deps.IdPath`` in paths)."""
 CLASS_VALUE = r"^0*([1-9][0-9]?|1[0-9]{2}|2[0-4][0-9]|25[0-4])$"
 """A class value of a label schema as a JSON key: ``"1"``…``"254"`` (leading zeros allowed)."""
 
@@ -334,7 +334,7 @@ class AssistCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        # Documents the cross-field rules (checked in server.assist): objective "none" (random
+        # Documents the cross-field rules (checked in segassist.server.assist): objective "none" (random
         # initialisation) needs method finetune or mean_teacher (a probe head reads a pretrained
         # encoder), and excludes an encoder_id.
         json_schema_extra={
@@ -397,7 +397,7 @@ class AssistCreate(BaseModel):
 
 
 class ErrorPublic(BaseModel):
-    """Every 4xx answer: ``{"detail": "<message naming the problem>"}`` (:mod:`server.errors`)."""
+    """Every 4xx answer: ``{"detail": "<message naming the problem>"}`` (:mod:`segassist.server.errors`)."""
 
     detail: str
 

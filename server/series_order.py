@@ -1,6 +1,6 @@
 """Voxel order of a DICOM series as viewers stack it, and the stored layout of its volume.
 
-The stored NIfTI of a DICOM series (:mod:`server.dicom`) has voxel ``(x, y, k)`` = pixel
+The stored NIfTI of a DICOM series (:mod:`segassist.server.dicom`) has voxel ``(x, y, k)`` = pixel
 ``(row R−1−y, column x)`` of instance ``k`` (instances sorted along the slice normal). A viewer
 such as OHIF stacks the same series as ``Z×rows×columns`` frames (columns fastest in memory), and
 copies results and labels to and from that buffer as they are. :func:`frames_from_volume` and

@@ -116,7 +116,7 @@ class Settings(BaseSettings):
 
     @property
     def feature_dir(self) -> Path:
-        """Folder of the decoder-map cache (:class:`models.features.FeatureCache`)."""
+        """Folder of the decoder-map cache (:class:`segassist.models.features.FeatureCache`)."""
         return self.data_dir / "features"
 
     @property

@@ -10,7 +10,7 @@ Layout under ``data_dir`` (docs/internals.md)::
     uploads/                              (temporary upload files, same filesystem as the rest)
     broker/                               (embedded Celery filesystem transport)
 
-Every write goes through :mod:`models.runtime._atomic` (temporary file in the destination folder,
+Every write goes through :mod:`segassist.models.runtime._atomic` (temporary file in the destination folder,
 fsync, the configured permissions, ``os.replace``), so a reader sees either the old file, the
 whole new file, or nothing.
 """
@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from models.runtime._atomic import atomic_write_bytes, atomic_write_chunks
+from segassist.models.runtime._atomic import atomic_write_bytes, atomic_write_chunks
 
 __all__ = [
     "Storage",

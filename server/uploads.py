@@ -24,7 +24,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy.orm import Session
 
-from server.storage import UploadTooLargeError
+from segassist.server.storage import UploadTooLargeError
 
 __all__ = [
     "MAX_HEADER_LINE_BYTES",

@@ -1,7 +1,7 @@
 """User management on the database of the configured settings (``segassist users …``).
 
 Tokens are made here and returned once (:func:`add_user`, :func:`rotate_token`); only their
-SHA-256 is stored (:func:`server.auth.hash_token`).
+SHA-256 is stored (:func:`segassist.server.auth.hash_token`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.auth import ANONYMOUS_USER, API_TOKEN_USER, hash_token, new_token
-from server.db.tables import Role, User, utcnow
+from segassist.server.auth import ANONYMOUS_USER, API_TOKEN_USER, hash_token, new_token
+from segassist.server.db.tables import Role, User, utcnow
 
 __all__ = ["UserError", "add_user", "list_users", "revoke_user", "rotate_token", "set_role"]
 

@@ -68,7 +68,7 @@ TOTALSEG_LIVER = 5
 def totalseg() -> Path:
     """TotalSegmentator 2.18.0's DICOM CT test series and its segmentation, from the sdist
     (fetched once with pip into the cache; folder holding :data:`TOTALSEG_DICOM`)."""
-    from models.datasets import fetch_registry_file
+    from segassist.models.datasets import fetch_registry_file
 
     try:
         return fetch_registry_file(

@@ -166,7 +166,7 @@ def test_worker_scales_and_gpu_worker_is_an_optional_profile(compose: dict[str, 
 
 
 def test_compose_settings_are_settings_the_service_reads(compose: dict[str, Any]) -> None:
-    from server.settings import Settings
+    from segassist.server.settings import Settings
 
     fields = {f"SEGASSIST_{name.upper()}" for name in Settings.model_fields}
     for name in ("api", "worker", "worker-gpu"):
@@ -241,7 +241,7 @@ def test_readme_opens_with_the_two_commands() -> None:
 
 
 def test_readme_documents_every_setting() -> None:
-    from server.settings import Settings
+    from segassist.server.settings import Settings
 
     text = (ROOT / "README.md").read_text()
     missing = [n for n in Settings.model_fields if f"`SEGASSIST_{n.upper()}`" not in text]

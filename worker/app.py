@@ -1,10 +1,10 @@
-"""The worker's Celery app: configuration from :func:`server.queue.celery_config`, one task per
-job kind (:mod:`worker.tasks`).
+"""The worker's Celery app: configuration from :func:`segassist.server.queue.celery_config`, one task per
+job kind (:mod:`segassist.worker.tasks`).
 
-Run it with ``python -m celery -A worker.app worker -Q segassist,segassist-prediction --concurrency 1``. The app is built
-on first access of ``worker.app.app`` (not at import), so the environment (``SEGASSIST_*``) can be
+Run it with ``python -m celery -A segassist.worker.app worker -Q segassist,segassist-prediction --concurrency 1``. The app is built
+on first access of ``segassist.worker.app.app`` (not at import), so the environment (``SEGASSIST_*``) can be
 set first. Worker start-up migrates the database; once the worker consumes, a
-:class:`worker.recovery.RecoverySweeper` re-enqueues jobs a dead worker took with it.
+:class:`segassist.worker.recovery.RecoverySweeper` re-enqueues jobs a dead worker took with it.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 
 from celery import Celery, signals
 
-from models.runtime._atomic import set_file_modes
-from server.db import make_engine, migrate
-from server.queue import celery_config
-from server.settings import get_settings
-from worker.recovery import RecoverySweeper
+from segassist.models.runtime._atomic import set_file_modes
+from segassist.server.db import make_engine, migrate
+from segassist.server.queue import celery_config
+from segassist.server.settings import get_settings
+from segassist.worker.recovery import RecoverySweeper
 
 __all__ = ["TASK_NAMES", "get_app"]
 
@@ -32,25 +32,25 @@ TASK_NAMES = (
     "segassist.assist",
     "segassist.features",
 )
-"""Names the API enqueues by (``server.queue.task_name``)."""
+"""Names the API enqueues by (``segassist.server.queue.task_name``)."""
 
 _sweepers: list[RecoverySweeper] = []
 
 
 @lru_cache(maxsize=1)
 def get_app() -> Celery:
-    """The worker app for :func:`server.settings.get_settings` (built once per process).
+    """The worker app for :func:`segassist.server.settings.get_settings` (built once per process).
 
     Its configuration is the API's (late acknowledgement, prefetch 1, reject on worker lost,
     soft/hard time limits, Redis visibility timeout above the hard limit) plus the tasks.
     """
-    app = Celery("segassist-worker", include=["worker.tasks"])
+    app = Celery("segassist-worker", include=["segassist.worker.tasks"])
     app.conf.update(celery_config(get_settings()))
     return app
 
 
 def __getattr__(name: str) -> Any:
-    # ``celery -A worker.app`` looks up ``worker.app.app``: build it lazily (PEP 562).
+    # ``celery -A segassist.worker.app`` looks up ``segassist.worker.app.app``: build it lazily (PEP 562).
     if name == "app":
         return get_app()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -85,7 +85,7 @@ def _warm_up(**_: Any) -> None:
     """
     import torch._dynamo  # noqa: F401
 
-    import worker.pipelines  # noqa: F401
+    import segassist.worker.pipelines  # noqa: F401
 
 
 @signals.worker_ready.connect

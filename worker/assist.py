@@ -2,7 +2,7 @@
 
 Every client (CLI, Python client, the MONAI Label routes, the browser page) starts this job
 through ``POST /datasets/{id}/assist``; the API has already checked the request and resolved the
-images, the label versions and the slice axis into the job's params (``server.assist``), so a
+images, the label versions and the slice axis into the job's params (``segassist.server.assist``), so a
 retry works on exactly what the user submitted. Phases, as the job's progress reports them:
 
 1. ``encoder``: the ``encoder_id`` given, else the dataset's newest encoder, else the newest of the
@@ -10,7 +10,7 @@ retry works on exactly what the user submitted. Phases, as the job's progress re
    (``assist_pretrain_steps``) whose checkpoint seeds a longer one queued in the background
    (``background_pretrain_steps``); when that lands, the dataset's latest assist is refitted on it.
 2. ``features`` (probe methods): the decoder maps of every image involved, computed once per
-   (encoder, image) into :class:`models.features.FeatureCache`.
+   (encoder, image) into :class:`segassist.models.features.FeatureCache`.
 3. ``fit``: the probe head on the cached maps of the annotated slices (seconds), or for
    ``finetune``/``mean_teacher`` the whole network (a training run with progress).
 4. ``export``: the segmenter to ONNX (registered, reusable for new images by ``predict`` jobs).
@@ -20,7 +20,7 @@ retry works on exactly what the user submitted. Phases, as the job's progress re
 Result: ``segmenter_id``, ``encoder_id``, ``axis``, ``method`` (the request's, or for a probe the
 fitted head as the registry names it: ``probe-linear``, ``probe-mlp``), ``validation`` (head
 ``"auto"`` only: each candidate head's Dice on held-out tiles of the labelled slices,
-:func:`models.fewshot.select_probe_head`), ``predictions`` (image id → output
+:func:`segassist.models.fewshot.select_probe_head`), ``predictions`` (image id → output
 URLs), ``next_slice`` (image id → the unannotated slice whose prediction is least certain: the
 hint of where to label next), ``uncertainty`` (image id → mean normalised entropy of its
 prediction, 0 = certain, 1 = uniform), ``timings`` (seconds per phase), ``background_job_id`` when a longer
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from models.export import export_feature_extractor
-from models.features import (
+from segassist.models.export import export_feature_extractor
+from segassist.models.features import (
     FeatureCache,
     FeatureMaps,
     FeatureRunner,
@@ -51,20 +51,40 @@ from models.features import (
     onnx_runner,
     torch_runner,
 )
-from models.fewshot import FewShotConfig, Method, fit_probe, fit_segmenter, select_probe_head
-from models.networks.segmenter import SegmenterNet
-from models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
-from models.pretrain import pretrain as run_pretraining
-from models.progress import Progress
-from models.runtime._atomic import link_atomic
-from models.runtime.nifti import read_nifti
-from models.runtime.predictor import OnnxPredictor, Prediction, normalised_entropy, softmax
-from models.runtime.preprocess import Normalisation, default_normalisation, normalise
-from server.db import Dataset, Image, Job, JobKind, JobStatus, Label, ModelKind, ModelRecord
-from server.predictions import predict_to_folder, prediction_urls, write_prediction
-from server.queue import enqueue_job
-from worker import pipelines
-from worker.jobs import JobContext
+from segassist.models.fewshot import (
+    FewShotConfig,
+    Method,
+    fit_probe,
+    fit_segmenter,
+    select_probe_head,
+)
+from segassist.models.networks.segmenter import SegmenterNet
+from segassist.models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
+from segassist.models.pretrain import pretrain as run_pretraining
+from segassist.models.progress import Progress
+from segassist.models.runtime._atomic import link_atomic
+from segassist.models.runtime.nifti import read_nifti
+from segassist.models.runtime.predictor import (
+    OnnxPredictor,
+    Prediction,
+    normalised_entropy,
+    softmax,
+)
+from segassist.models.runtime.preprocess import Normalisation, default_normalisation, normalise
+from segassist.server.db import (
+    Dataset,
+    Image,
+    Job,
+    JobKind,
+    JobStatus,
+    Label,
+    ModelKind,
+    ModelRecord,
+)
+from segassist.server.predictions import predict_to_folder, prediction_urls, write_prediction
+from segassist.server.queue import enqueue_job
+from segassist.worker import pipelines
+from segassist.worker.jobs import JobContext
 
 __all__ = ["assist", "features", "refit_after_pretraining"]
 
@@ -228,7 +248,7 @@ def refit_after_pretraining(ctx: JobContext, encoder_id: str) -> str | None:
     this job as ``background_job_id``): the annotator then gets the better segmentation without
     asking. Returns the new job's id.
     """
-    from worker.app import get_app
+    from segassist.worker.app import get_app
 
     with ctx.owned_session() as session:
         latest = session.scalar(
@@ -335,7 +355,7 @@ def _continue_in_background(
     ctx: JobContext, dataset: Dataset, encoder: Encoder, images: list[Image]
 ) -> str | None:
     """Queue a pretraining that resumes from this job's checkpoint up to the background budget."""
-    from worker.app import get_app
+    from segassist.worker.app import get_app
 
     steps = ctx.settings.background_pretrain_steps
     checkpoint = ctx.workdir / CHECKPOINT_NAME

@@ -26,8 +26,8 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db import Job, JobStatus
-from server.db.tables import utcnow
+from segassist.server.db import Job, JobStatus
+from segassist.server.db.tables import utcnow
 
 __all__ = [
     "HEARTBEAT_SECONDS",

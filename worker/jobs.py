@@ -5,7 +5,7 @@ The SQL job row is the status of record. :func:`run_job` is safe to call again f
 worker is running is left to it, and a job whose worker died is taken over (its pipeline resumes
 from what the previous attempt left in ``jobs/<id>/work/``). Starting a job increments its
 ``attempts``; every later write of the delivery (progress, registered models, the outcome) is
-conditional on that attempt (:mod:`worker.attempts`), so a worker presumed dead cannot overwrite
+conditional on that attempt (:mod:`segassist.worker.attempts`), so a worker presumed dead cannot overwrite
 the one that took over.
 
 While the pipeline runs, everything logged in the process goes to ``jobs/<id>/log.txt`` as well
@@ -29,12 +29,12 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.progress import Progress
-from server.db import Job, JobStatus, session_factory
-from server.db.tables import utcnow
-from server.settings import Settings
-from server.storage import Storage
-from worker.attempts import (
+from segassist.models.progress import Progress
+from segassist.server.db import Job, JobStatus, session_factory
+from segassist.server.db.tables import utcnow
+from segassist.server.settings import Settings
+from segassist.server.storage import Storage
+from segassist.worker.attempts import (
     AttemptSuperseded,
     Heartbeat,
     guard_attempt,
@@ -74,7 +74,7 @@ ProgressPublisher = Callable[[dict[str, Any]], None]
 
 
 class ProgressWriter:
-    """A :data:`models.progress.ProgressCallback` writing to the job row, throttled.
+    """A :data:`segassist.models.progress.ProgressCallback` writing to the job row, throttled.
 
     A report is written when a second has passed since the last write, at the last step, and at
     a change of phase; a non-finite loss is stored as ``null`` (JSON has no NaN).
@@ -82,7 +82,7 @@ class ProgressWriter:
     Each write is conditional on ``attempt`` (it refreshes the heartbeat too) and reads
     ``cancel_requested``: it raises :class:`JobCancelled` when that is set, so a training loop
     stops (after checkpointing) within about a second of a cancel, and
-    :class:`~worker.attempts.AttemptSuperseded` when another worker took the job over (at once
+    :class:`~segassist.worker.attempts.AttemptSuperseded` when another worker took the job over (at once
     when ``heartbeat`` already noticed). A database that is briefly unreachable skips a write.
     """
 
@@ -171,7 +171,7 @@ class JobContext:
         """A transaction that commits only while this attempt still owns the job.
 
         Use it for every write that publishes something (a registered model, a follow-up job):
-        a superseded attempt gets :class:`~worker.attempts.AttemptSuperseded` and writes nothing.
+        a superseded attempt gets :class:`~segassist.worker.attempts.AttemptSuperseded` and writes nothing.
         """
         with self.sessions.begin() as session:
             guard_attempt(session, self.job_id, self.attempt)
@@ -199,7 +199,7 @@ def run_job(
 
     Raises only if the database stays unreachable (the message is then acknowledged as failed
     and the job, left ``running`` with an ageing heartbeat, is re-enqueued by
-    :mod:`worker.recovery`).
+    :mod:`segassist.worker.recovery`).
     """
     sessions = session_factory(settings)
     storage = Storage(settings.data_dir)

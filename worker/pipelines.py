@@ -1,18 +1,18 @@
 """What each job kind does with :mod:`models`: pretrain, finetune, predict.
 
-Each pipeline takes a :class:`worker.jobs.JobContext` and returns the job's ``result``. Model
+Each pipeline takes a :class:`segassist.worker.jobs.JobContext` and returns the job's ``result``. Model
 artifacts are built in a hidden temporary folder under ``data_dir/models`` and renamed into
 ``models/<model_id>/`` in one step, then registered; the model id is derived from the job id, so a
 retried job replaces a half-published folder instead of leaving a second one, and a job whose
 model is already registered (its worker died before recording success) returns that model.
 
-Params (validated by the API, ``server.schemas``):
+Params (validated by the API, ``segassist.server.schemas``):
 
 - ``pretrain``: ``objective``, ``image_ids`` (default: every image), ``steps``, ``config``
-  (:class:`models.pretrain.PretrainConfig` fields).
+  (:class:`segassist.models.pretrain.PretrainConfig` fields).
 - ``finetune``: ``encoder_id`` (``None``: random initialisation), ``method``, ``label_ids``
   (default: the ``final`` label of every labelled image), ``config``
-  (:class:`models.fewshot.FewShotConfig` fields, plus ``"encoder"``: PretrainConfig fields of the
+  (:class:`segassist.models.fewshot.FewShotConfig` fields, plus ``"encoder"``: PretrainConfig fields of the
   random encoder when ``encoder_id`` is ``None``, e.g. its ``channels``).
 - ``predict``: ``model_id``, ``image_ids`` (default: every image), ``probabilities``.
 """
@@ -33,21 +33,21 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from models.export import export_segmenter
-from models.fewshot import METHODS, FewShotConfig, fit_segmenter
-from models.networks.segmenter import SegmenterNet
-from models.pretrain import Encoder, PretrainConfig
-from models.pretrain import pretrain as run_pretraining
-from models.progress import Progress
-from models.runtime._atomic import atomic_dir
-from models.runtime.manifest import Manifest
-from models.runtime.nifti import read_nifti
-from models.runtime.predictor import OnnxPredictor
-from models.runtime.preprocess import Normalisation, default_normalisation, normalise
-from server.db import Dataset, Image, Label, ModelKind, ModelRecord
-from server.db.tables import FINAL_TAG
-from server.predictions import predict_to_folder, prediction_urls
-from worker.jobs import JobContext
+from segassist.models.export import export_segmenter
+from segassist.models.fewshot import METHODS, FewShotConfig, fit_segmenter
+from segassist.models.networks.segmenter import SegmenterNet
+from segassist.models.pretrain import Encoder, PretrainConfig
+from segassist.models.pretrain import pretrain as run_pretraining
+from segassist.models.progress import Progress
+from segassist.models.runtime._atomic import atomic_dir
+from segassist.models.runtime.manifest import Manifest
+from segassist.models.runtime.nifti import read_nifti
+from segassist.models.runtime.predictor import OnnxPredictor
+from segassist.models.runtime.preprocess import Normalisation, default_normalisation, normalise
+from segassist.server.db import Dataset, Image, Label, ModelKind, ModelRecord
+from segassist.server.db.tables import FINAL_TAG
+from segassist.server.predictions import predict_to_folder, prediction_urls
+from segassist.worker.jobs import JobContext
 
 __all__ = [
     "ENCODER_FILE",
@@ -100,7 +100,7 @@ def pretrain(ctx: JobContext) -> dict[str, Any]:
     shutil.rmtree(ctx.storage.job_workdir(ctx.job_id), ignore_errors=True)
     result: dict[str, Any] = {"encoder_id": model_id}
     if ctx.params.get("continues"):
-        from worker.assist import refit_after_pretraining
+        from segassist.worker.assist import refit_after_pretraining
 
         refit = refit_after_pretraining(ctx, model_id)
         if refit is not None:
@@ -281,7 +281,7 @@ def publish_segmenter(
 def predict(ctx: JobContext) -> dict[str, Any]:
     """Segment images with a registered segmenter; result ``{"predictions": {image_id: urls}}``.
 
-    Outputs are written by :func:`server.predictions.predict_to_folder` under
+    Outputs are written by :func:`segassist.server.predictions.predict_to_folder` under
     ``predictions/<model_id>/<image_id>/``, on the input's affine, where the API serves them.
     """
     dataset = _dataset(ctx)

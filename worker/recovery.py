@@ -7,16 +7,16 @@ every queued message. The job row, not the broker, is therefore what recovery re
 runs a :class:`RecoverySweeper` in its main process: at start-up and then every
 ``settings.recovery_sweep_seconds`` (30 s) it looks at the ``queued`` and ``running`` rows and
 
-- a ``running`` job whose owner is gone (:func:`worker.attempts.owner_gone`: heartbeat older than
-  :data:`~worker.attempts.HEARTBEAT_TIMEOUT_SECONDS`, or its process on this host dead) is set
+- a ``running`` job whose owner is gone (:func:`segassist.worker.attempts.owner_gone`: heartbeat older than
+  :data:`~segassist.worker.attempts.HEARTBEAT_TIMEOUT_SECONDS`, or its process on this host dead) is set
   back to ``queued`` by compare-and-set on its attempt (of several sweeping workers exactly one
-  wins), noted in the job's log and re-enqueued; after :data:`~worker.jobs.MAX_ATTEMPTS` lost
+  wins), noted in the job's log and re-enqueued; after :data:`~segassist.worker.jobs.MAX_ATTEMPTS` lost
   workers it is failed with the reason instead;
 - a ``queued`` job untouched for ``settings.queued_resend_seconds`` (300 s) is re-enqueued and
   its ``updated_at`` moved on (compare-and-set), so it is sent again at most once per period
   while it waits.
 
-Duplicates are harmless: the task id is the job id and :func:`worker.jobs.run_job` ignores a
+Duplicates are harmless: the task id is the job id and :func:`segassist.worker.jobs.run_job` ignores a
 delivery for a finished job or one a live worker is running. The next delivery resumes the job:
 pretraining continues from ``jobs/<id>/work/checkpoint.pt``.
 """
@@ -32,13 +32,13 @@ from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db import Job, JobStatus, session_factory
-from server.db.tables import utcnow
-from server.queue import enqueue_job
-from server.settings import Settings
-from server.storage import Storage
-from worker.attempts import owner_gone
-from worker.jobs import MAX_ATTEMPTS
+from segassist.server.db import Job, JobStatus, session_factory
+from segassist.server.db.tables import utcnow
+from segassist.server.queue import enqueue_job
+from segassist.server.settings import Settings
+from segassist.server.storage import Storage
+from segassist.worker.attempts import owner_gone
+from segassist.worker.jobs import MAX_ATTEMPTS
 
 __all__ = ["RecoverySweeper", "recover_orphaned_jobs"]
 

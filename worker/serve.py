@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import IO
 
-from server.db import migrate
-from server.queue import PREDICTION_QUEUE, QUEUE_NAME
-from server.settings import Settings, get_settings
-from server.storage import atomic_write_bytes
+from segassist.server.db import migrate
+from segassist.server.queue import PREDICTION_QUEUE, QUEUE_NAME
+from segassist.server.settings import Settings, get_settings
+from segassist.server.storage import atomic_write_bytes
 
 __all__ = ["SERVER_FILE", "WorkerProcess", "run_embedded", "run_worker", "worker_command"]
 
@@ -54,7 +54,7 @@ def worker_command(
         "-m",
         "celery",
         "-A",
-        "worker.app",
+        "segassist.worker.app",
         "worker",
         "--concurrency",
         str(concurrency),
@@ -162,7 +162,7 @@ class WorkerProcess:
         """Stop the worker: warm shutdown (SIGTERM), then cold (SIGQUIT), then SIGKILL.
 
         A job interrupted by the cold shutdown is taken up again at the next start (its message
-        is restored, or re-enqueued by :mod:`worker.recovery`; pretraining resumes from its
+        is restored, or re-enqueued by :mod:`segassist.worker.recovery`; pretraining resumes from its
         checkpoint).
         """
         with self._lock:
@@ -227,7 +227,7 @@ def run_embedded(host: str = "127.0.0.1", port: int = 8000, data_dir: Path | Non
     """
     import uvicorn
 
-    from server.main import create_app
+    from segassist.server.main import create_app
 
     if not logging.getLogger().handlers:
         logging.basicConfig(

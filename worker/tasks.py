@@ -1,8 +1,8 @@
 """Celery tasks ``segassist.<kind>`` for every job kind: pretrain, finetune, predict, assist,
 features.
 
-Each takes only a job id; :func:`worker.jobs.run_job` re-reads the row and runs the pipeline of
-:mod:`worker.pipelines`. The return value (the job's status) is informative only: the SQL job row
+Each takes only a job id; :func:`segassist.worker.jobs.run_job` re-reads the row and runs the pipeline of
+:mod:`segassist.worker.pipelines`. The return value (the job's status) is informative only: the SQL job row
 is the status of record.
 """
 
@@ -12,10 +12,10 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from server.settings import get_settings
-from worker import assist as assist_pipelines
-from worker import pipelines
-from worker.jobs import Pipeline, run_job
+from segassist.server.settings import get_settings
+from segassist.worker import assist as assist_pipelines
+from segassist.worker import pipelines
+from segassist.worker.jobs import Pipeline, run_job
 
 __all__ = ["assist", "features", "finetune", "predict", "pretrain"]
 
@@ -47,7 +47,7 @@ def predict(self: Task, job_id: str) -> str:
 
 @shared_task(name="segassist.assist", bind=True)
 def assist(self: Task, job_id: str) -> str:
-    """The assist workflow: ensure an encoder, fit, predict, store (:mod:`worker.assist`)."""
+    """The assist workflow: ensure an encoder, fit, predict, store (:mod:`segassist.worker.assist`)."""
     return _run(self, job_id, assist_pipelines.assist)
 
 

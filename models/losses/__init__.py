@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from models.losses.iic_boundary import (
+from segassist.models.losses.iic_boundary import (
     BoundaryCrossCorrelationLoss,
     IICBoundaryLoss,
     RegularisedIICLoss,
 )
-from models.losses.pix2rep import Pix2RepLoss
-from models.losses.pix2rep_barlow import PixelBarlowTwinsLoss
+from segassist.models.losses.pix2rep import Pix2RepLoss
+from segassist.models.losses.pix2rep_barlow import PixelBarlowTwinsLoss
 
 __all__ = [
     "BoundaryCrossCorrelationLoss",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.losses.pix2rep import sample_valid_pixels
+from segassist.models.losses.pix2rep import sample_valid_pixels
 
 __all__ = ["PixelBarlowTwinsLoss", "barlow_twins", "standardise"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.networks.segmenter import SegmenterNet
-from models.networks.unet import DenseUNet
+from segassist.models.networks.segmenter import SegmenterNet
+from segassist.models.networks.unet import DenseUNet
 
 __all__ = ["DenseUNet", "SegmenterNet"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Act, Conv
 from torch import nn
 
-from models.networks.unet import DenseUNet
+from segassist.models.networks.unet import DenseUNet
 
 __all__ = ["SegmenterNet"]
 

@@ -1,9 +1,9 @@
 """Inference without torch: ONNX Runtime predictor, model manifest, NIfTI I/O, montages; and the
-job configs (:mod:`models.runtime.configs`) every layer validates against.
+job configs (:mod:`segassist.models.runtime.configs`) every layer validates against.
 
 Imports numpy, onnxruntime, nibabel, matplotlib and pydantic only, so the API process stays
 light. The names below are loaded on first use, so importing one submodule (the client imports
-:mod:`models.runtime.configs`) does not load onnxruntime and matplotlib.
+:mod:`segassist.models.runtime.configs`) does not load onnxruntime and matplotlib.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from models.runtime.manifest import Manifest
-    from models.runtime.nifti import read_nifti, write_nifti_atomic
-    from models.runtime.predictor import OnnxPredictor, Prediction
-    from models.runtime.preprocess import Normalisation, normalise
-    from models.runtime.render import render_cluster_montage, render_label_montage
+    from segassist.models.runtime.manifest import Manifest
+    from segassist.models.runtime.nifti import read_nifti, write_nifti_atomic
+    from segassist.models.runtime.predictor import OnnxPredictor, Prediction
+    from segassist.models.runtime.preprocess import Normalisation, normalise
+    from segassist.models.runtime.render import render_cluster_montage, render_label_montage
 
 __all__ = [
     "Manifest",

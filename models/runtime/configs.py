@@ -2,7 +2,7 @@
 
 The API validates the ``config`` of a job against these models when the job is submitted (a bad
 key is a 422 naming it, not a worker failure minutes later), the worker and the ML core
-(:func:`models.pretrain.pretrain`, :func:`models.fewshot.fit_segmenter`) run on the same models,
+(:func:`segassist.models.pretrain.pretrain`, :func:`segassist.models.fewshot.fit_segmenter`) run on the same models,
 and the benchmarks and the client import the names from here. Torch-free (pydantic only).
 """
 
@@ -29,13 +29,13 @@ IGNORE_INDEX = 255
 """Label value of an unannotated voxel: it contributes no loss and no metric."""
 
 Objective = Literal["pix2rep", "pix2rep_barlow", "iic_boundary"]
-"""Name of a self-supervised pretraining objective (METHODS.md, :mod:`models.objectives`)."""
+"""Name of a self-supervised pretraining objective (METHODS.md, :mod:`segassist.models.objectives`)."""
 
 Method = Literal["linear", "finetune", "mean_teacher"]
-"""Name of a few-shot method (METHODS.md, "Downstream"; :mod:`models.fewshot`)."""
+"""Name of a few-shot method (METHODS.md, "Downstream"; :mod:`segassist.models.fewshot`)."""
 
 ProbeHead = Literal["linear", "mlp"]
-"""A segmentation head of :class:`models.networks.segmenter.SegmenterNet`."""
+"""A segmentation head of :class:`segassist.models.networks.segmenter.SegmenterNet`."""
 
 PROBE_HEADS: tuple[ProbeHead, ...] = get_args(ProbeHead)
 """Every :data:`ProbeHead`, cheapest first: the candidates of ``head="auto"``."""
@@ -140,7 +140,7 @@ class FewShotConfig(BaseModel):
         head: ``"linear"`` (1×1 conv), ``"mlp"`` (1×1 conv, ReLU, 1×1 conv) segmentation
             head, or ``"auto"``: a probe fits both on the annotated pixels outside held-out tiles
             and keeps the one with the better Dice on the held-out pixels
-            (:func:`models.fewshot.select_probe_head`; three probe fits instead of one; a
+            (:func:`segassist.models.fewshot.select_probe_head`; three probe fits instead of one; a
             fine-tune reads ``"auto"`` as linear). Probe heads train on per-channel standardised
             features, folded into the first convolution afterwards. The MLP head's failure on
             the 4-channel toy encoder of the service tests was a 5-step budget on raw decoder

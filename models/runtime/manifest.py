@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from models.runtime._atomic import atomic_path
-from models.runtime.configs import IGNORE_INDEX
-from models.runtime.preprocess import Normalisation
+from segassist.models.runtime._atomic import atomic_path
+from segassist.models.runtime.configs import IGNORE_INDEX
+from segassist.models.runtime.preprocess import Normalisation
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "Manifest"]
 

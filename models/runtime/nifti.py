@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 from numpy.typing import DTypeLike
 
-from models.runtime._atomic import atomic_path
+from segassist.models.runtime._atomic import atomic_path
 
 __all__ = ["open_nifti", "read_nifti", "write_nifti_atomic"]
 

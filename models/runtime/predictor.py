@@ -17,9 +17,9 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from models.runtime._atomic import sha256_file
-from models.runtime.manifest import Manifest
-from models.runtime.preprocess import crop_to, normalise, pad_to_multiple
+from segassist.models.runtime._atomic import sha256_file
+from segassist.models.runtime.manifest import Manifest
+from segassist.models.runtime.preprocess import crop_to, normalise, pad_to_multiple
 
 __all__ = ["Device", "OnnxPredictor", "Prediction", "normalised_entropy", "providers", "softmax"]
 

@@ -18,8 +18,8 @@ from matplotlib.colors import ListedColormap, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from models.runtime._atomic import atomic_path
-from models.runtime.preprocess import Normalisation, normalise
+from segassist.models.runtime._atomic import atomic_path
+from segassist.models.runtime.preprocess import Normalisation, normalise
 
 __all__ = ["montage_slices", "render_cluster_montage", "render_label_montage"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from server.db.session import make_engine, migrate, session_factory
-from server.db.tables import (
+from segassist.server.db.session import make_engine, migrate, session_factory
+from segassist.server.db.tables import (
     Base,
     Dataset,
     Image,

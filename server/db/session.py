@@ -2,7 +2,7 @@
 
 The worker uses the same functions as the API::
 
-    from server.db.session import migrate, session_factory
+    from segassist.server.db.session import migrate, session_factory
     migrate(settings.database_url)
     SessionLocal = session_factory(settings)
     with SessionLocal() as session, session.begin():
@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
-    from server.settings import Settings
+    from segassist.server.settings import Settings
 
 __all__ = ["alembic_config", "make_engine", "migrate", "session_factory"]
 

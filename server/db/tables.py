@@ -1,6 +1,6 @@
 """SQLAlchemy 2.0 ORM tables of the datastore: datasets, images, labels, jobs, models.
 
-Ids are uuid4 hex strings. Volumes and artifacts live on disk (see :mod:`server.storage`); rows
+Ids are uuid4 hex strings. Volumes and artifacts live on disk (see :mod:`segassist.server.storage`); rows
 hold their metadata and checksums.
 
 Label versioning: every upload is a new row with ``version`` = previous max + 1 for that image;
@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from models.runtime.configs import IGNORE_INDEX
+from segassist.models.runtime.configs import IGNORE_INDEX
 
 __all__ = [
     "FINAL_TAG",
@@ -137,7 +137,7 @@ class Dataset(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
     dicomweb: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     """``{"url", "username", "password"}`` of the DICOMweb server backing the dataset (None:
-    uploaded files); never logged or returned (:mod:`server.dicomweb`)."""
+    uploaded files); never logged or returned (:mod:`segassist.server.dicomweb`)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     images: Mapped[list[Image]] = relationship(back_populates="dataset", passive_deletes=True)

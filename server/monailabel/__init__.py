@@ -14,6 +14,6 @@ dataset) and at ``/monailabel/{dataset_id}`` (any dataset). The mapping onto seg
 
 from __future__ import annotations
 
-from server.monailabel.routes import monailabel_routers
+from segassist.server.monailabel.routes import monailabel_routers
 
 __all__ = ["monailabel_routers"]

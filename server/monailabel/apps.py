@@ -26,12 +26,12 @@ from fastapi import HTTPException, status
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models.runtime.configs import PretrainConfig
-from models.runtime.manifest import Manifest
-from server.db.tables import ID_PATTERN, Dataset, Image, Label, ModelKind, ModelRecord
-from server.dicomweb_images import fetch_image, stored_series_image
-from server.settings import Settings
-from server.storage import Storage, atomic_write_bytes, file_lock
+from segassist.models.runtime.configs import PretrainConfig
+from segassist.models.runtime.manifest import Manifest
+from segassist.server.db.tables import ID_PATTERN, Dataset, Image, Label, ModelKind, ModelRecord
+from segassist.server.dicomweb_images import fetch_image, stored_series_image
+from segassist.server.settings import Settings
+from segassist.server.storage import Storage, atomic_write_bytes, file_lock
 
 __all__ = [
     "CLUSTERS_MODEL",
@@ -140,7 +140,7 @@ def find_image(
 ) -> Image:
     """The dataset's image with id ``ref``, else (``by_name``) its newest image named ``ref`` or
     of SeriesInstanceUID ``ref`` (OHIF's image id); with ``storage``, a series of a DICOMweb
-    dataset not stored yet is fetched (:func:`server.dicomweb_images.fetch_image`)."""
+    dataset not stored yet is fetched (:func:`segassist.server.dicomweb_images.fetch_image`)."""
     if _ID.fullmatch(ref):
         image = session.get(Image, ref)
         if image is not None and image.dataset_id == dataset.id:

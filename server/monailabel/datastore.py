@@ -5,11 +5,11 @@ converted to NIfTI on the same world grid). The client's name for the image (``?
 file's base name without its suffixes; Slicer sends an absolute temporary path) becomes the
 image's name; uploading the same bytes under the same name again returns the stored image.
 
-Labels: converted by :mod:`server.monailabel.sparse` (viewer zeros → sparse labels, segment
+Labels: converted by :mod:`segassist.server.monailabel.sparse` (viewer zeros → sparse labels, segment
 numbers → dataset classes by name), then stored as a new label version like
 ``POST /api/v1/images/{id}/labels``. For an image that came from DICOM, a header-less buffer of
 the series' frames in the viewer's order (OHIF's ``label.bin``) is accepted too
-(:func:`server.series_order.raw_series_label`).
+(:func:`segassist.server.series_order.raw_series_label`).
 """
 
 from __future__ import annotations
@@ -27,22 +27,22 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.runtime.configs import IGNORE_INDEX
-from models.runtime.nifti import read_nifti
-from server.assist import prefetch_features
-from server.db.tables import Dataset, Image
-from server.errors import unprocessable
-from server.ingest import IngestError
-from server.monailabel.apps import App, class_names, default_dataset, find_image
-from server.monailabel.sparse import annotation_axis, map_segments, sparse_from_viewer
-from server.monailabel.volumes import NRRD_MAGIC, dicom_modality, nrrd_to_nifti
-from server.routes.images import store_image as store_nifti_image
-from server.routes.images import typed_upload_path
-from server.routes.labels import store_label
-from server.series_order import raw_series_label
-from server.settings import Settings
-from server.storage import Storage
-from server.uploads import ReceivedUpload
+from segassist.models.runtime.configs import IGNORE_INDEX
+from segassist.models.runtime.nifti import read_nifti
+from segassist.server.assist import prefetch_features
+from segassist.server.db.tables import Dataset, Image
+from segassist.server.errors import unprocessable
+from segassist.server.ingest import IngestError
+from segassist.server.monailabel.apps import App, class_names, default_dataset, find_image
+from segassist.server.monailabel.sparse import annotation_axis, map_segments, sparse_from_viewer
+from segassist.server.monailabel.volumes import NRRD_MAGIC, dicom_modality, nrrd_to_nifti
+from segassist.server.routes.images import store_image as store_nifti_image
+from segassist.server.routes.images import typed_upload_path
+from segassist.server.routes.labels import store_label
+from segassist.server.series_order import raw_series_label
+from segassist.server.settings import Settings
+from segassist.server.storage import Storage
+from segassist.server.uploads import ReceivedUpload
 
 __all__ = ["TAG", "parse_params", "save_label", "store_image", "upload_name"]
 

@@ -36,12 +36,12 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.runtime.manifest import Manifest
-from models.runtime.nifti import open_nifti
-from server.db.tables import Image, Job, JobKind, JobStatus
-from server.errors import not_found, unprocessable
-from server.monailabel import sessions
-from server.monailabel.apps import (
+from segassist.models.runtime.manifest import Manifest
+from segassist.models.runtime.nifti import open_nifti
+from segassist.server.db.tables import Image, Job, JobKind, JobStatus
+from segassist.server.errors import not_found, unprocessable
+from segassist.server.monailabel import sessions
+from segassist.server.monailabel.apps import (
     CLUSTERS_MODEL,
     MODELS,
     SEGMENTATION_MODEL,
@@ -51,10 +51,10 @@ from server.monailabel.apps import (
     latest_segmenter,
     unknown,
 )
-from server.monailabel.volumes import RESULT_DTYPES, RESULT_EXTENSIONS, encode_result
-from server.routes.jobs import submit_job
-from server.schemas import PredictParams
-from server.storage import Storage
+from segassist.server.monailabel.volumes import RESULT_DTYPES, RESULT_EXTENSIONS, encode_result
+from segassist.server.routes.jobs import submit_job
+from segassist.server.schemas import PredictParams
+from segassist.server.storage import Storage
 
 __all__ = [
     "INFER_TIMEOUT_SECONDS",
@@ -257,7 +257,7 @@ def series_order(
 ) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A volume of a DICOM-sourced image in the series' own voxel order, for NRRD results.
 
-    The stored layout (:mod:`server.dicom`) runs its second axis against the DICOM rows (row
+    The stored layout (:mod:`segassist.server.dicom`) runs its second axis against the DICOM rows (row
     ``R−1`` first); OHIF copies a result's voxels straight into the series as it stacks it
     (columns fastest, then rows from row 0, then instances along the slice normal). Reversing
     the second axis gives that order; the affine follows (``A' = A · F`` with ``F`` mapping

@@ -3,9 +3,9 @@
 The routes, paths (trailing slashes included: Slicer follows no redirect) and answers are the
 ones the MONAI Label plugins of 3D Slicer and OHIF call (``shared/MONAILABEL.md``);
 :func:`monailabel_routers` builds the same routes twice, once per way of choosing the app
-(:mod:`server.monailabel.apps`).
+(:mod:`segassist.server.monailabel.apps`).
 
-Authentication (:mod:`server.auth`): when it is on, every route takes the same bearer tokens
+Authentication (:mod:`segassist.server.auth`): when it is on, every route takes the same bearer tokens
 and roles as ``/api/v1`` (reads: viewer; uploads, labels, inference, training: annotator),
 except ``GET /auth/`` and ``POST /auth/token``, the login: user name = a segassist user's name,
 password = that user's token (answered with the token itself); or the user and password of
@@ -32,8 +32,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from server.assist import resolve_assist
-from server.auth import (
+from segassist.server.assist import resolve_assist
+from segassist.server.auth import (
     Credentials,
     CurrentPrincipal,
     Principal,
@@ -42,11 +42,11 @@ from server.auth import (
     find_principal,
     require_role,
 )
-from server.db.tables import FINAL_TAG, ID_PATTERN, Dataset, Job, JobKind, Role
-from server.deps import CeleryDep, IdPath, SessionDep, SettingsDep, StorageDep
-from server.errors import format_errors, not_found, unprocessable
-from server.monailabel import sessions
-from server.monailabel.apps import (
+from segassist.server.db.tables import FINAL_TAG, ID_PATTERN, Dataset, Job, JobKind, Role
+from segassist.server.deps import CeleryDep, IdPath, SessionDep, SettingsDep, StorageDep
+from segassist.server.errors import format_errors, not_found, unprocessable
+from segassist.server.monailabel import sessions
+from segassist.server.monailabel.apps import (
     CLUSTERS_MODEL,
     SEGMENTATION_MODEL,
     App,
@@ -60,14 +60,14 @@ from server.monailabel.apps import (
     image_entry,
     unknown,
 )
-from server.monailabel.datastore import parse_params, save_label, store_image, upload_name
-from server.monailabel.inference import encode, multipart, plan, wait_for_job
-from server.monailabel.strategies import STRATEGIES, next_sample
-from server.monailabel.training import active_training, latest_training, task, train_stats
-from server.routes.jobs import cancel_job, submit_job
-from server.schemas import AssistCreate
-from server.storage import Storage
-from server.uploads import multipart_openapi, receive_upload, release_connection
+from segassist.server.monailabel.datastore import parse_params, save_label, store_image, upload_name
+from segassist.server.monailabel.inference import encode, multipart, plan, wait_for_job
+from segassist.server.monailabel.strategies import STRATEGIES, next_sample
+from segassist.server.monailabel.training import active_training, latest_training, task, train_stats
+from segassist.server.routes.jobs import cancel_job, submit_job
+from segassist.server.schemas import AssistCreate
+from segassist.server.storage import Storage
+from segassist.server.uploads import multipart_openapi, receive_upload, release_connection
 
 __all__ = ["DATASET_PREFIX", "monailabel_routers"]
 
@@ -323,7 +323,7 @@ def build_router(resolve: Resolver, prefix: str = "") -> APIRouter:
         """Save a label volume (multipart ``label`` + ``params``) as the image's new version.
 
         A viewer's full volume (unpainted = 0) becomes a sparse label by the rule of
-        :mod:`server.monailabel.sparse`; ``params.label_info`` names its segments.
+        :mod:`segassist.server.monailabel.sparse`; ``params.label_info`` names its segments.
         """
         await release_connection(session)
         with storage.upload_tmp() as tmp:

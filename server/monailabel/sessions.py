@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from server.db.tables import ID_PATTERN, new_id
-from server.monailabel.apps import monailabel_dir
-from server.storage import Storage, atomic_write_bytes
+from segassist.server.db.tables import ID_PATTERN, new_id
+from segassist.server.monailabel.apps import monailabel_dir
+from segassist.server.storage import Storage, atomic_write_bytes
 
 __all__ = ["DEFAULT_EXPIRY_SECONDS", "SessionRecord", "create", "get", "remove"]
 

@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from models.runtime.configs import IGNORE_INDEX
-from server.db.tables import default_schema
+from segassist.models.runtime.configs import IGNORE_INDEX
+from segassist.server.db.tables import default_schema
 
 __all__ = ["AnnotatedSlices", "annotation_axis", "map_segments", "sparse_from_viewer"]
 

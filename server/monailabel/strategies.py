@@ -21,10 +21,10 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.runtime.nifti import read_nifti
-from server.db.tables import FINAL_TAG, Dataset, Image, Job, JobKind, JobStatus, Label
-from server.monailabel.apps import latest_segmenter
-from server.storage import Storage
+from segassist.models.runtime.nifti import read_nifti
+from segassist.server.db.tables import FINAL_TAG, Dataset, Image, Job, JobKind, JobStatus, Label
+from segassist.server.monailabel.apps import latest_segmenter
+from segassist.server.storage import Storage
 
 __all__ = ["STRATEGIES", "next_sample"]
 

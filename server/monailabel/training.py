@@ -27,11 +27,11 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.runtime.configs import IGNORE_INDEX
-from models.runtime.nifti import read_nifti
-from server.db.tables import Dataset, Job, JobKind, JobStatus, Label, ModelRecord
-from server.monailabel.apps import SEGMENTATION_MODEL, latest_segmenter, monailabel_dir
-from server.storage import Storage, atomic_write_bytes
+from segassist.models.runtime.configs import IGNORE_INDEX
+from segassist.models.runtime.nifti import read_nifti
+from segassist.server.db.tables import Dataset, Job, JobKind, JobStatus, Label, ModelRecord
+from segassist.server.monailabel.apps import SEGMENTATION_MODEL, latest_segmenter, monailabel_dir
+from segassist.server.storage import Storage, atomic_write_bytes
 
 __all__ = [
     "PHASES",

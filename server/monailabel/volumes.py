@@ -20,7 +20,7 @@ import nibabel as nib
 import nrrd
 import numpy as np
 
-from server.ingest import IngestError
+from segassist.server.ingest import IngestError
 
 __all__ = [
     "NRRD_MAGIC",

@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, HTTPException, status
 from sqlalchemy import select
 
-from server.assist import resolve_assist
-from server.auth import CurrentPrincipal, require_role
-from server.db.tables import Dataset, Job, JobKind, Role
-from server.deps import CeleryDep, IdPath, SessionDep
-from server.errors import not_found
-from server.routes.jobs import submit_job
-from server.schemas import AssistCreate, JobPublic
+from segassist.server.assist import resolve_assist
+from segassist.server.auth import CurrentPrincipal, require_role
+from segassist.server.db.tables import Dataset, Job, JobKind, Role
+from segassist.server.deps import CeleryDep, IdPath, SessionDep
+from segassist.server.errors import not_found
+from segassist.server.routes.jobs import submit_job
+from segassist.server.schemas import AssistCreate, JobPublic
 
 __all__ = ["router"]
 

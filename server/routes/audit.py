@@ -8,11 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 from pydantic import AwareDatetime, BeforeValidator
 
-from server.audit import query_events
-from server.auth import require_role
-from server.db.tables import Role
-from server.deps import SessionDep
-from server.schemas import AuditEventPublic
+from segassist.server.audit import query_events
+from segassist.server.auth import require_role
+from segassist.server.db.tables import Role
+from segassist.server.deps import SessionDep
+from segassist.server.schemas import AuditEventPublic
 
 __all__ = ["router"]
 

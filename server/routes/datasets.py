@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, status
 from sqlalchemy import func, select
 
-from server.auth import require_role
-from server.db.tables import Dataset, Image, Role
-from server.deps import IdPath, SessionDep
-from server.dicomweb import DicomwebServer
-from server.errors import not_found
-from server.routes.dicomweb import DICOMWEB_RESPONSES
-from server.schemas import DatasetCreate, DatasetPublic
+from segassist.server.auth import require_role
+from segassist.server.db.tables import Dataset, Image, Role
+from segassist.server.deps import IdPath, SessionDep
+from segassist.server.dicomweb import DicomwebServer
+from segassist.server.errors import not_found
+from segassist.server.routes.dicomweb import DICOMWEB_RESPONSES
+from segassist.server.schemas import DatasetCreate, DatasetPublic
 
 __all__ = ["router"]
 

@@ -2,9 +2,9 @@
 
 ``GET /datasets/{id}/series`` lists the series of the dataset's DICOMweb server (QIDO-RS) with the
 image each became, if fetched; ``POST /datasets/{id}/series/{series_uid}`` fetches one into the
-datastore (:mod:`server.dicomweb_images`). ``GET /predictions/{model}/{image}/segmentation.dcm``
+datastore (:mod:`segassist.server.dicomweb_images`). ``GET /predictions/{model}/{image}/segmentation.dcm``
 is a prediction of a DICOM-sourced image as DICOM-SEG, ``POST …/stow`` stores it on the dataset's
-DICOMweb server (:mod:`server.dicom_results`).
+DICOMweb server (:mod:`segassist.server.dicom_results`).
 """
 
 from __future__ import annotations
@@ -16,15 +16,19 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from server.auth import require_role
-from server.db.tables import Dataset, Image, Role
-from server.deps import IdPath, SessionDep, StorageDep
-from server.dicom_results import SEGMENTATION_FILE, prediction_segmentation, stow_prediction
-from server.dicomweb import RemoteSeries
-from server.dicomweb_images import dataset_server, fetch_image, stored_series_image
-from server.errors import not_found
-from server.routes.images import image_publics
-from server.schemas import ErrorPublic, ImagePublic
+from segassist.server.auth import require_role
+from segassist.server.db.tables import Dataset, Image, Role
+from segassist.server.deps import IdPath, SessionDep, StorageDep
+from segassist.server.dicom_results import (
+    SEGMENTATION_FILE,
+    prediction_segmentation,
+    stow_prediction,
+)
+from segassist.server.dicomweb import RemoteSeries
+from segassist.server.dicomweb_images import dataset_server, fetch_image, stored_series_image
+from segassist.server.errors import not_found
+from segassist.server.routes.images import image_publics
+from segassist.server.schemas import ErrorPublic, ImagePublic
 
 __all__ = ["DICOMWEB_RESPONSES", "SeriesPublic", "StowPublic", "router"]
 
@@ -35,7 +39,7 @@ DICOMWEB_RESPONSES: dict[int | str, dict[str, Any]] = {
     502: {"model": ErrorPublic, "description": "the DICOMweb server failed or answered badly"},
 }
 """Answers of a route that calls the dataset's DICOMweb server (503: unreachable, declared for
-every route by :mod:`server.openapi`)."""
+every route by :mod:`segassist.server.openapi`)."""
 
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 SeriesUid = Annotated[

@@ -7,9 +7,9 @@ import logging
 from fastapi import APIRouter, Response, status
 from sqlalchemy import text
 
-from server.deps import CeleryDep, SessionDep
-from server.queue import check_broker
-from server.schemas import HealthPublic
+from segassist.server.deps import CeleryDep, SessionDep
+from segassist.server.queue import check_broker
+from segassist.server.schemas import HealthPublic
 
 __all__ = ["router"]
 

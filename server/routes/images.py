@@ -13,16 +13,16 @@ from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from server.assist import prefetch_features
-from server.auth import require_role
-from server.db.tables import FINAL_TAG, Dataset, Image, Label, Role, new_id
-from server.deps import CeleryDep, IdPath, SessionDep, SettingsDep, StorageDep
-from server.dicom_headers import headers_path
-from server.errors import not_found
-from server.ingest import ingest_dicom_zip, ingest_nifti
-from server.schemas import ImagePublic
-from server.storage import Storage
-from server.uploads import (
+from segassist.server.assist import prefetch_features
+from segassist.server.auth import require_role
+from segassist.server.db.tables import FINAL_TAG, Dataset, Image, Label, Role, new_id
+from segassist.server.deps import CeleryDep, IdPath, SessionDep, SettingsDep, StorageDep
+from segassist.server.dicom_headers import headers_path
+from segassist.server.errors import not_found
+from segassist.server.ingest import ingest_dicom_zip, ingest_nifti
+from segassist.server.schemas import ImagePublic
+from segassist.server.storage import Storage
+from segassist.server.uploads import (
     ReceivedUpload,
     multipart_openapi,
     receive_upload,

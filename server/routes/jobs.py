@@ -12,8 +12,8 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
-from server.auth import CurrentPrincipal, Principal, require_role
-from server.db.tables import (
+from segassist.server.auth import CurrentPrincipal, Principal, require_role
+from segassist.server.db.tables import (
     FINAL_TAG,
     Dataset,
     Image,
@@ -26,10 +26,10 @@ from server.db.tables import (
     Role,
     utcnow,
 )
-from server.deps import CeleryDep, IdPath, IdQuery, SessionDep, StorageDep
-from server.errors import format_errors, not_found, unprocessable
-from server.queue import enqueue_job
-from server.schemas import (
+from segassist.server.deps import CeleryDep, IdPath, IdQuery, SessionDep, StorageDep
+from segassist.server.errors import format_errors, not_found, unprocessable
+from segassist.server.queue import enqueue_job
+from segassist.server.schemas import (
     FinetuneParams,
     JobCreate,
     JobPublic,

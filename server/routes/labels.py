@@ -13,18 +13,26 @@ from fastapi.responses import FileResponse
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from models.runtime._atomic import commit_file
-from models.runtime.configs import IGNORE_INDEX
-from server.auth import require_role
-from server.db.tables import FINAL_TAG, PREVIOUS_TAG, Image, Label, Role, default_schema, new_id
-from server.deps import IdPath, SessionDep, SettingsDep, StorageDep
-from server.dicom_results import store_label_on_server
-from server.errors import not_found, unprocessable
-from server.ingest import validate_label
-from server.routes.images import remove_stored, typed_upload_path
-from server.schemas import LabelPublic
-from server.storage import Storage, temporary_path
-from server.uploads import multipart_openapi, receive_upload, release_connection
+from segassist.models.runtime._atomic import commit_file
+from segassist.models.runtime.configs import IGNORE_INDEX
+from segassist.server.auth import require_role
+from segassist.server.db.tables import (
+    FINAL_TAG,
+    PREVIOUS_TAG,
+    Image,
+    Label,
+    Role,
+    default_schema,
+    new_id,
+)
+from segassist.server.deps import IdPath, SessionDep, SettingsDep, StorageDep
+from segassist.server.dicom_results import store_label_on_server
+from segassist.server.errors import not_found, unprocessable
+from segassist.server.ingest import validate_label
+from segassist.server.routes.images import remove_stored, typed_upload_path
+from segassist.server.schemas import LabelPublic
+from segassist.server.storage import Storage, temporary_path
+from segassist.server.uploads import multipart_openapi, receive_upload, release_connection
 
 __all__ = ["router", "store_label"]
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, HTTPException, status
 from sqlalchemy import select
 
-from server.auth import CurrentPrincipal, require_role
-from server.db.tables import Image, JobKind, ModelKind, ModelRecord, Role
-from server.deps import CeleryDep, IdPath, IdQuery, SessionDep
-from server.errors import not_found, unprocessable
-from server.routes.jobs import submit_job
-from server.schemas import JobPublic, ModelPublic, PredictionCreate, PredictParams
+from segassist.server.auth import CurrentPrincipal, require_role
+from segassist.server.db.tables import Image, JobKind, ModelKind, ModelRecord, Role
+from segassist.server.deps import CeleryDep, IdPath, IdQuery, SessionDep
+from segassist.server.errors import not_found, unprocessable
+from segassist.server.routes.jobs import submit_job
+from segassist.server.schemas import JobPublic, ModelPublic, PredictionCreate, PredictParams
 
 __all__ = ["router"]
 

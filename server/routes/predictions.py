@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from server.deps import IdPath, StorageDep
-from server.errors import not_found
-from server.predictions import PREDICTION_FILES
+from segassist.server.deps import IdPath, StorageDep
+from segassist.server.errors import not_found
+from segassist.server.predictions import PREDICTION_FILES
 
 __all__ = ["router"]
 

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bench.baselines import fill_between_slices
-from bench.protocol import (
+from segassist.bench.baselines import fill_between_slices
+from segassist.bench.protocol import (
     cross_volume_splits,
     dice_per_class,
     mean_dice,
@@ -19,7 +19,7 @@ from bench.protocol import (
     sparse_labels,
     spread_slices,
 )
-from models.volumes import IGNORE_INDEX
+from segassist.models.volumes import IGNORE_INDEX
 
 
 def _cylinder(shape: tuple[int, int, int], axis: int, span: range, radius: float) -> np.ndarray:
@@ -133,8 +133,8 @@ def _msd_folder(root: Path) -> Path:
 
 @pytest.mark.slow
 def test_quick_profile_runs_every_row_and_writes_the_report(tmp_path: Path) -> None:
-    from bench.fewshot import main
-    from models.objectives import OBJECTIVES
+    from segassist.bench.fewshot import main
+    from segassist.models.objectives import OBJECTIVES
 
     out = tmp_path / "results"
     folder = _msd_folder(tmp_path / "toy")
@@ -170,7 +170,7 @@ def test_quick_profile_runs_every_row_and_writes_the_report(tmp_path: Path) -> N
     assert all(e["slices_per_second"] > 0 and e["peak_rss_mb"] > 0 for e in encoders)
 
     markdown = (out / "fewshot.md").read_text()
-    assert "python -m bench.fewshot --profile quick" in markdown
+    assert "python -m segassist.bench.fewshot --profile quick" in markdown
     assert "tptbox-spine · tptbox-ct · slice propagation" in markdown
     assert "| random-init · finetune |" in markdown
     assert (out / "fewshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -179,8 +179,8 @@ def test_quick_profile_runs_every_row_and_writes_the_report(tmp_path: Path) -> N
 def test_encoder_cache_reuses_a_pretrained_encoder(tmp_path: Path) -> None:
     import torch
 
-    from bench.fewshot import EncoderCache
-    from models.pretrain import PretrainConfig
+    from segassist.bench.fewshot import EncoderCache
+    from segassist.models.pretrain import PretrainConfig
 
     volume = np.random.default_rng(1).random((16, 16, 4)).astype(np.float32)
     config = PretrainConfig(

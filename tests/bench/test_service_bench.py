@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
-from bench.service import (
+from segassist.bench.service import (
     PROFILES,
     Table,
     Target,

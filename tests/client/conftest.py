@@ -1,7 +1,7 @@
 """A real embedded segassist service (``segassist serve`` in a subprocess) and small volumes.
 
 The service runs the API and one Celery worker with the filesystem broker and SQLite under a
-temporary data directory, on a free port, started through :func:`client.local.start_service`
+temporary data directory, on a free port, started through :func:`segassist.client.local.start_service`
 (the code path ``segassist segment`` uses when no service answers). ``SEGASSIST_TEST_SERVER=URL``
 runs the tests against an already running service instead.
 """
@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from client.local import ServiceStartError, start_service, wait_until_healthy
+from segassist.client.local import ServiceStartError, start_service, wait_until_healthy
 
 TINY_PRETRAIN = {
     "batch_size": 2,

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.api import JobFailedError, SegAssistAPIError, SegAssistClient, job_status
-from client.local import ensure_local_service
+from segassist.client.api import JobFailedError, SegAssistAPIError, SegAssistClient, job_status
+from segassist.client.local import ensure_local_service
 from tests.client.conftest import (
     OBLIQUE_AFFINE,
     TINY_FIT,

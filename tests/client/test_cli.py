@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.api import SegAssistClient
-from client.demo import dice_on_unlabelled, make_sparse_labels, pick_slices
+from segassist.client.api import SegAssistClient
+from segassist.client.demo import dice_on_unlabelled, make_sparse_labels, pick_slices
 from tests.client.conftest import (
     OBLIQUE_AFFINE,
     TINY_FIT,
@@ -28,7 +28,7 @@ from tests.client.conftest import (
 def segassist(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """Run ``segassist ARGS`` in a subprocess (``timeout`` only guards against a hang)."""
     return subprocess.run(
-        [sys.executable, "-m", "client.cli", *args],
+        [sys.executable, "-m", "segassist.client.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -194,7 +194,7 @@ def test_missing_input_file_and_unreachable_server_are_plain_errors(
 def test_job_logs_and_cancel_from_the_command_line(
     segmented: Segmented, service: Service, volume: Volume
 ) -> None:
-    from client.api import SegAssistClient
+    from segassist.client.api import SegAssistClient
 
     with SegAssistClient(service.url) as api:
         ds = api.create_dataset("cancel me", "CT", {1: "bright"})
@@ -208,7 +208,7 @@ def test_job_logs_and_cancel_from_the_command_line(
     assert cancel.returncode == 0, cancel.stderr
     assert job["id"] in cancel.stdout
     with SegAssistClient(service.url) as api:
-        from client.api import JobFailedError
+        from segassist.client.api import JobFailedError
 
         with pytest.raises(JobFailedError):
             api.wait_for_job(job["id"], poll_interval=0.2, timeout=300)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from models.runtime._atomic import (
+from segassist.models.runtime._atomic import (
     atomic_dir,
     atomic_write_bytes,
     atomic_write_chunks,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from models.clusters import fit_kmeans_head
+from segassist.models.clusters import fit_kmeans_head
 
 
 def _blobs(n_per: int = 200, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Job configs (``models.runtime.configs``): round trip, refusal of bad keys and values, one home."""
+"""Job configs (``segassist.models.runtime.configs``): round trip, refusal of bad keys and values, one home."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from models.runtime.configs import (
+from segassist.models.runtime.configs import (
     IGNORE_INDEX,
     METHODS,
     OBJECTIVES,
@@ -123,14 +123,14 @@ def test_configs_are_frozen() -> None:
 
 def test_the_vocabulary_has_one_definition() -> None:
     """The ML core, the API and the benchmarks read the same names and ignore value."""
-    from bench.service import IGNORE_INDEX as bench_ignore
-    from models.fewshot import METHODS as fewshot_methods
-    from models.fewshot import FewShotConfig as FewShotFromCore
-    from models.objectives import OBJECTIVES as core_objectives
-    from models.pretrain import PretrainConfig as PretrainFromCore
-    from models.volumes import IGNORE_INDEX as volumes_ignore
-    from server.schemas import METHODS as api_methods
-    from server.schemas import OBJECTIVES as api_objectives
+    from segassist.bench.service import IGNORE_INDEX as bench_ignore
+    from segassist.models.fewshot import METHODS as fewshot_methods
+    from segassist.models.fewshot import FewShotConfig as FewShotFromCore
+    from segassist.models.objectives import OBJECTIVES as core_objectives
+    from segassist.models.pretrain import PretrainConfig as PretrainFromCore
+    from segassist.models.volumes import IGNORE_INDEX as volumes_ignore
+    from segassist.server.schemas import METHODS as api_methods
+    from segassist.server.schemas import OBJECTIVES as api_objectives
 
     assert OBJECTIVES == ("pix2rep", "pix2rep_barlow", "iic_boundary")
     assert METHODS == ("linear", "finetune", "mean_teacher")

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from models.datasets import (
+from segassist.models.datasets import (
     SETS,
     cache_dir,
     fetch_registry_file,

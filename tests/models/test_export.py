@@ -11,12 +11,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.export import export_segmenter
-from models.networks.segmenter import SegmenterNet
-from models.networks.unet import DenseUNet
-from models.runtime._atomic import sha256_file
-from models.runtime.manifest import Manifest
-from models.runtime.preprocess import Normalisation
+from segassist.models.export import export_segmenter
+from segassist.models.networks.segmenter import SegmenterNet
+from segassist.models.networks.unet import DenseUNet
+from segassist.models.runtime._atomic import sha256_file
+from segassist.models.runtime.manifest import Manifest
+from segassist.models.runtime.preprocess import Normalisation
 
 LABELS = {0: "background", 1: "liver", 2: "spleen"}
 NORM = Normalisation(kind="ct_window", low=-1000.0, high=1000.0)

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from models.export import export_feature_extractor
-from models.features import (
+from segassist.models.export import export_feature_extractor
+from segassist.models.features import (
     FeatureCache,
     apply_head,
     compute_feature_maps,
     onnx_runner,
 )
-from models.fewshot import FewShotConfig, fit_probe, fit_segmenter
-from models.networks.segmenter import SegmenterNet
-from models.pretrain import Encoder, PretrainConfig
-from models.runtime.preprocess import crop_to, pad_to_multiple
+from segassist.models.fewshot import FewShotConfig, fit_probe, fit_segmenter
+from segassist.models.networks.segmenter import SegmenterNet
+from segassist.models.pretrain import Encoder, PretrainConfig
+from segassist.models.runtime.preprocess import crop_to, pad_to_multiple
 
 SHAPE = (24, 20, 6)  # slices along axis 2 are 24×20: padded to the size divisor
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.fewshot import FewShotConfig, _augmenter, _batch, fit_segmenter
-from models.networks.segmenter import SegmenterNet
-from models.pretrain import Encoder, PretrainConfig, pretrain
-from models.progress import Progress
-from models.volumes import IGNORE_INDEX
+from segassist.models.fewshot import FewShotConfig, _augmenter, _batch, fit_segmenter
+from segassist.models.networks.segmenter import SegmenterNet
+from segassist.models.pretrain import Encoder, PretrainConfig, pretrain
+from segassist.models.progress import Progress
+from segassist.models.volumes import IGNORE_INDEX
 
 ANNOTATED = [2, 9]
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import PixelBarlowTwinsLoss
-from models.losses.pix2rep_barlow import standardise
+from segassist.models.losses import PixelBarlowTwinsLoss
+from segassist.models.losses.pix2rep_barlow import standardise
 
 
 def _naive_barlow(

@@ -7,8 +7,12 @@ import math
 import pytest
 import torch
 
-from models.losses import BoundaryCrossCorrelationLoss, IICBoundaryLoss, RegularisedIICLoss
-from models.losses.iic_boundary import edge_map, regularised_mi
+from segassist.models.losses import (
+    BoundaryCrossCorrelationLoss,
+    IICBoundaryLoss,
+    RegularisedIICLoss,
+)
+from segassist.models.losses.iic_boundary import edge_map, regularised_mi
 
 
 def _probs(batch: int, k: int, height: int, width: int, sharpness: float = 1.0) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.losses import Pix2RepLoss
+from segassist.models.losses import Pix2RepLoss
 
 
 def _naive_info_nce(z1: torch.Tensor, z2: torch.Tensor, valid: torch.Tensor, tau: float) -> float:

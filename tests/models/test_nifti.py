@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from models.runtime.nifti import read_nifti, write_nifti_atomic
+from segassist.models.runtime.nifti import read_nifti, write_nifti_atomic
 
 
 def _oblique_affine() -> np.ndarray:

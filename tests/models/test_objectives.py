@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.networks import DenseUNet
-from models.objectives import OBJECTIVES, IICBoundaryObjective, build_objective
-from models.views import TwoViews, TwoViewSampler
+from segassist.models.networks import DenseUNet
+from segassist.models.objectives import OBJECTIVES, IICBoundaryObjective, build_objective
+from segassist.models.views import TwoViews, TwoViewSampler
 
 SMALL: dict[str, dict[str, Any]] = {
     "pix2rep": {"num_samples": 256, "projection_dim": 32},

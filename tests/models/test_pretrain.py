@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig, pretrain
-from models.progress import Progress
+from segassist.models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig, pretrain
+from segassist.models.progress import Progress
 
 
 def _volume(size: int = 32, depth: int = 6, seed: int = 0) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.fewshot import (
+from segassist.models.fewshot import (
     FewShotConfig,
     _first_conv,
     _fold_standardisation,
@@ -18,8 +18,8 @@ from models.fewshot import (
     _torch_threads,
     _train_head,
 )
-from models.pretrain import Encoder, PretrainConfig
-from models.segloss import MaskedDiceCELoss
+from segassist.models.pretrain import Encoder, PretrainConfig
+from segassist.models.segloss import MaskedDiceCELoss
 
 STEPS = 60  # the few-shot benchmark's default probe budget
 

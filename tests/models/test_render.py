@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from models.runtime.render import montage_slices, render_cluster_montage, render_label_montage
+from segassist.models.runtime.render import (
+    montage_slices,
+    render_cluster_montage,
+    render_label_montage,
+)
 
 
 def _phantom() -> tuple[np.ndarray, np.ndarray]:

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.export import export_segmenter
-from models.networks.segmenter import SegmenterNet
-from models.networks.unet import DenseUNet
-from models.runtime import Manifest, OnnxPredictor
-from models.runtime.preprocess import Normalisation, crop_to, normalise, pad_to_multiple
+from segassist.models.export import export_segmenter
+from segassist.models.networks.segmenter import SegmenterNet
+from segassist.models.networks.unet import DenseUNet
+from segassist.models.runtime import Manifest, OnnxPredictor
+from segassist.models.runtime.preprocess import Normalisation, crop_to, normalise, pad_to_multiple
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {0: "background", 1: "a", 2: "b"}
@@ -228,7 +228,7 @@ def test_cuda_request_falls_back_to_cpu(
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has the CUDA provider")
-    with caplog.at_level(logging.WARNING, logger="models.runtime.predictor"):
+    with caplog.at_level(logging.WARNING, logger="segassist.models.runtime.predictor"):
         predictor = OnnxPredictor.from_folder(model_and_folder[1], device="cuda")
     assert predictor.device == "cpu"
     assert "CUDA requested" in caplog.text
@@ -242,7 +242,7 @@ def test_runtime_predicts_without_importing_torch(
         f"""
         import sys
         import numpy as np
-        from models.runtime import OnnxPredictor, render_cluster_montage
+        from segassist.models.runtime import OnnxPredictor, render_cluster_montage
         predictor = OnnxPredictor.from_folder({str(model_and_folder[1])!r}, device="cpu")
         volume = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
         prediction = predictor.predict(volume, with_probabilities=True)

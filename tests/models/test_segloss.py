@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.segloss import MaskedDiceCELoss
-from models.volumes import IGNORE_INDEX
+from segassist.models.segloss import MaskedDiceCELoss
+from segassist.models.volumes import IGNORE_INDEX
 
 
 def test_matches_hand_computation_on_annotated_voxels() -> None:

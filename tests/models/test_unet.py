@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.networks import DenseUNet, SegmenterNet
+from segassist.models.networks import DenseUNet, SegmenterNet
 
 
 def test_dense_features_at_input_resolution_on_non_square_input() -> None:

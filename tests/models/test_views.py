@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.views import TwoViewSampler, ViewConfig, valid_mask, warp
+from segassist.models.views import TwoViewSampler, ViewConfig, valid_mask, warp
 
 NO_INTENSITY = ViewConfig(
     noise_prob=0.0, blur_prob=0.0, gamma_prob=0.0, bias_prob=0.0, invert_prob=0.0

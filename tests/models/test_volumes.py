@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from models.volumes import (
+from segassist.models.volumes import (
     IGNORE_INDEX,
     SparseLabels,
     annotated_slices,

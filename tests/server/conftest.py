@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from server.db.session import make_engine
-from server.main import create_app
-from server.settings import Settings
+from segassist.server.db.session import make_engine
+from segassist.server.main import create_app
+from segassist.server.settings import Settings
 
 SHAPE = (12, 10, 6)
 # Oblique, LPS-like affine with non-trivial values: any rounding or reorientation shows.

@@ -20,8 +20,8 @@ import nibabel as nib
 import numpy as np
 import uvicorn
 
-from server.main import create_app
-from server.settings import Settings
+from segassist.server.main import create_app
+from segassist.server.settings import Settings
 from tests.conftest import unavailable
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Schemathesis generators and filters for what JSON Schema cannot say.
 
 An upload part is declared ``format: binary`` with the media types of a volume
-(``server.uploads.UPLOAD_MEDIA_TYPES``); random bytes are rightly refused (422, "not a NIfTI").
+(``segassist.server.uploads.UPLOAD_MEDIA_TYPES``); random bytes are rightly refused (422, "not a NIfTI").
 Registered here, ``application/gzip`` parts are real gzipped NIfTI volumes on the test grid:
 ``uint8``, every slice along the last axis unannotated (255) or annotated (background 0 and a
 square of class 1; at least one is), so the same bytes are a valid image and a valid sparse

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.db.tables import new_id
-from server.queue import PREDICTION_QUEUE, QUEUE_NAME, queue_for
+from segassist.server.db.tables import new_id
+from segassist.server.queue import PREDICTION_QUEUE, QUEUE_NAME, queue_for
 from tests.server.conftest import SHAPE, Api, nifti_bytes, sparse_label
 
 

@@ -14,13 +14,13 @@ from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from client.cli import main as cli_main
-from server.auth import route_role
-from server.db.session import make_engine, session_factory
-from server.db.tables import Dataset, Job, JobKind, Role, User, utcnow
-from server.main import create_app
-from server.settings import Settings
-from server.users import add_user, revoke_user, set_role
+from segassist.client.cli import main as cli_main
+from segassist.server.auth import route_role
+from segassist.server.db.session import make_engine, session_factory
+from segassist.server.db.tables import Dataset, Job, JobKind, Role, User, utcnow
+from segassist.server.main import create_app
+from segassist.server.settings import Settings
+from segassist.server.users import add_user, revoke_user, set_role
 
 PUBLIC = {
     ("GET", "/"),  # the browser page: static HTML, no data (its API calls carry the token)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.settings import Settings
+from segassist.server.settings import Settings
 from tests.server.conftest import MAX_UPLOAD_BYTES, Api, nifti_bytes, sparse_label, volume
 
 

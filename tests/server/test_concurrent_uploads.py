@@ -21,8 +21,8 @@ import httpx
 import pytest
 import uvicorn
 
-from server.main import create_app
-from server.settings import Settings
+from segassist.server.main import create_app
+from segassist.server.settings import Settings
 from tests.server.conftest import LABEL_SCHEMA, nifti_bytes, volume
 
 UPLOADS = 20

@@ -19,14 +19,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from server.db.session import session_factory
-from server.db.tables import Dataset, Image
-from server.dicom_headers import headers_path, read_headers
-from server.dicom_seg import SegmentClass, build_segmentation, labels_from_segmentation
-from server.dicomweb import DicomwebError
-from server.dicomweb_images import fetch_image
-from server.settings import Settings
-from server.storage import Storage
+from segassist.server.db.session import session_factory
+from segassist.server.db.tables import Dataset, Image
+from segassist.server.dicom_headers import headers_path, read_headers
+from segassist.server.dicom_seg import SegmentClass, build_segmentation, labels_from_segmentation
+from segassist.server.dicomweb import DicomwebError
+from segassist.server.dicomweb_images import fetch_image
+from segassist.server.settings import Settings
+from segassist.server.storage import Storage
 from tests.conftest import TOTALSEG_DICOM, TOTALSEG_LIVER, TOTALSEG_SEG
 from tests.dicom_checks import assert_same_world_labels
 from tests.orthanc import USER, Orthanc, archive_ready, orthanc_fixture  # noqa: F401

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from models.runtime._atomic import file_modes, set_file_modes
-from server.main import create_app
-from server.settings import Settings
+from segassist.models.runtime._atomic import file_modes, set_file_modes
+from segassist.server.main import create_app
+from segassist.server.settings import Settings
 from tests.server.conftest import LABEL_SCHEMA, nifti_bytes, sparse_label, volume
 
 

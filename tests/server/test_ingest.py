@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from server.ingest import IngestError, ingest_dicom_zip, ingest_nifti, validate_label
+from segassist.server.ingest import IngestError, ingest_dicom_zip, ingest_nifti, validate_label
 from tests.conftest import TOTALSEG_DICOM, TOTALSEG_LIVER, TOTALSEG_SEG
 from tests.server.dicom_factory import SeriesSpec, write_series, zip_files
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.settings import Settings
+from segassist.server.settings import Settings
 from tests.server.conftest import Api, nifti_bytes, sparse_label
 
 

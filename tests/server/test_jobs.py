@@ -11,10 +11,10 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from server.db.session import make_engine, session_factory
-from server.db.tables import Job, JobStatus
-from server.main import create_app
-from server.settings import Settings
+from segassist.server.db.session import make_engine, session_factory
+from segassist.server.db.tables import Job, JobStatus
+from segassist.server.main import create_app
+from segassist.server.settings import Settings
 from tests.server.conftest import Api, nifti_bytes, sparse_label
 
 UNKNOWN = "0123456789abcdef" * 2

@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from server.db.session import make_engine
-from server.main import create_app
-from server.settings import Settings
-from server.uploads import MAX_HEADER_LINE_BYTES, MAX_PART_HEADERS, MAX_PARTS
+from segassist.server.db.session import make_engine
+from segassist.server.main import create_app
+from segassist.server.settings import Settings
+from segassist.server.uploads import MAX_HEADER_LINE_BYTES, MAX_PART_HEADERS, MAX_PARTS
 from tests.server.conftest import OBLIQUE_AFFINE, SHAPE, nifti_bytes, sparse_label, volume
 from tests.server.dicom_factory import SeriesSpec, write_series, zip_files
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 
-from server.settings import Settings
+from segassist.server.settings import Settings
 from tests.server.dicom_factory import SeriesSpec, write_series, zip_files
 from tests.server.monailabel_support import (
     AFFINE,

@@ -12,9 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from server.ingest import IngestError
-from server.monailabel.sparse import annotation_axis, map_segments, sparse_from_viewer
-from server.monailabel.volumes import encode_result, nrrd_to_nifti
+from segassist.server.ingest import IngestError
+from segassist.server.monailabel.sparse import annotation_axis, map_segments, sparse_from_viewer
+from segassist.server.monailabel.volumes import encode_result, nrrd_to_nifti
 
 # Oblique, sheared, with a flip: every mistake in the RAS→LPS flip or the axis order shows.
 AFFINE = np.array(

@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.runtime._atomic import sha256_file
-from models.runtime.manifest import Manifest
-from models.runtime.preprocess import Normalisation
-from server.db.session import session_factory
-from server.db.tables import ModelKind, ModelRecord, new_id
-from server.queue import PREDICTION_QUEUE, queue_for
-from server.settings import Settings
+from segassist.models.runtime._atomic import sha256_file
+from segassist.models.runtime.manifest import Manifest
+from segassist.models.runtime.preprocess import Normalisation
+from segassist.server.db.session import session_factory
+from segassist.server.db.tables import ModelKind, ModelRecord, new_id
+from segassist.server.queue import PREDICTION_QUEUE, queue_for
+from segassist.server.settings import Settings
 from tests.server.conftest import Api
 
 

@@ -11,8 +11,8 @@ from kombu.message import Message
 from kombu.transport import filesystem
 from kombu.transport.virtual import BrokerState
 
-from server.queue import QUEUE_NAME, make_celery, task_name
-from server.settings import Settings
+from segassist.server.queue import QUEUE_NAME, make_celery, task_name
+from segassist.server.settings import Settings
 
 
 def test_embedded_broker_writes_nothing_in_the_working_directory(

@@ -23,9 +23,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 import tests.server.schemathesis_hooks  # noqa: F401  (registers the volume generator)
-from server.db.session import make_engine, migrate
-from server.main import API_PREFIX, create_app
-from server.settings import Settings
+from segassist.server.db.session import make_engine, migrate
+from segassist.server.main import API_PREFIX, create_app
+from segassist.server.settings import Settings
 from tests.server.conftest import MAX_UPLOAD_BYTES
 
 MAX_EXAMPLES = 4

@@ -11,9 +11,9 @@ from alembic.script import ScriptDirectory
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from server.db.session import alembic_config, make_engine, migrate
-from server.main import create_app
-from server.settings import DEFAULT_API_TOKEN, Settings
+from segassist.server.db.session import alembic_config, make_engine, migrate
+from segassist.server.main import create_app
+from segassist.server.settings import DEFAULT_API_TOKEN, Settings
 
 
 def test_api_and_worker_starting_together_migrate_once(database_url: str) -> None:

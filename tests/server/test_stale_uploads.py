@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from server.storage import STALE_UPLOAD_SECONDS, Storage
+from segassist.server.storage import STALE_UPLOAD_SECONDS, Storage
 
 
 def test_only_abandoned_upload_files_are_removed(data_dir: Path) -> None:

@@ -94,7 +94,7 @@ def page(chromium: Browser, web_service: Service, request: pytest.FixtureRequest
 
 @dataclass(frozen=True)
 class SpineCT:
-    """TPTBox's sample CT and its reference labels (``models.datasets``, tptbox-spine)."""
+    """TPTBox's sample CT and its reference labels (``segassist.models.datasets``, tptbox-spine)."""
 
     image: Path
     reference: np.ndarray
@@ -105,7 +105,7 @@ class SpineCT:
 
 @pytest.fixture(scope="session")
 def spine_ct() -> SpineCT:
-    from models.datasets import load_set
+    from segassist.models.datasets import load_set
 
     case = next(c for c in load_set("tptbox-spine") if c.modality == "CT")
     reference = nib.load(str(case.label))

@@ -8,9 +8,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from client.api import SegAssistClient
-from client.demo import annotator_url, dice_on_unlabelled, make_sparse_labels, pick_slices
-from models.runtime.configs import IGNORE_INDEX
+from segassist.client.api import SegAssistClient
+from segassist.client.demo import annotator_url, dice_on_unlabelled, make_sparse_labels, pick_slices
+from segassist.models.runtime.configs import IGNORE_INDEX
 from tests.client.conftest import Service
 from tests.web.conftest import Page, SpineCT
 from tests.web.painting import paint_slice

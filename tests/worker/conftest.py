@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from server.main import create_app
-from server.settings import Settings
-from worker.serve import worker_command
+from segassist.server.main import create_app
+from segassist.server.settings import Settings
+from segassist.worker.serve import worker_command
 
 SHAPE = (24, 20, 6)
 AFFINE = np.array(

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from server.db import Dataset, Job, JobKind, JobStatus, migrate, session_factory
-from server.db.tables import utcnow
-from server.queue import make_celery
-from server.settings import Settings
-from server.storage import Storage
-from worker.attempts import HEARTBEAT_TIMEOUT_SECONDS, AttemptSuperseded, Heartbeat
-from worker.jobs import MAX_ATTEMPTS, JobContext, run_job
-from worker.recovery import recover_orphaned_jobs
+from segassist.server.db import Dataset, Job, JobKind, JobStatus, migrate, session_factory
+from segassist.server.db.tables import utcnow
+from segassist.server.queue import make_celery
+from segassist.server.settings import Settings
+from segassist.server.storage import Storage
+from segassist.worker.attempts import HEARTBEAT_TIMEOUT_SECONDS, AttemptSuperseded, Heartbeat
+from segassist.worker.jobs import MAX_ATTEMPTS, JobContext, run_job
+from segassist.worker.recovery import recover_orphaned_jobs
 
 ELSEWHERE = "another-host 4242"
 """``worker_id`` of a worker on another machine: only its heartbeat can tell it is alive."""

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from server.queue import make_celery
-from server.settings import Settings
+from segassist.server.queue import make_celery
+from segassist.server.settings import Settings
 from tests.worker.conftest import JOB_DEADLINE_SECONDS, Worker
 
 

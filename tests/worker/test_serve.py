@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from segassist.worker.serve import SERVER_FILE
 from tests.worker.conftest import (
     JOB_DEADLINE_SECONDS,
     LABEL_SCHEMA,
@@ -24,7 +25,6 @@ from tests.worker.conftest import (
     sparse_label,
     synthetic_volume,
 )
-from worker.serve import SERVER_FILE
 
 
 def _free_port() -> int:
@@ -60,7 +60,7 @@ def embedded(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Cl
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEGASSIST_")}
     env |= {"SEGASSIST_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
-    code = f"from worker.serve import run_embedded; run_embedded('127.0.0.1', {port}, {str(data_dir)!r})"
+    code = f"from segassist.worker.serve import run_embedded; run_embedded('127.0.0.1', {port}, {str(data_dir)!r})"
     log = (tmp_path / "serve.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT

@@ -1,12 +1,12 @@
-"""Alembic environment: runs on the connection that :func:`server.db.session.migrate` passes in."""
+"""Alembic environment: runs on the connection that :func:`segassist.server.db.session.migrate` passes in."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import Connection
 
-from server.db.session import make_engine
-from server.db.tables import Base
+from segassist.server.db.session import make_engine
+from segassist.server.db.tables import Base
 
 config = context.config
 target_metadata = Base.metadata
