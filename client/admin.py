@@ -8,7 +8,8 @@ make the first one. ``server`` is imported lazily, so the client-only install st
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
+import getpass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+    from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["add_admin_parsers", "cmd_audit", "cmd_users"]
 
@@ -25,14 +26,19 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _session(args: argparse.Namespace) -> Session:
-    """A session on the configured database, migrated to the current schema."""
+def _factory(args: argparse.Namespace) -> sessionmaker[Session]:
+    """Sessions on the configured database, migrated to the current schema."""
     from segassist.server.db.session import migrate, session_factory
     from segassist.server.settings import Settings
 
     settings = Settings(data_dir=args.data_dir) if args.data_dir else Settings()
     migrate(settings.database_url)
-    return session_factory(settings)()
+    return session_factory(settings)
+
+
+def _session(args: argparse.Namespace) -> Session:
+    """A session on the configured database, migrated to the current schema."""
+    return _factory(args)()
 
 
 def _when(value: datetime | None) -> str:
@@ -76,10 +82,18 @@ def cmd_users(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Print the newest recorded writes (who, what, when, from where, status)."""
-    from segassist.server.audit import query_events
+    """Print the newest recorded writes (who, what, when, from where, status), or with
+    ``--prune DAYS`` delete those older than that (recorded as an event of its own)."""
+    from segassist.server.audit import prune_events, query_events
     from segassist.server.schemas import AuditEventPublic
 
+    if args.prune is not None:
+        before = datetime.now(UTC) - timedelta(days=args.prune)
+        deleted = prune_events(_factory(args), before, f"cli:{getpass.getuser()}")
+        err_console.print(
+            f"deleted {deleted} audit events recorded before {before:%Y-%m-%d %H:%M} UTC"
+        )
+        return 0
     with _session(args) as session:
         events = [
             AuditEventPublic.model_validate(e).model_dump(mode="json")
@@ -108,6 +122,13 @@ def _since(text: str) -> datetime:
     """An ISO 8601 time; without an offset, UTC (the log's clock)."""
     value = datetime.fromisoformat(text)
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _positive_days(text: str) -> int:
+    days = int(text)
+    if days < 1:
+        raise argparse.ArgumentTypeError(f"DAYS must be at least 1, got {days}")
+    return days
 
 
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
@@ -146,5 +167,11 @@ def add_admin_parsers(sub: Any) -> None:
     p.add_argument("--since", type=_since, metavar="ISO8601", help="UTC unless an offset is given")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--prune",
+        type=_positive_days,
+        metavar="DAYS",
+        help="delete the events older than DAYS days instead of showing any",
+    )
     _add_data_dir(p)
     p.set_defaults(func=cmd_audit)

@@ -10,25 +10,35 @@ are recorded too; a write that crashed is recorded as 500.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 from urllib.parse import unquote
 
-from sqlalchemy import select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from segassist.server.db.tables import AuditEvent
 
-__all__ = ["WRITE_METHODS", "AuditMiddleware", "query_events", "record_event", "route_template"]
+__all__ = [
+    "WRITE_METHODS",
+    "AuditMiddleware",
+    "keep_audit_retention",
+    "prune_events",
+    "query_events",
+    "record_event",
+    "route_template",
+]
 
 logger = logging.getLogger(__name__)
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_DAY_SECONDS = 24 * 3600
 _PARAM = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
@@ -48,6 +58,41 @@ def query_events(
     if since is not None:
         query = query.where(AuditEvent.at >= since)
     return session.scalars(query).all()
+
+
+def prune_events(factory: sessionmaker[Session], before: datetime, by: str) -> int:
+    """Delete the events recorded before ``before``; the deletion itself is recorded as an event
+    (``DELETE audit``, user name ``by``, the count and the cut-off in ``object_ids``).
+
+    Returns:
+        How many events were deleted.
+    """
+    with factory() as session, session.begin():
+        result = session.execute(delete(AuditEvent).where(AuditEvent.at < before))
+        deleted = cast(CursorResult[Any], result).rowcount
+        session.add(
+            AuditEvent(
+                user_name=by[:64],
+                method="DELETE",
+                path="audit",
+                status_code=200,
+                object_ids={"deleted": str(deleted), "before": before.isoformat()},
+            )
+        )
+    return int(deleted)
+
+
+async def keep_audit_retention(factory: sessionmaker[Session], days: int) -> None:
+    """Forever: prune events older than ``days`` days, then again a day later (the API's
+    lifespan runs it as a task and cancels it at shutdown)."""
+    while True:
+        before = datetime.now(UTC) - timedelta(days=days)
+        try:
+            deleted = await run_in_threadpool(prune_events, factory, before, "retention")
+            logger.info("audit retention: deleted %d events before %s", deleted, before)
+        except Exception:
+            logger.exception("audit retention: could not prune events before %s", before)
+        await asyncio.sleep(_DAY_SECONDS)
 
 
 def route_template(path: str, params: dict[str, Any]) -> str:

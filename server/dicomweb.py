@@ -51,12 +51,15 @@ def public_url(url: str) -> str:
 
 
 URL_PATTERN = (
-    r"^\s*[Hh][Tt][Tt][Pp][Ss]?://([^\s/?#@\[\]]*@)?[A-Za-z0-9._~-]+"
+    r"^\s*[Hh][Tt][Tt][Pp][Ss]?://"
+    r'([!"$-.0->A-Z\\^-~]*@)?'  # user info: printable ASCII but / ? # @ [ ]
+    r"[A-Za-z0-9._~-]+"
     r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?"
-    r"([/?#]\S*)?\s*$"
+    r"([/?#][!-~]*)?\s*$"
 )
 """What a DICOMweb root may look like (in the OpenAPI document too): ``http(s)://``, optional
-user info, a host name or IPv4 address, an optional valid port, a path."""
+user info, a host name or IPv4 address, an optional valid port, a path; printable ASCII only
+(other characters percent-encoded, as in any URL sent on the wire)."""
 
 
 class DicomwebSettings(BaseModel):

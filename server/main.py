@@ -6,6 +6,7 @@ an app for tests with ``create_app(Settings(...))``. Startup upgrades the databa
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 
 from segassist.models.runtime._atomic import set_file_modes
-from segassist.server.audit import AuditMiddleware
+from segassist.server.audit import AuditMiddleware, keep_audit_retention
 from segassist.server.auth import require_role
 from segassist.server.db.session import migrate, session_factory
 from segassist.server.db.tables import Role
@@ -56,7 +57,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(migrate, settings.database_url)
         await run_in_threadpool(app.state.storage.remove_stale_uploads)
-        yield
+        if settings.audit_retention_days is None:
+            yield
+            return
+        retention = asyncio.create_task(
+            keep_audit_retention(app.state.session_factory, settings.audit_retention_days)
+        )
+        try:
+            yield
+        finally:
+            retention.cancel()
 
     app = FastAPI(
         title="segassist",

@@ -37,6 +37,7 @@ __all__ = [
     "DicomwebPublic",
     "ErrorPublic",
     "FinetuneConfig",
+    "FinetuneJobCreate",
     "FinetuneParams",
     "HealthPublic",
     "Id",
@@ -47,9 +48,11 @@ __all__ = [
     "LabelClass",
     "LabelPublic",
     "ModelPublic",
+    "PredictJobCreate",
     "PredictParams",
     "PredictionCreate",
     "PredictionPublic",
+    "PretrainJobCreate",
     "PretrainParams",
 ]
 
@@ -237,17 +240,39 @@ class PredictParams(BaseModel):
     probabilities: bool = False
 
 
-class JobCreate(BaseModel):
-    """``POST /jobs``; ``params`` is checked against the kind's params model."""
-
+class _JobCreateBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: JobKind = Field(
-        # assist and features jobs are started by the server (422 here): not in the document
-        json_schema_extra={"enum": [JobKind.pretrain, JobKind.finetune, JobKind.predict]}
-    )
     dataset_id: Id
-    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PretrainJobCreate(_JobCreateBase):
+    """``POST /jobs`` of a ``pretrain`` job."""
+
+    kind: Literal[JobKind.pretrain]
+    params: PretrainParams
+
+
+class FinetuneJobCreate(_JobCreateBase):
+    """``POST /jobs`` of a ``finetune`` job (no params: a linear probe on a random encoder)."""
+
+    kind: Literal[JobKind.finetune]
+    params: FinetuneParams = Field(default_factory=FinetuneParams)
+
+
+class PredictJobCreate(_JobCreateBase):
+    """``POST /jobs`` of a ``predict`` job."""
+
+    kind: Literal[JobKind.predict]
+    params: PredictParams
+
+
+JobCreate = Annotated[
+    PretrainJobCreate | FinetuneJobCreate | PredictJobCreate, Field(discriminator="kind")
+]
+"""``POST /jobs``: one body per kind, told apart by ``kind`` (a ``oneOf`` with a discriminator in
+the document), so each kind's params are validated and documented as that kind's. ``assist`` and
+``features`` jobs are started by the server (``POST /datasets/{id}/assist``, uploads): 422 here."""
 
 
 class JobProgress(BaseModel):

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
             (its message may have been lost with a worker or a broker restart).
         monailabel_password: that user's password; ``/auth/token`` answers it with
             ``api_token`` (empty = no login: clients send the token themselves).
+        audit_retention_days: audit events older than this many days are deleted, at the API's
+            start and then daily (``None``, the default, keeps every event: how long a unit
+            must keep its access records is its own policy; ``segassist audit --prune``
+            deletes on demand).
     """
 
     model_config = SettingsConfigDict(env_prefix="SEGASSIST_", extra="ignore")
@@ -90,6 +94,7 @@ class Settings(BaseSettings):
     dir_mode: Annotated[int, BeforeValidator(_octal)] = Field(default=0o750, ge=0, le=0o7777)
     recovery_sweep_seconds: float = Field(default=30.0, gt=0)
     queued_resend_seconds: float = Field(default=300.0, gt=0)
+    audit_retention_days: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> Settings:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -70,10 +71,29 @@ def test_package_imports_stay_inside_their_boundary(package: str, forbidden: set
 
 def test_wheel_installs_one_namespace(tmp_path: Path) -> None:
     """The built wheel holds ``segassist/`` only (the folders it links in, copied), with the
-    page's static files, the migrations and the CLI entry point."""
+    page's static files, the migrations and the CLI entry point. Built from a copy of the
+    sources, so setuptools' ``build/`` folder stays out of the checkout."""
+    root = Path(__file__).parents[1]
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns("__pycache__", "results", "cache", "*.pyc")
+    for name in ("server", "worker", "client", "models", "bench"):
+        shutil.copytree(root / name, source / name, ignore=skip)
+    shutil.copytree(root / "segassist", source / "segassist", symlinks=True, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(root / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["-w", str(tmp_path), str(Path(__file__).parents[1])],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
         check=True,
         capture_output=True,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "IGNORE_INDEX",
@@ -101,20 +101,16 @@ class PretrainConfig(BaseModel):
     axis: int = Field(default=2, ge=0, le=2)
     seed: int = 0
     checkpoint_every: _Positive = 50
-    channels: tuple[int, ...] = (16, 32, 64, 128)
+    channels: Annotated[tuple[Annotated[int, Field(ge=2)], ...], Field(min_length=2)] = (
+        16,
+        32,
+        64,
+        128,
+    )
     num_clusters: _Positive = 20
     kmeans_slices: int = 32
     objective_overrides: dict[str, Any] = Field(default_factory=dict)
     device: str = "cpu"
-
-    @field_validator("channels")
-    @classmethod
-    def _unet_levels(cls, channels: tuple[int, ...]) -> tuple[int, ...]:
-        if len(channels) < 2:
-            raise ValueError(f"channels needs at least two levels, got {channels}")
-        if any(c < 2 for c in channels):
-            raise ValueError(f"every entry of channels must be >= 2, got {channels}")
-        return channels
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field (tuples become lists)."""

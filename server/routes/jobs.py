@@ -8,7 +8,6 @@ from typing import Annotated, Any
 from celery import Celery
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ValidationError
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
@@ -27,13 +26,12 @@ from segassist.server.db.tables import (
     utcnow,
 )
 from segassist.server.deps import CeleryDep, IdPath, IdQuery, SessionDep, StorageDep
-from segassist.server.errors import format_errors, not_found, unprocessable
+from segassist.server.errors import not_found, unprocessable
 from segassist.server.queue import enqueue_job
 from segassist.server.schemas import (
     FinetuneParams,
     JobCreate,
     JobPublic,
-    PredictParams,
     PretrainParams,
 )
 
@@ -42,12 +40,6 @@ __all__ = ["router", "submit_job"]
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-
-_PARAMS: dict[JobKind, type[BaseModel]] = {
-    JobKind.pretrain: PretrainParams,
-    JobKind.finetune: FinetuneParams,
-    JobKind.predict: PredictParams,
-}
 
 
 def _conflict(message: str) -> HTTPException:
@@ -105,18 +97,16 @@ def _check_labels(session: Session, dataset: Dataset, label_ids: list[str] | Non
         )
 
 
-def _validated_params(session: Session, dataset: Dataset, body: JobCreate) -> dict[str, Any]:
-    try:
-        params = _PARAMS[body.kind].model_validate(body.params)
-    except ValidationError as exc:
-        raise unprocessable(format_errors(exc.errors(), prefix="params")) from exc
+def _checked_params(session: Session, dataset: Dataset, body: JobCreate) -> dict[str, Any]:
+    """``body.params`` (validated with the body) once the ids they name exist in ``dataset``."""
+    params = body.params
     if isinstance(params, PretrainParams):
         _check_images(session, dataset, params.image_ids)
     elif isinstance(params, FinetuneParams):
         if params.encoder_id is not None:
             _check_model(session, params.encoder_id, ModelKind.encoder, dataset)
         _check_labels(session, dataset, params.label_ids)
-    elif isinstance(params, PredictParams):
+    else:
         _check_model(session, params.model_id, ModelKind.segmenter, dataset)
         _check_images(session, dataset, params.image_ids)
     return params.model_dump(mode="json")
@@ -171,16 +161,12 @@ def create_job(
     dataset = session.get(Dataset, body.dataset_id)
     if dataset is None:
         raise not_found("dataset", body.dataset_id)
-    if body.kind in (JobKind.assist, JobKind.features):
-        raise unprocessable(
-            f"{body.kind} jobs are started by POST /datasets/{{id}}/assist, not POST /jobs"
-        )
     return submit_job(
         session,
         celery,
         body.kind,
         dataset,
-        _validated_params(session, dataset, body),
+        _checked_params(session, dataset, body),
         principal.user_id,
     )
 

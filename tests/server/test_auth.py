@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from segassist.client.cli import main as cli_main
-from segassist.server.auth import route_role
+from segassist.server.auth import ANONYMOUS_USER, route_role
 from segassist.server.db.session import make_engine, session_factory
-from segassist.server.db.tables import Dataset, Job, JobKind, Role, User, utcnow
+from segassist.server.db.tables import AuditEvent, Dataset, Job, JobKind, Role, User, utcnow
 from segassist.server.main import create_app
 from segassist.server.settings import Settings
 from segassist.server.users import add_user, revoke_user, set_role
@@ -235,4 +235,41 @@ def test_users_cli_prints_the_token_once_and_works_on_the_database(
     assert cli_main(["users", "revoke", "alice", "--data-dir", str(data_dir)]) == 0
     with TestClient(create_app(settings)) as client:
         assert client.get("/api/v1/audit", headers=_bearer(token)).status_code == 401
+    make_engine(settings.database_url).dispose()
+
+
+def test_audit_retention_prunes_old_events_at_start_and_on_demand(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``audit_retention_days`` deletes older events when the API starts; ``segassist audit
+    --prune DAYS`` does it on demand; each deletion is itself an event, recent ones stay."""
+    settings = Settings(data_dir=data_dir, device="cpu")
+    with TestClient(create_app(settings)) as client:  # migrates; an open service
+        for name in ("old", "recent"):
+            client.post("/api/v1/datasets", json={"name": name, "modality": "CT"})
+    factory = session_factory(settings)
+    with factory() as session, session.begin():
+        old, recent = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+        old.at = utcnow() - timedelta(days=40)
+        recent.at = utcnow() - timedelta(days=5)
+
+    kept = Settings(data_dir=data_dir, device="cpu", audit_retention_days=30)
+    with TestClient(create_app(kept)) as client:
+        events = client.get("/api/v1/audit").json()
+    assert [(e["method"], e["path"], e["user_name"]) for e in events] == [
+        ("DELETE", "audit", "retention"),
+        ("POST", "/api/v1/datasets", ANONYMOUS_USER),
+    ]
+    assert events[0]["object_ids"]["deleted"] == "1"
+
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["audit", "--prune", "0", "--data-dir", str(data_dir)])
+    assert refused.value.code == 2
+    assert "at least 1" in capsys.readouterr().err
+    assert cli_main(["audit", "--prune", "3", "--data-dir", str(data_dir)]) == 0
+    assert "deleted 1 audit events" in capsys.readouterr().err
+    with factory() as session:
+        left = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+    assert [(e.path, e.user_name) for e in left][-1][0] == "audit"
+    assert all(e.path == "audit" for e in left)  # only the two deletions' own records
     make_engine(settings.database_url).dispose()
