@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 from playwright.sync_api import Page as Tab
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from tests.client.conftest import Service, running_service
 from tests.conftest import unavailable
@@ -38,6 +40,8 @@ VIEWPORT = {"width": 1280, "height": 800}
 
 PAGE_TIMEOUT_MS = 120_000
 """Bounds a hung step (the machine is shared); not a performance claim."""
+SCREENSHOT_TIMEOUT_MS = 30_000
+"""How long a screenshot (an artifact, not a check) may wait for a frame."""
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +74,20 @@ class Page:
     errors: list[str] = field(default_factory=list)
     shots: int = 0
 
-    def shot(self, step: str) -> Path:
-        """Save a screenshot of the page as ``<nn>-<step>.png``."""
+    def shot(self, step: str) -> None:
+        """Save a screenshot of the page as ``<nn>-<step>.png`` for people to look at.
+
+        A screenshot waits for a frame of the software-rendered canvas, which on a starved
+        machine took over 120 s; the steps' checks are the assertions, so a screenshot that
+        times out is written down (``<nn>-<step>.missing``, and a warning) instead of failing.
+        """
         self.shots += 1
         path = self.folder / f"{self.shots:02d}-{step}.png"
-        self.tab.screenshot(path=str(path))
-        return path
+        try:
+            self.tab.screenshot(path=str(path), timeout=SCREENSHOT_TIMEOUT_MS)
+        except PlaywrightTimeoutError as exc:
+            path.with_suffix(".missing").write_text(f"{exc}\n")
+            warnings.warn(f"screenshot {path.name} timed out", stacklevel=2)
 
 
 @pytest.fixture
