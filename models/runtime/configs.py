@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "IGNORE_INDEX",
@@ -101,16 +101,22 @@ class PretrainConfig(BaseModel):
     axis: int = Field(default=2, ge=0, le=2)
     seed: int = 0
     checkpoint_every: _Positive = 50
-    channels: Annotated[tuple[Annotated[int, Field(ge=2)], ...], Field(min_length=2)] = (
-        16,
-        32,
-        64,
-        128,
-    )
+    # at least two levels: checked below (pydantic's own length check would count the levels
+    # left after a bad one was dropped), documented in the schema as minItems
+    channels: Annotated[
+        tuple[Annotated[int, Field(ge=2)], ...], Field(json_schema_extra={"minItems": 2})
+    ] = (16, 32, 64, 128)
     num_clusters: _Positive = 20
     kmeans_slices: int = 32
     objective_overrides: dict[str, Any] = Field(default_factory=dict)
     device: str = "cpu"
+
+    @field_validator("channels")
+    @classmethod
+    def _unet_levels(cls, channels: tuple[int, ...]) -> tuple[int, ...]:
+        if len(channels) < 2:
+            raise ValueError(f"channels needs at least two levels, got {channels}")
+        return channels
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field (tuples become lists)."""

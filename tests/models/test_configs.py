@@ -76,7 +76,7 @@ def test_unknown_keys_are_refused_by_name(
         (PretrainConfig, {"axis": 3}, "axis"),
         (PretrainConfig, {"objective": "simclr"}, "objective"),
         (PretrainConfig, {"channels": [4]}, "channels"),
-        (PretrainConfig, {"channels": [4, 1]}, "channels"),
+        (PretrainConfig, {"channels": [4, 1]}, "channels.1"),
         (PretrainConfig, {"channels": [4, "wide"]}, "channels.1"),
         (FewShotConfig, {"axis": -1}, "axis"),
         (FewShotConfig, {"head": "transformer"}, "head"),

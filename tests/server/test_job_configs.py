@@ -43,7 +43,7 @@ def _submit(api: Api, kind: str, dataset_id: str, params: dict[str, Any]) -> Any
         (
             "finetune",
             {"config": {"encoder": {"channels": [4]}}},
-            "params.config.encoder.channels: Tuple should have at least 2 items",
+            "params.config.encoder.channels: Value error, channels needs at least two levels",
         ),
         (
             "pretrain",
