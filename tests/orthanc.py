@@ -134,10 +134,7 @@ def _started(folder: Path) -> Orthanc:
         if process.poll() is not None:
             break
         try:
-            if (
-                httpx.get(f"{server.dicomweb}/series", auth=USER, timeout=2).status_code
-                == 200
-            ):
+            if httpx.get(f"{server.dicomweb}/series", auth=USER, timeout=2).status_code == 200:
                 return server
         except httpx.TransportError:
             pass
