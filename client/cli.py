@@ -156,9 +156,26 @@ def cmd_segment(args: argparse.Namespace) -> int:
         f"encoder {result.encoder_id or 'none (random initialisation)'} · "
         f"segmenter {result.segmenter_id}"
     )
+    if result.method is not None:
+        console.print(f"method: {result.method}{_validation_text(result.validation)}")
     if result.next_slice is not None:
         console.print(f"least certain unlabelled slice: {result.next_slice} (label it next)")
     return 0
+
+
+def _validation_text(validation: dict[str, Any] | None) -> str:
+    """`` (held-out Dice: probe-linear 0.610, finetune skipped, …)`` or nothing: the ``auto``
+    record (candidate → ``{"dice", …}`` or ``{"skipped"}``) or head ``auto``'s (head → Dice)."""
+    if not validation:
+        return ""
+    parts = []
+    for candidate, entry in validation.items():
+        if isinstance(entry, dict) and "skipped" in entry:
+            parts.append(f"{candidate} skipped")
+            continue
+        score = entry.get("dice") if isinstance(entry, dict) else entry
+        parts.append(f"{candidate} {'—' if score is None else f'{score:.3f}'}")
+    return f" (held-out Dice: {', '.join(parts)})"
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -311,7 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=OBJECTIVES,
         help="only reuse or pretrain an encoder of this objective (none: random init)",
     )
-    p.add_argument("--method", choices=METHODS, default="linear")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="linear",
+        help="auto: the best of the probe heads (and, within config auto_budget_seconds, "
+        "fine-tuning and scratch) on a held-out labelled slice (tiles of it when only one)",
+    )
     p.add_argument("--head", choices=("linear", "mlp", "auto"), default="linear")
     p.add_argument("--encoder", metavar="ID", help="use this registered encoder")
     p.add_argument("--clusters", type=Path, metavar="CLUSTERS.nii.gz", help="also write clusters")

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("pix2rep", "pix2rep_barlow", "iic_boundary", "none")
 """What ``--objective`` accepts (the server's vocabulary; ``none`` = random initialisation)."""
-METHODS = ("linear", "finetune", "mean_teacher")
+METHODS = ("linear", "finetune", "mean_teacher", "auto")
+"""What ``--method`` accepts (the server's :data:`Method`; ``auto``: the best on held-out labels)."""
 
 
 @dataclass
@@ -41,7 +42,7 @@ class SegmentRequest:
         output: where the label volume is written (NIfTI on the input's affine).
         objective: reuse or pretrain only an encoder of this objective; ``"none"``: random
             initialisation; ``None``: the server's choice (any encoder of the modality).
-        method: few-shot method (``linear``, ``finetune``, ``mean_teacher``).
+        method: few-shot method (``linear``, ``finetune``, ``mean_teacher``, ``auto``).
         head: probe head (``linear`` or ``mlp``).
         encoder_id: use this registered encoder.
         clusters: also write the cluster map here (and its PNG montage beside it, ``.png``).
@@ -69,7 +70,14 @@ class SegmentRequest:
 
 @dataclass
 class SegmentResult:
-    """Ids created by one segment run and the files written."""
+    """Ids created by one segment run, the files written, and what the fit chose.
+
+    Attributes:
+        method: the fitted method as the registry names it (``probe-linear``, ``finetune``, …;
+            for ``auto`` the winner).
+        validation: ``auto`` (or head ``auto``): each candidate's held-out Dice, or why it was
+            skipped; None otherwise.
+    """
 
     dataset_id: str
     image_id: str
@@ -79,6 +87,8 @@ class SegmentResult:
     job_id: str
     output: Path
     next_slice: int | None = None
+    method: str | None = None
+    validation: dict[str, Any] | None = None
     clusters: Path | None = None
     clusters_png: Path | None = None
 
@@ -163,6 +173,8 @@ def run_segment(
         job_id=done["id"],
         output=output,
         next_slice=(result.get("next_slice") or {}).get(image["id"]),
+        method=result.get("method"),
+        validation=result.get("validation"),
     )
     if request.clusters is not None:
         png = request.clusters.with_name(_stem(request.clusters) + ".png")

@@ -1,6 +1,6 @@
 """Few-shot segmentation from sparse labels on top of a (pretrained or random) encoder.
 
-Three methods (METHODS.md, "Downstream"):
+Three methods, and ``"auto"`` choosing among them (:mod:`segassist.models.method_selection`) (METHODS.md, "Downstream"):
 
 - ``"linear"``: linear probe. The encoder is frozen; the head features of the annotated slices
   are computed once, the annotated pixels gathered, and only the segmentation head trains on them
@@ -182,7 +182,10 @@ def fit_segmenter(
         images: ``X×Y×Z`` volumes normalised to [0, 1] with ``encoder.normalisation``.
         labels: ``X×Y×Z`` label volumes, same shapes, ``0…num_classes−1`` or 255 (unannotated).
         num_classes: L, background included.
-        method: ``"linear"``, ``"finetune"`` or ``"mean_teacher"``.
+        method: ``"linear"``, ``"finetune"``, ``"mean_teacher"`` or ``"auto"`` (the winner of
+            :func:`segassist.models.method_selection.select_method` within
+            ``config.auto_budget_seconds``: probes on ``encoder``, fine-tuning it, and scratch from
+            ``Encoder.random`` of its config; an encoder that is itself random has only scratch).
         config: settings (defaults: :class:`FewShotConfig`); ``head="auto"`` with ``"linear"``
             picks the head as :func:`select_probe_head` does (held-out tiles of the slices).
         progress: called after every step with ``Progress(step, total, loss, eta, method)``;
@@ -198,6 +201,15 @@ def fit_segmenter(
     config = config or FewShotConfig()
     if method not in METHODS:
         raise ValueError(f"unknown few-shot method {method!r}; expected one of {METHODS}")
+    if method == "auto":
+        from segassist.models.method_selection import select_method  # it imports this module
+
+        pretrained = None if encoder.objective == "random" else encoder
+        scratch = Encoder.random(encoder.config, encoder.normalisation) if pretrained else encoder
+        choice = select_method(
+            pretrained, scratch, images, labels, num_classes, config, None, progress
+        )
+        return choice.segmenter
     axis = encoder.config.axis if config.axis is None else config.axis
     data = _collect(images, labels, num_classes, axis, encoder.size_divisor)
     logger.info(
@@ -593,9 +605,14 @@ def _fit_finetune(
     device: torch.device,
     method: Method,
     progress: ProgressCallback | None,
+    split: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> SegmenterNet:
-    """Fine-tune encoder and head (optionally with a Mean Teacher); returns the best model."""
-    train_labels, holdout = _split_holdout(
+    """Fine-tune encoder and head (optionally with a Mean Teacher); returns the best model.
+
+    ``split``: the ``(train, held-out)`` labels of :func:`_split_holdout` (the default) or given
+    by the caller (:func:`segassist.models.method_selection.select_method` holds out the pixels
+    its other candidates are scored on)."""
+    train_labels, holdout = split or _split_holdout(
         data.labels, config.holdout_fraction, config.holdout_tile, config.seed
     )
     if holdout is None:

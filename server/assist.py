@@ -109,8 +109,8 @@ def resolve_assist(session: Session, dataset: Dataset, body: AssistCreate) -> di
     """The params of the assist job for ``body``; raises an HTTP 4xx naming what is wrong."""
     if body.objective == "none" and body.method == "linear":
         raise unprocessable(
-            "objective 'none' (random initialisation) needs method 'finetune' or "
-            "'mean_teacher': a probe head reads a pretrained encoder's features"
+            "objective 'none' (random initialisation) needs method 'finetune', 'mean_teacher' "
+            "or 'auto': a probe head reads a pretrained encoder's features"
         )
     if body.encoder_id is not None:
         if body.objective == "none":

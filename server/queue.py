@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
+from segassist.models.runtime.configs import FewShotConfig
+
 if TYPE_CHECKING:
     from segassist.server.db.tables import Job
     from segassist.server.settings import Settings
@@ -40,6 +42,7 @@ PREDICTION_QUEUE = "segassist-prediction"
 """The interactive queue: predictions and assist runs that fit only a head (seconds each), so a
 user never waits behind a pretraining; its concurrency is ``prediction_concurrency``."""
 _ENCODER_METHODS = ("finetune", "mean_teacher")
+_DEFAULT_AUTO_BUDGET = float(FewShotConfig.model_fields["auto_budget_seconds"].default)
 _VISIBILITY_MARGIN_SECONDS = 3600
 
 
@@ -50,15 +53,26 @@ def task_name(kind: str) -> str:
 
 def queue_for(kind: str, params: dict[str, Any] | None = None) -> str:
     """The queue of a job: :data:`PREDICTION_QUEUE` for ``predict``, ``features`` and for
-    ``assist`` with a probe method (cost: the head; and, once per modality, the short
+    ``assist`` with a probe method or ``"auto"`` within its default budget (cost: the head; and, once per modality, the short
     pretraining when no encoder exists yet, which holds the queue for about two minutes rather
     than wait behind a long background pretraining); :data:`QUEUE_NAME` for everything that
     trains an encoder for long."""
     if kind in ("predict", "features"):
         return PREDICTION_QUEUE
-    if kind == "assist" and (params or {}).get("method", "linear") not in _ENCODER_METHODS:
+    if kind == "assist" and _interactive_assist(params or {}):
         return PREDICTION_QUEUE
     return QUEUE_NAME
+
+
+def _interactive_assist(params: dict[str, Any]) -> bool:
+    """Whether an assist job fits only a head: a probe method, or ``"auto"`` within the default
+    budget (its network candidates are then skipped) on a pretrained encoder (objective
+    ``"none"`` leaves auto only the scratch network, which no budget skips)."""
+    method = params.get("method", "linear")
+    if method != "auto":
+        return method not in _ENCODER_METHODS
+    budget = (params.get("config") or {}).get("auto_budget_seconds", _DEFAULT_AUTO_BUDGET)
+    return params.get("objective") != "none" and float(budget) <= _DEFAULT_AUTO_BUDGET
 
 
 def broker_folders(settings: Settings) -> dict[str, str]:

@@ -359,9 +359,9 @@ class AssistCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        # Documents the cross-field rules (checked in segassist.server.assist): objective "none" (random
-        # initialisation) needs method finetune or mean_teacher (a probe head reads a pretrained
-        # encoder), and excludes an encoder_id.
+        # Documents the cross-field rules (checked in segassist.server.assist): objective "none"
+        # (random initialisation) needs method finetune, mean_teacher or auto (a probe head reads
+        # a pretrained encoder), and excludes an encoder_id.
         json_schema_extra={
             "allOf": [
                 {
@@ -400,12 +400,16 @@ class AssistCreate(BaseModel):
     objective: Objective | Literal["none"] | None = Field(
         default=None,
         description="reuse or pretrain only an encoder of this objective; 'none' = random "
-        "initialisation (method finetune or mean_teacher only)",
+        "initialisation (method finetune, mean_teacher or auto, which then fits scratch only)",
     )
     method: Method = Field(
         default="linear",
         description="linear: a probe head on cached encoder features (seconds); finetune, "
-        "mean_teacher: train the whole network (minutes)",
+        "mean_teacher: train the whole network (minutes); auto: fit the probe heads, and "
+        "fine-tuning and scratch when config.auto_budget_seconds allows, keep the best Dice on "
+        "held-out labelled pixels (the middle labelled slice; tiles of it when only one is "
+        "labelled; result.method names the winner, "
+        "result.validation every candidate's score or why it was skipped)",
     )
     head: Literal["linear", "mlp", "auto"] = Field(
         default="linear",

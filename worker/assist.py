@@ -9,21 +9,30 @@ retry works on exactly what the user submitted. Phases, as the job's progress re
    modality (of ``objective`` when one was asked for), else a short pretraining right here
    (``assist_pretrain_steps``) whose checkpoint seeds a longer one queued in the background
    (``background_pretrain_steps``); when that lands, the dataset's latest assist is refitted on it.
-2. ``features`` (probe methods): the decoder maps of every image involved, computed once per
-   (encoder, image) into :class:`segassist.models.features.FeatureCache`.
+2. ``features`` (probe methods, and ``auto`` on a pretrained encoder): the decoder maps of every
+   image involved, computed once per (encoder, image) into
+   :class:`segassist.models.features.FeatureCache`.
 3. ``fit``: the probe head on the cached maps of the annotated slices (seconds), or for
-   ``finetune``/``mean_teacher`` the whole network (a training run with progress).
+   ``finetune``/``mean_teacher`` the whole network (a training run with progress), or for
+   ``auto`` the candidates ``config.auto_budget_seconds`` allows, the best on held-out labelled
+   pixels kept (:func:`segassist.models.method_selection.select_method`).
 4. ``export``: the segmenter to ONNX (registered, reusable for new images by ``predict`` jobs).
 5. ``predict``: the head over the cached maps of every target image (probe), or ONNX Runtime
-   (fine-tuned encoders); outputs written atomically under ``predictions/<model>/<image>/``.
+   (fine-tuned encoders); an image with its own sparse labels has its probabilities fused with
+   the interpolation of its labelled slices before the argmax (:mod:`segassist.models.slice_prior`;
+   off with ``config.slice_prior = false``), its labelled voxels returned as drawn; outputs
+   written atomically under ``predictions/<model>/<image>/``.
 
 Result: ``segmenter_id``, ``encoder_id``, ``axis``, ``method`` (the request's, or for a probe the
-fitted head as the registry names it: ``probe-linear``, ``probe-mlp``), ``validation`` (head
-``"auto"`` only: each candidate head's Dice on held-out tiles of the labelled slices,
-:func:`segassist.models.fewshot.select_probe_head`), ``predictions`` (image id → output
-URLs), ``next_slice`` (image id → the unannotated slice whose prediction is least certain: the
+fitted head as the registry names it: ``probe-linear``, ``probe-mlp``; for ``auto`` the winner:
+those, ``finetune`` or ``scratch``), ``validation`` (head ``"auto"``: each candidate head's Dice
+on held-out tiles of the labelled slices, :func:`segassist.models.fewshot.select_probe_head`;
+method ``"auto"``: candidate → ``{"dice", "seconds", "held_out"}`` or ``{"skipped": reason}``),
+``predictions`` (image id → output URLs), ``next_slice`` (image id → the unannotated slice whose prediction is least certain: the
 hint of where to label next), ``uncertainty`` (image id → mean normalised entropy of its
-prediction, 0 = certain, 1 = uniform), ``timings`` (seconds per phase), ``background_job_id`` when a longer
+prediction, 0 = certain, 1 = uniform), ``slice_prior`` (image id → ``{"applied": false}`` or
+``{"applied": true}`` with the fusion ``scale``, its ``source``, the leave-one-out ``scores``
+and the number of ``held_out`` neighbour slices), ``timings`` (seconds per phase), ``background_job_id`` when a longer
 pretraining was queued.
 """
 
@@ -58,6 +67,7 @@ from segassist.models.fewshot import (
     fit_segmenter,
     select_probe_head,
 )
+from segassist.models.method_selection import MethodChoice, select_method
 from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
 from segassist.models.pretrain import pretrain as run_pretraining
@@ -71,6 +81,7 @@ from segassist.models.runtime.predictor import (
     softmax,
 )
 from segassist.models.runtime.preprocess import Normalisation, default_normalisation, normalise
+from segassist.models.slice_prior import ScaleChoice, fuse_with_prior
 from segassist.server.db import (
     Dataset,
     Image,
@@ -141,7 +152,22 @@ def assist(ctx: JobContext) -> dict[str, Any]:
     model_id = pipelines._model_id(ctx)
     probe = method not in _ENCODER_METHODS
     cached: dict[str, FeatureMaps] = {}
-    if probe:
+    if method == "auto":
+        if encoder is not None and encoder_id is not None:
+            with phase(ctx, "features"):
+                labelled = [i for i, _ in pairs]
+                cached = _cache_features(ctx, encoder_id, encoder, labelled, targets, axis)
+        with phase(ctx, "fit"):
+            auto, losses = _fit_auto(
+                ctx, encoder, base, cached, pairs, labels, len(class_names), config
+            )
+        segmenter, probe = auto.segmenter, auto.method.startswith("probe-")
+        result |= {"method": auto.method, "validation": auto.validation}
+        if probe:
+            config = config.model_copy(update={"head": auto.method.removeprefix("probe-")})
+        if auto.method == "scratch":  # the winner owes nothing to the encoder
+            encoder_id, encoder = None, None
+    elif probe:
         if encoder is None or encoder_id is None:
             raise ValueError("a probe head needs an encoder (objective 'none' fits only finetune)")
         with phase(ctx, "features"):
@@ -175,13 +201,19 @@ def assist(ctx: JobContext) -> dict[str, Any]:
                 normalisation=normalisation,
                 encoder_id=encoder_id,
                 objective=None if encoder is None else encoder.objective,
-                method=method if not probe else f"probe-{config.head}",
+                method=result["method"],
                 config=config,
                 pairs=pairs,
                 fit_loss=losses.last,
             )
     annotated = {image.id: set(label.annotated_slices.get(str(axis), [])) for image, label in pairs}
+    own_labels = (
+        {image.id: label for (image, _), label in zip(pairs, labels, strict=True)}
+        if config.slice_prior
+        else {}
+    )
     predictions: dict[str, Any] = {}
+    prior_used: dict[str, dict[str, Any]] = {}
     next_slice: dict[str, int | None] = {}
     mean_uncertainty: dict[str, float] = {}
     with phase(ctx, "predict"):
@@ -195,21 +227,33 @@ def assist(ctx: JobContext) -> dict[str, Any]:
         for done, image in enumerate(targets, start=1):
             ctx.check_cancelled()
             out_dir = ctx.storage.prediction_dir(model_id, image.id)
-            if predictor is not None:
+            sparse = own_labels.get(image.id)
+            prior_scale: ScaleChoice | None = None
+            if predictor is not None and sparse is None:
                 path = pipelines._existing_file(Path(image.path), f"image {image.id}")
                 names = predict_to_folder(
                     predictor, path, out_dir, bool(params.get("probabilities")), True
                 )
                 uncertainty, _, _ = read_nifti(out_dir / "uncertainty.nii.gz")
+            elif predictor is not None and sparse is not None:
+                names, uncertainty, prior_scale = _predict_network_with_prior(
+                    predictor, image, sparse, out_dir, bool(params.get("probabilities"))
+                )
             else:
-                names, uncertainty = _predict_from_cache(
+                names, uncertainty, prior_scale = _predict_from_cache(
                     segmenter,
                     cached[image.id],
                     image,
                     out_dir,
                     normalisation,
                     bool(params.get("probabilities")),
+                    sparse,
                 )
+            prior_used[image.id] = (
+                {"applied": False}
+                if prior_scale is None
+                else {"applied": True, **prior_scale.to_dict()}
+            )
             predictions[image.id] = prediction_urls(model_id, image.id, names)
             next_slice[image.id] = _least_certain_slice(
                 np.asarray(uncertainty), axis, annotated.get(image.id, set())
@@ -221,6 +265,7 @@ def assist(ctx: JobContext) -> dict[str, Any]:
         "predictions": predictions,
         "next_slice": next_slice,
         "uncertainty": mean_uncertainty,
+        "slice_prior": prior_used,
         "fit_loss": losses.last,
         "timings": phase.seconds,
     }
@@ -474,6 +519,27 @@ def _fit_network(
     return segmenter, losses
 
 
+def _fit_auto(
+    ctx: JobContext,
+    encoder: Encoder | None,
+    base: Encoder,
+    cached: dict[str, FeatureMaps],
+    pairs: list[tuple[Image, Label]],
+    labels: list[np.ndarray],
+    num_classes: int,
+    config: FewShotConfig,
+) -> tuple[MethodChoice, pipelines._LossTracker]:
+    """``method="auto"``: :func:`segassist.models.method_selection.select_method` within
+    ``config.auto_budget_seconds``, the probes reading the cached maps; scratch starts from a
+    random encoder of the pretrained one's architecture (``base`` itself without one)."""
+    scratch = base if encoder is None else Encoder.random(encoder.config, encoder.normalisation)
+    images = [normalise(pipelines._read_image(image), base.normalisation) for image, _ in pairs]
+    maps = [cached[image.id] for image, _ in pairs] if cached else None
+    losses = pipelines._LossTracker(ctx)
+    choice = select_method(encoder, scratch, images, labels, num_classes, config, maps, losses)
+    return choice, losses
+
+
 def _predict_from_cache(
     segmenter: SegmenterNet,
     cached: FeatureMaps,
@@ -481,10 +547,12 @@ def _predict_from_cache(
     out_dir: Path,
     normalisation: Normalisation,
     with_probabilities: bool,
+    sparse: np.ndarray | None = None,
     batch_size: int = 16,
-) -> tuple[list[str], np.ndarray]:
-    """Apply the head to the cached maps of ``image`` and write its outputs; returns the names
-    written and the ``X×Y×Z`` uncertainty (normalised entropy)."""
+) -> tuple[list[str], np.ndarray, ScaleChoice | None]:
+    """Apply the head to the cached maps of ``image`` and write its outputs; with the image's own
+    ``sparse`` labels, fused with their slice prior first (:func:`_with_slice_prior`). Returns the
+    names written, the ``X×Y×Z`` uncertainty (normalised entropy) and the prior's scale."""
     path = pipelines._existing_file(Path(image.path), f"image {image.id} ({image.name})")
     volume, affine, header = read_nifti(path)
     shape = tuple(volume.shape)
@@ -492,7 +560,9 @@ def _predict_from_cache(
     labels = np.empty(shape, dtype=np.uint8)
     uncertainty = np.empty(shape, dtype=np.float32)
     probabilities = (
-        np.empty((segmenter.num_classes, *shape), dtype=np.float32) if with_probabilities else None
+        np.empty((segmenter.num_classes, *shape), dtype=np.float32)
+        if with_probabilities or sparse is not None
+        else None
     )
     labels_view = np.moveaxis(labels, axis, 0)
     uncertainty_view = np.moveaxis(uncertainty, axis, 0)
@@ -506,8 +576,14 @@ def _predict_from_cache(
         if probs_view is not None:
             probs_view[start:stop] = probs
     clusters = np.moveaxis(np.asarray(cached.clusters), 0, axis)
+    choice = None
+    if sparse is not None and probabilities is not None:
+        labels, probabilities, uncertainty, choice = _with_slice_prior(probabilities, sparse, axis)
     prediction = Prediction(
-        labels, clusters, probabilities, uncertainty if with_probabilities else None
+        labels,
+        clusters,
+        probabilities if with_probabilities else None,
+        uncertainty if with_probabilities else None,
     )
     names = write_prediction(
         prediction, volume, (affine, header), out_dir, axis, normalisation, cached.folder
@@ -515,7 +591,46 @@ def _predict_from_cache(
     for name in ("clusters.nii.gz", "clusters.png"):  # rendered once per (encoder, image)
         if not (cached.folder / name).exists():
             link_atomic(out_dir / name, cached.folder / name)
-    return names, uncertainty
+    return names, uncertainty, choice
+
+
+def _predict_network_with_prior(
+    predictor: OnnxPredictor,
+    image: Image,
+    sparse: np.ndarray,
+    out_dir: Path,
+    with_probabilities: bool,
+) -> tuple[list[str], np.ndarray, ScaleChoice]:
+    """The fine-tuned network's prediction of ``image`` fused with the slice prior of its own
+    ``sparse`` labels, written under ``out_dir``; as :func:`_predict_from_cache` returns."""
+    path = pipelines._existing_file(Path(image.path), f"image {image.id}")
+    volume, affine, header = read_nifti(path)
+    raw = predictor.predict(np.asarray(volume, dtype=np.float32), with_probabilities=True)
+    if raw.probabilities is None:
+        raise ValueError("the network returned no probabilities")
+    manifest = predictor.manifest
+    labels, probabilities, uncertainty, choice = _with_slice_prior(
+        raw.probabilities, sparse, manifest.axis
+    )
+    prediction = Prediction(
+        labels, raw.clusters, probabilities if with_probabilities else None, uncertainty
+    )
+    names = write_prediction(
+        prediction, volume, (affine, header), out_dir, manifest.axis, manifest.normalisation
+    )
+    return names, uncertainty, choice
+
+
+def _with_slice_prior(
+    probabilities: np.ndarray, sparse: np.ndarray, axis: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, ScaleChoice]:
+    """The model's ``L×X×Y×Z`` probabilities fused with the slice prior of ``sparse``
+    (:func:`segassist.models.slice_prior.fuse_with_prior`, scale by leave-one-labelled-slice-out):
+    ``(labels, probabilities, uncertainty, scale)`` of the fused prediction, labelled voxels as
+    the annotator drew them."""
+    fused = fuse_with_prior(probabilities, sparse, axis)
+    uncertainty = normalised_entropy(fused.probabilities[None])[0]
+    return fused.labels, fused.probabilities, uncertainty, fused.choice
 
 
 def _least_certain_slice(uncertainty: np.ndarray, axis: int, annotated: set[int]) -> int | None:

@@ -31,8 +31,10 @@ IGNORE_INDEX = 255
 Objective = Literal["pix2rep", "pix2rep_barlow", "iic_boundary"]
 """Name of a self-supervised pretraining objective (METHODS.md, :mod:`segassist.models.objectives`)."""
 
-Method = Literal["linear", "finetune", "mean_teacher"]
-"""Name of a few-shot method (METHODS.md, "Downstream"; :mod:`segassist.models.fewshot`)."""
+Method = Literal["linear", "finetune", "mean_teacher", "auto"]
+"""Name of a few-shot method (METHODS.md, "Downstream"; :mod:`segassist.models.fewshot`); ``"auto"``:
+the candidate that validates best on held-out labelled pixels (the middle labelled slice) within
+``FewShotConfig.auto_budget_seconds`` (:func:`segassist.models.method_selection.select_method`)."""
 
 ProbeHead = Literal["linear", "mlp"]
 """A segmentation head of :class:`segassist.models.networks.segmenter.SegmenterNet`."""
@@ -44,7 +46,7 @@ OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 """Every :data:`Objective`, in the order the benchmarks report them."""
 
 METHODS: tuple[Method, ...] = get_args(Method)
-"""Every :data:`Method`, cheapest first."""
+"""Every :data:`Method`, cheapest first (``"auto"`` last: it fits several)."""
 
 _Positive = Annotated[int, Field(ge=1)]
 _Fraction = Annotated[float, Field(ge=0, lt=1)]
@@ -191,6 +193,21 @@ class FewShotConfig(BaseModel):
         scale_range: affine zoom range ±fraction.
         translate_fraction: affine translation range ±fraction of the slice size.
         device: torch device.
+        slice_prior: whether the assist workflow fuses each labelled image's prediction with
+            the interpolation of its own labelled slices (a prior whose weight fades with the
+            distance to the nearest labelled slice; :mod:`segassist.models.slice_prior`) before
+            the argmax. Images without labels are predicted by the model alone either way.
+        auto_budget_seconds: time budget of ``method="auto"``'s candidate fits
+            (:mod:`segassist.models.method_selection`): the probe heads always run; fine-tuning
+            and scratch only when their estimated cost fits in what is left. 5 s, the
+            interactive loop's budget for a corrected label → segmentation on 2 cores: by
+            default auto picks between the probe heads (a few seconds on cached maps), and a
+            network candidate (hundreds of steps at a fraction of a second or more each) needs
+            a budget raised to minutes. The budget bounds the candidate fits, not the final
+            refit of a winning probe; measured on a loaded 2-core machine (spine CT and
+            TotalSegmentator MR, k = 1 and 3, ``bench/results/method_selection.md``), auto's fit
+            phase took 7–20 s where the default linear probe took 1–2 s, so ``"linear"`` stays
+            the assist default.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -221,6 +238,8 @@ class FewShotConfig(BaseModel):
     scale_range: float = 0.1
     translate_fraction: float = 0.05
     device: str = "cpu"
+    slice_prior: bool = True
+    auto_budget_seconds: float = Field(default=5.0, ge=0)
 
     @classmethod
     def for_scratch(cls, **overrides: Any) -> Self:

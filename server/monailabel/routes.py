@@ -121,7 +121,7 @@ def _same(a: str, b: str) -> bool:
 def _trainer_config() -> dict[str, Any]:
     """The trainer's options as Slicer shows them (a list is a drop-down, first = default)."""
     return {
-        "method": ["linear", "finetune", "mean_teacher"],
+        "method": ["linear", "finetune", "mean_teacher", "auto"],
         "head": ["linear", "mlp"],
         "objective": ["any", "pix2rep", "pix2rep_barlow", "iic_boundary"],
         "probabilities": False,

@@ -486,6 +486,21 @@ async function showResult(job) {
   renderResult();
 }
 
+/**
+ * "probe-linear 0.612 · probe-mlp 0.598 · finetune skipped" from a job's validation record:
+ * method auto's (candidate → {dice, seconds, held_out} or {skipped: reason}) or head auto's
+ * (head → Dice). The reasons are in the element's tooltip.
+ */
+function validationText(validation) {
+  return Object.entries(validation)
+    .map(([name, entry]) => {
+      if (entry !== null && typeof entry === "object" && "skipped" in entry) return `${name} skipped`;
+      const dice = entry !== null && typeof entry === "object" ? entry.dice : entry;
+      return `${name} ${dice == null ? "—" : dice.toFixed(3)}`;
+    })
+    .join(" · ");
+}
+
 function renderResult() {
   const r = state.result;
   $("result").hidden = !r;
@@ -493,7 +508,8 @@ function renderResult() {
   const result = r.job.result;
   $("result-method").textContent = result.method || "—";
   const validation = result.validation;
-  $("result-validation").textContent = validation ? JSON.stringify(validation) : "";
+  $("result-validation").textContent = validation ? validationText(validation) : "";
+  $("result-validation").title = validation ? JSON.stringify(validation, null, 1) : "";
   $("result-validation-row").hidden = !validation;
   const mean = result.uncertainty?.[state.image.id];
   $("result-uncertainty").textContent = mean != null ? mean.toFixed(3) : "—";

@@ -74,6 +74,7 @@ def test_segment_writes_a_segmentation_on_the_inputs_grid(
 ) -> None:
     assert segmented.run.returncode == 0, segmented.run.stderr
     assert str(segmented.output) in segmented.run.stdout.replace("\n", "")
+    assert "method: probe-linear" in segmented.run.stdout  # what the server fitted
     result = load_nifti(segmented.output)
     np.testing.assert_allclose(result.affine, OBLIQUE_AFFINE, atol=1e-6)
     labels = np.asanyarray(result.dataobj)

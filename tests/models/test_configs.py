@@ -124,6 +124,7 @@ def test_configs_are_frozen() -> None:
 def test_the_vocabulary_has_one_definition() -> None:
     """The ML core, the API and the benchmarks read the same names and ignore value."""
     from segassist.bench.service import IGNORE_INDEX as bench_ignore
+    from segassist.client.segment import METHODS as client_methods
     from segassist.models.fewshot import METHODS as fewshot_methods
     from segassist.models.fewshot import FewShotConfig as FewShotFromCore
     from segassist.models.objectives import OBJECTIVES as core_objectives
@@ -133,7 +134,8 @@ def test_the_vocabulary_has_one_definition() -> None:
     from segassist.server.schemas import OBJECTIVES as api_objectives
 
     assert OBJECTIVES == ("pix2rep", "pix2rep_barlow", "iic_boundary")
-    assert METHODS == ("linear", "finetune", "mean_teacher")
+    assert METHODS == ("linear", "finetune", "mean_teacher", "auto")
+    assert client_methods == METHODS  # the CLI's choices (the client imports no server code)
     assert core_objectives is OBJECTIVES and api_objectives is OBJECTIVES
     assert fewshot_methods is METHODS and api_methods is METHODS
     assert PretrainFromCore is PretrainConfig and FewShotFromCore is FewShotConfig

@@ -92,3 +92,21 @@ def test_an_empty_schema_is_filled_by_the_first_label(api: Api) -> None:
     unknown = sparse_label(values=(3,))
     response = api.upload_label(image["id"], nifti_bytes(unknown))
     assert response.status_code == 422 and "3" in response.json()["detail"]
+
+
+def test_auto_is_accepted_with_any_objective_and_documented(api: Api) -> None:
+    dataset_id, _, _ = _labelled(api)
+    status, job = _assist(api, dataset_id, method="auto", config={"auto_budget_seconds": 2})
+    assert status == 202, job
+    assert job["params"]["method"] == "auto"
+    assert job["params"]["config"] == {"auto_budget_seconds": 2}
+    assert queue_for("assist", job["params"]) == PREDICTION_QUEUE  # within the default budget
+    longer = {**job["params"], "config": {"auto_budget_seconds": 600}}
+    assert queue_for("assist", longer) == QUEUE_NAME
+    status, job = _assist(api, dataset_id, method="auto", objective="none")
+    assert status == 202, job  # random initialisation: auto fits scratch only
+    assert queue_for("assist", job["params"]) == QUEUE_NAME
+    schemas = api.client.get("/api/v1/openapi.json").json()["components"]["schemas"]
+    method = schemas["AssistCreate"]["properties"]["method"]
+    assert "auto" in method["enum"] and "auto:" in method["description"]
+    assert "auto_budget_seconds" in schemas["FewShotConfig"]["properties"]

@@ -67,6 +67,11 @@ def test_assist_reuses_encoder_and_caches_features(
     assert labels[6:16, 5:14, unannotated].mean() > 0.5  # the box, learnt from 2 slices
     clusters = _load(service.client.get(urls["clusters"]).content)
     assert clusters.shape == SHAPE
+    # fused with the prior of its own 2 labelled slices (too few to leave one out: the default
+    # scale); the labelled slices come back as drawn
+    prior = result["slice_prior"][image_id]
+    assert prior["applied"] and (prior["scale"], prior["source"]) == (1.0, "default")
+    np.testing.assert_array_equal(labels[..., list(ANNOTATED)], sparse_label()[..., ANNOTATED])
 
     # The interactive loop: a corrected label, resubmitted, reuses the cached decoder maps.
     cached = Path(service.settings.data_dir) / "features" / encoder_id / image_id
@@ -89,6 +94,17 @@ def test_assist_reuses_encoder_and_caches_features(
     assert again["result"]["segmenter_id"] != result["segmenter_id"]
     assert {p.name: p.stat().st_mtime_ns for p in cached.glob("map*.npy")} == stamps
     assert again["result"]["next_slice"][image_id] not in (*ANNOTATED, 3)
+    # three labelled slices (1, 3, 4): slice 3 left out, scored on its unlabelled neighbour 2
+    prior = again["result"]["slice_prior"][image_id]
+    assert prior["applied"] and (prior["source"], prior["held_out"]) == ("leave-one-out", 1)
+    assert prior["scale"] in {float(s) for s in prior["scores"]}
+    off = _assist(service, dataset_id, config={**TINY_FEWSHOT, "slice_prior": False})
+    assert off["status"] == "succeeded", off
+    assert off["result"]["slice_prior"][image_id] == {"applied": False}
+    wrong = {"config": {**TINY_FEWSHOT, "slice_prior": "sometimes"}}
+    assert (
+        service.client.post(f"/api/v1/datasets/{dataset_id}/assist", json=wrong).status_code == 422
+    )
     # the encoder's cluster map does not change with the labels: the same files are served
     second = again["result"]["predictions"][image_id]
     for name in ("clusters", "clusters_png"):
@@ -134,6 +150,9 @@ def test_assist_finetune_from_random_init(
     assert done["result"]["encoder_id"] is None
     assert set(done["result"]["predictions"][image_id]) >= {"labels", "uncertainty"}
     assert "probabilities" not in done["result"]["predictions"][image_id]  # not asked for
+    assert done["result"]["slice_prior"][image_id]["applied"]  # the network path fuses too
+    labels = _load(service.client.get(done["result"]["predictions"][image_id]["labels"]).content)
+    np.testing.assert_array_equal(labels[..., list(ANNOTATED)], sparse_label()[..., ANNOTATED])
 
 
 @pytest.mark.parametrize(
