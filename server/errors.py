@@ -40,13 +40,30 @@ def format_errors(errors: Sequence[Any], prefix: str = "") -> str:
     return "; ".join(lines)
 
 
+def _without_union_tag(errors: Sequence[Any], body: Any) -> list[Any]:
+    """``errors`` with the tag of a discriminated body (``POST /jobs``: one body per ``kind``)
+    removed from their locations: pydantic says ``body.pretrain.dataset_id`` where the client
+    sent ``body.dataset_id`` with ``"kind": "pretrain"``."""
+    tag = body.get("kind") if isinstance(body, dict) else None
+    if not isinstance(tag, str):
+        return list(errors)
+    cleaned = []
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        if len(loc) > 1 and loc[0] == "body" and loc[1] == tag and tag not in body:
+            error = {**error, "loc": (loc[0], *loc[2:])}
+        cleaned.append(error)
+    return cleaned
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers mapping client mistakes to 4xx ``{"detail": str}``."""
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(
-            {"detail": format_errors(exc.errors())}, status.HTTP_422_UNPROCESSABLE_CONTENT
+            {"detail": format_errors(_without_union_tag(exc.errors(), exc.body))},
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
         )
 
     @app.exception_handler(IngestError)
