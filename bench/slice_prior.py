@@ -5,14 +5,17 @@ writes ``DIR/fewshot.{md,json,png}`` (default ``bench/results/slice_prior/``).
 
 The protocol of :mod:`segassist.bench.fewshot_heads` (slice propagation, k ∈ {1, 3, 5} slices
 spread over the structures, Dice on the unlabelled slices; probe heads fitted on cached decoder
-maps as the assist workflow does; the ``default`` profile's probe and pretraining settings), with
-these rows per (volume, k):
+maps as the assist workflow does, with the assist workflow's probe steps unless ``--probe-steps``
+says otherwise; the ``default`` profile's other probe and pretraining settings), with these rows
+per (volume, k):
 
 - ``<encoder> · <head>``: the probe alone (argmax of its softmax);
 - ``… + prior``: fused with the prior of the labelled slices, the fusion scale chosen by
   leave-one-labelled-slice-out (:func:`segassist.models.slice_prior.choose_scale`; the default
   scale for ``k < 3``), as the assist workflow does;
 - ``… + prior (s = 1)``: the same at the fixed default scale, to see what the choice adds;
+- ``… + prior + components``: the ``+ prior`` labels with the objects the labelled voxels do not
+  reach removed (:mod:`segassist.models.seeded_components`): the assist workflow's default;
 - ``interpolation prior alone``: the prior's argmax (background where its weight is 0);
 - fill-between-slices (ITK) for ``k ≥ 2``.
 
@@ -46,6 +49,7 @@ from segassist.models.fewshot import FewShotConfig, fit_probe
 from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import Encoder, PretrainConfig
 from segassist.models.runtime.predictor import softmax
+from segassist.models.seeded_components import keep_seeded_components
 from segassist.models.slice_prior import DEFAULT_SCALE, fuse_with_prior
 
 __all__ = ["OBJECTIVE_PER_MODALITY", "main"]
@@ -120,6 +124,12 @@ def _cells(
                         state.record(
                             cell.row(f"{method} + prior (s = 1)", seed, fixed.labels, fit_s)
                         )
+                        began = time.perf_counter()
+                        kept, _, _ = keep_seeded_components(fused.labels, sparse)
+                        seconds = fit_s + fuse_s + time.perf_counter() - began
+                        state.record(
+                            cell.row(f"{method} + prior + components", seed, kept, seconds)
+                        )
                         scales.append(
                             {"group": group, "method": method, "k": k, "seed": seed,
                              "fusion_seconds": round(fuse_s, 3), **fused.choice.to_dict()}
@@ -136,9 +146,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--heads", nargs="*", choices=list(HEAD_ROWS), default=["linear", "mlp"])
     parser.add_argument("--out", type=Path, default=RESULTS / "slice_prior")
     parser.add_argument("--no-pretrained", action="store_true", help="random-init encoder only")
+    parser.add_argument(
+        "--probe-steps",
+        type=int,
+        default=FewShotConfig().linear_steps,
+        help="full-batch steps of each probe (default: the assist workflow's)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    profile = replace(PROFILES["default"], seeds=args.seeds)
+    default = PROFILES["default"]
+    probe = default.finetune.model_copy(update={"linear_steps": args.probe_steps})
+    profile = replace(default, seeds=args.seeds, finetune=probe)
     state = _Run(profile, EncoderCache(cache_dir() / "encoders"), extras=False)
     scales: list[dict[str, object]] = []
     began = time.perf_counter()

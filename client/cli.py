@@ -335,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: the best of the probe heads (and, within config auto_budget_seconds, "
         "fine-tuning and scratch) on a held-out labelled slice (tiles of it when only one)",
     )
-    p.add_argument("--head", choices=("linear", "mlp", "auto"), default="linear")
+    p.add_argument(
+        "--head",
+        choices=("mlp", "linear", "auto"),
+        help="probe head (default: the server's, mlp); auto: the better on held-out tiles",
+    )
     p.add_argument("--encoder", metavar="ID", help="use this registered encoder")
     p.add_argument("--clusters", type=Path, metavar="CLUSTERS.nii.gz", help="also write clusters")
     p.add_argument("--modality", default="CT")

@@ -43,7 +43,7 @@ class SegmentRequest:
         objective: reuse or pretrain only an encoder of this objective; ``"none"``: random
             initialisation; ``None``: the server's choice (any encoder of the modality).
         method: few-shot method (``linear``, ``finetune``, ``mean_teacher``, ``auto``).
-        head: probe head (``linear`` or ``mlp``).
+        head: probe head (``mlp``, ``linear`` or ``auto``); ``None``: the server's default.
         encoder_id: use this registered encoder.
         clusters: also write the cluster map here (and its PNG montage beside it, ``.png``).
         modality: dataset modality (``CT``, ``MR``, …).
@@ -58,7 +58,7 @@ class SegmentRequest:
     output: Path
     objective: str | None = None
     method: str = "linear"
-    head: str = "linear"
+    head: str | None = None
     encoder_id: str | None = None
     clusters: Path | None = None
     modality: str = "CT"
@@ -155,7 +155,7 @@ def run_segment(
         "objective": request.objective,
         "encoder_id": request.encoder_id,
         "axis": request.axis,
-        "head": request.head if request.head != "linear" else None,
+        "head": request.head,
         "config": request.fit_config or None,
     }
     body |= {k: v for k, v in optional.items() if v is not None}

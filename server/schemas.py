@@ -16,6 +16,7 @@ from pydantic import (
 )
 
 from segassist.models.runtime.configs import (
+    DEFAULT_HEAD,
     IGNORE_INDEX,
     METHODS,
     OBJECTIVES,
@@ -412,7 +413,7 @@ class AssistCreate(BaseModel):
         "result.validation every candidate's score or why it was skipped)",
     )
     head: Literal["linear", "mlp", "auto"] = Field(
-        default="linear",
+        default=DEFAULT_HEAD,
         description="probe head; auto: the better of linear and mlp on held-out tiles of the "
         "labelled slices (result.validation)",
     )

@@ -20,8 +20,10 @@ retry works on exactly what the user submitted. Phases, as the job's progress re
 5. ``predict``: the head over the cached maps of every target image (probe), or ONNX Runtime
    (fine-tuned encoders); an image with its own sparse labels has its probabilities fused with
    the interpolation of its labelled slices before the argmax (:mod:`segassist.models.slice_prior`;
-   off with ``config.slice_prior = false``), its labelled voxels returned as drawn; outputs
-   written atomically under ``predictions/<model>/<image>/``.
+   off with ``config.slice_prior = false``), its labelled voxels returned as drawn, and the
+   predicted objects its labelled voxels do not reach removed per class
+   (:mod:`segassist.models.seeded_components`; off with ``config.seeded_components = false``);
+   outputs written atomically under ``predictions/<model>/<image>/``.
 
 Result: ``segmenter_id``, ``encoder_id``, ``axis``, ``method`` (the request's, or for a probe the
 fitted head as the registry names it: ``probe-linear``, ``probe-mlp``; for ``auto`` the winner:
@@ -32,7 +34,9 @@ method ``"auto"``: candidate → ``{"dice", "seconds", "held_out"}`` or ``{"skip
 hint of where to label next), ``uncertainty`` (image id → mean normalised entropy of its
 prediction, 0 = certain, 1 = uniform), ``slice_prior`` (image id → ``{"applied": false}`` or
 ``{"applied": true}`` with the fusion ``scale``, its ``source``, the leave-one-out ``scores``
-and the number of ``held_out`` neighbour slices), ``timings`` (seconds per phase), ``background_job_id`` when a longer
+and the number of ``held_out`` neighbour slices), ``components`` (image id → ``{"applied":
+false}`` or the removed objects per class, the voxels removed and the classes kept as several
+objects), ``timings`` (seconds per phase), ``background_job_id`` when a longer
 pretraining was queued.
 """
 
@@ -44,6 +48,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -73,6 +78,7 @@ from segassist.models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
 from segassist.models.pretrain import pretrain as run_pretraining
 from segassist.models.progress import Progress
 from segassist.models.runtime._atomic import link_atomic
+from segassist.models.runtime.configs import DEFAULT_HEAD, IGNORE_INDEX
 from segassist.models.runtime.nifti import read_nifti
 from segassist.models.runtime.predictor import (
     OnnxPredictor,
@@ -81,6 +87,7 @@ from segassist.models.runtime.predictor import (
     softmax,
 )
 from segassist.models.runtime.preprocess import Normalisation, default_normalisation, normalise
+from segassist.models.seeded_components import ComponentFilter, keep_seeded_components
 from segassist.models.slice_prior import ScaleChoice, fuse_with_prior
 from segassist.server.db import (
     Dataset,
@@ -144,7 +151,7 @@ def assist(ctx: JobContext) -> dict[str, Any]:
         {
             **(params.get("config") or {}),
             "axis": axis,
-            "head": params.get("head", "linear"),
+            "head": params.get("head", DEFAULT_HEAD),
             "device": pipelines._torch_device(ctx),
         }
     )
@@ -209,11 +216,12 @@ def assist(ctx: JobContext) -> dict[str, Any]:
     annotated = {image.id: set(label.annotated_slices.get(str(axis), [])) for image, label in pairs}
     own_labels = (
         {image.id: label for (image, _), label in zip(pairs, labels, strict=True)}
-        if config.slice_prior
+        if config.slice_prior or config.seeded_components
         else {}
     )
     predictions: dict[str, Any] = {}
     prior_used: dict[str, dict[str, Any]] = {}
+    components_used: dict[str, dict[str, Any]] = {}
     next_slice: dict[str, int | None] = {}
     mean_uncertainty: dict[str, float] = {}
     with phase(ctx, "predict"):
@@ -228,7 +236,7 @@ def assist(ctx: JobContext) -> dict[str, Any]:
             ctx.check_cancelled()
             out_dir = ctx.storage.prediction_dir(model_id, image.id)
             sparse = own_labels.get(image.id)
-            prior_scale: ScaleChoice | None = None
+            evidence = _OwnLabels()
             if predictor is not None and sparse is None:
                 path = pipelines._existing_file(Path(image.path), f"image {image.id}")
                 names = predict_to_folder(
@@ -236,11 +244,11 @@ def assist(ctx: JobContext) -> dict[str, Any]:
                 )
                 uncertainty, _, _ = read_nifti(out_dir / "uncertainty.nii.gz")
             elif predictor is not None and sparse is not None:
-                names, uncertainty, prior_scale = _predict_network_with_prior(
-                    predictor, image, sparse, out_dir, bool(params.get("probabilities"))
+                names, uncertainty, evidence = _predict_network_with_own_labels(
+                    predictor, image, sparse, config, out_dir, bool(params.get("probabilities"))
                 )
             else:
-                names, uncertainty, prior_scale = _predict_from_cache(
+                names, uncertainty, evidence = _predict_from_cache(
                     segmenter,
                     cached[image.id],
                     image,
@@ -248,12 +256,9 @@ def assist(ctx: JobContext) -> dict[str, Any]:
                     normalisation,
                     bool(params.get("probabilities")),
                     sparse,
+                    config,
                 )
-            prior_used[image.id] = (
-                {"applied": False}
-                if prior_scale is None
-                else {"applied": True, **prior_scale.to_dict()}
-            )
+            prior_used[image.id], components_used[image.id] = evidence.to_dicts()
             predictions[image.id] = prediction_urls(model_id, image.id, names)
             next_slice[image.id] = _least_certain_slice(
                 np.asarray(uncertainty), axis, annotated.get(image.id, set())
@@ -266,6 +271,7 @@ def assist(ctx: JobContext) -> dict[str, Any]:
         "next_slice": next_slice,
         "uncertainty": mean_uncertainty,
         "slice_prior": prior_used,
+        "components": components_used,
         "fit_loss": losses.last,
         "timings": phase.seconds,
     }
@@ -548,11 +554,13 @@ def _predict_from_cache(
     normalisation: Normalisation,
     with_probabilities: bool,
     sparse: np.ndarray | None = None,
+    config: FewShotConfig | None = None,
     batch_size: int = 16,
-) -> tuple[list[str], np.ndarray, ScaleChoice | None]:
+) -> tuple[list[str], np.ndarray, _OwnLabels]:
     """Apply the head to the cached maps of ``image`` and write its outputs; with the image's own
-    ``sparse`` labels, fused with their slice prior first (:func:`_with_slice_prior`). Returns the
-    names written, the ``X×Y×Z`` uncertainty (normalised entropy) and the prior's scale."""
+    ``sparse`` labels, corrected by them first (:func:`_with_own_labels`, as ``config`` says).
+    Returns the names written, the ``X×Y×Z`` uncertainty (normalised entropy) and what the
+    labels changed."""
     path = pipelines._existing_file(Path(image.path), f"image {image.id} ({image.name})")
     volume, affine, header = read_nifti(path)
     shape = tuple(volume.shape)
@@ -576,9 +584,11 @@ def _predict_from_cache(
         if probs_view is not None:
             probs_view[start:stop] = probs
     clusters = np.moveaxis(np.asarray(cached.clusters), 0, axis)
-    choice = None
+    evidence = _OwnLabels()
     if sparse is not None and probabilities is not None:
-        labels, probabilities, uncertainty, choice = _with_slice_prior(probabilities, sparse, axis)
+        labels, probabilities, uncertainty, evidence = _with_own_labels(
+            probabilities, sparse, axis, config or FewShotConfig()
+        )
     prediction = Prediction(
         labels,
         clusters,
@@ -591,26 +601,28 @@ def _predict_from_cache(
     for name in ("clusters.nii.gz", "clusters.png"):  # rendered once per (encoder, image)
         if not (cached.folder / name).exists():
             link_atomic(out_dir / name, cached.folder / name)
-    return names, uncertainty, choice
+    return names, uncertainty, evidence
 
 
-def _predict_network_with_prior(
+def _predict_network_with_own_labels(
     predictor: OnnxPredictor,
     image: Image,
     sparse: np.ndarray,
+    config: FewShotConfig,
     out_dir: Path,
     with_probabilities: bool,
-) -> tuple[list[str], np.ndarray, ScaleChoice]:
-    """The fine-tuned network's prediction of ``image`` fused with the slice prior of its own
-    ``sparse`` labels, written under ``out_dir``; as :func:`_predict_from_cache` returns."""
+) -> tuple[list[str], np.ndarray, _OwnLabels]:
+    """The fine-tuned network's prediction of ``image`` corrected by its own ``sparse`` labels
+    (:func:`_with_own_labels`), written under ``out_dir``; as :func:`_predict_from_cache`
+    returns."""
     path = pipelines._existing_file(Path(image.path), f"image {image.id}")
     volume, affine, header = read_nifti(path)
     raw = predictor.predict(np.asarray(volume, dtype=np.float32), with_probabilities=True)
     if raw.probabilities is None:
         raise ValueError("the network returned no probabilities")
     manifest = predictor.manifest
-    labels, probabilities, uncertainty, choice = _with_slice_prior(
-        raw.probabilities, sparse, manifest.axis
+    labels, probabilities, uncertainty, evidence = _with_own_labels(
+        raw.probabilities, sparse, manifest.axis, config
     )
     prediction = Prediction(
         labels, raw.clusters, probabilities if with_probabilities else None, uncertainty
@@ -618,19 +630,58 @@ def _predict_network_with_prior(
     names = write_prediction(
         prediction, volume, (affine, header), out_dir, manifest.axis, manifest.normalisation
     )
-    return names, uncertainty, choice
+    return names, uncertainty, evidence
 
 
-def _with_slice_prior(
-    probabilities: np.ndarray, sparse: np.ndarray, axis: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, ScaleChoice]:
-    """The model's ``L×X×Y×Z`` probabilities fused with the slice prior of ``sparse``
-    (:func:`segassist.models.slice_prior.fuse_with_prior`, scale by leave-one-labelled-slice-out):
-    ``(labels, probabilities, uncertainty, scale)`` of the fused prediction, labelled voxels as
-    the annotator drew them."""
-    fused = fuse_with_prior(probabilities, sparse, axis)
-    uncertainty = normalised_entropy(fused.probabilities[None])[0]
-    return fused.labels, fused.probabilities, uncertainty, fused.choice
+@dataclass(frozen=True)
+class _OwnLabels:
+    """What an image's own labels changed in its prediction (``None``: that step did not run)."""
+
+    prior: ScaleChoice | None = None
+    components: ComponentFilter | None = None
+
+    def to_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The job result's ``slice_prior`` and ``components`` entries of the image."""
+        prior = (
+            {"applied": False} if self.prior is None else {"applied": True, **self.prior.to_dict()}
+        )
+        components = (
+            {"applied": False}
+            if self.components is None
+            else {"applied": True, **self.components.to_dict()}
+        )
+        return prior, components
+
+
+def _with_own_labels(
+    probabilities: np.ndarray, sparse: np.ndarray, axis: int, config: FewShotConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, _OwnLabels]:
+    """The model's ``L×X×Y×Z`` probabilities corrected by the image's own ``sparse`` labels:
+    fused with their slice prior (``config.slice_prior``;
+    :func:`segassist.models.slice_prior.fuse_with_prior`, scale by leave-one-labelled-slice-out),
+    labelled voxels as drawn, then unreached objects removed (``config.seeded_components``;
+    :func:`segassist.models.seeded_components.keep_seeded_components`: a removed voxel's
+    probability of its class moves to the background). Returns ``(labels, probabilities,
+    uncertainty, what changed)``."""
+    choice = None
+    if config.slice_prior:
+        fused = fuse_with_prior(probabilities, sparse, axis)
+        labels, probabilities, choice = fused.labels, fused.probabilities, fused.choice
+    else:
+        labels = probabilities.argmax(axis=0).astype(np.uint8)
+        drawn = sparse != IGNORE_INDEX
+        labels[drawn] = sparse[drawn]
+    components = None
+    if config.seeded_components:
+        before = labels
+        labels, removed, components = keep_seeded_components(labels, sparse)
+        if components.removed_voxels:  # the arrays are this call's own: changed in place
+            for c in components.removed:
+                moved = removed & (before == c)
+                probabilities[0][moved] += probabilities[c][moved]
+                probabilities[c][moved] = 0.0
+    uncertainty = normalised_entropy(probabilities[None])[0]
+    return labels, probabilities, uncertainty, _OwnLabels(choice, components)
 
 
 def _least_certain_slice(uncertainty: np.ndarray, axis: int, annotated: set[int]) -> int | None:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Self, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "DEFAULT_HEAD",
     "IGNORE_INDEX",
     "METHODS",
     "OBJECTIVES",
@@ -37,6 +38,11 @@ the candidate that validates best on held-out labelled pixels (the middle labell
 ``FewShotConfig.auto_budget_seconds`` (:func:`segassist.models.method_selection.select_method`)."""
 
 ProbeHead = Literal["linear", "mlp"]
+
+DEFAULT_HEAD: ProbeHead = "mlp"
+"""The probe head used unless one is asked for: it beat the linear head in every cell of the
+probe benchmark (``bench/results/heads/fewshot.md``: 4 sets × k ∈ {1, 3, 5}, random and
+pretrained encoders, +0.02 to +0.24 Dice) for about 1 s more per fit."""
 """A segmentation head of :class:`segassist.models.networks.segmenter.SegmenterNet`."""
 
 PROBE_HEADS: tuple[ProbeHead, ...] = get_args(ProbeHead)
@@ -141,8 +147,8 @@ class FewShotConfig(BaseModel):
 
     Attributes:
         axis: slice axis; ``None`` = the encoder's pretraining axis.
-        head: ``"linear"`` (1×1 conv), ``"mlp"`` (1×1 conv, ReLU, 1×1 conv) segmentation
-            head, or ``"auto"``: a probe fits both on the annotated pixels outside held-out tiles
+        head: ``"mlp"`` (1×1 conv, ReLU, 1×1 conv; the default, :data:`DEFAULT_HEAD`),
+            ``"linear"`` (1×1 conv) segmentation head, or ``"auto"``: a probe fits both on the annotated pixels outside held-out tiles
             and keeps the one with the better Dice on the held-out pixels
             (:func:`segassist.models.fewshot.select_probe_head`; three probe fits instead of one; a
             fine-tune reads ``"auto"`` as linear). Probe heads train on per-channel standardised
@@ -197,6 +203,11 @@ class FewShotConfig(BaseModel):
             the interpolation of its own labelled slices (a prior whose weight fades with the
             distance to the nearest labelled slice; :mod:`segassist.models.slice_prior`) before
             the argmax. Images without labels are predicted by the model alone either way.
+        seeded_components: whether the assist workflow then removes, per class, the predicted
+            3D objects that hold none of the annotator's voxels of that class, when the
+            labelled slices show the class as one connected object
+            (:mod:`segassist.models.seeded_components`; classes the labelled slices show as
+            several objects keep them all). Labelled images only, like ``slice_prior``.
         auto_budget_seconds: time budget of ``method="auto"``'s candidate fits
             (:mod:`segassist.models.method_selection`): the probe heads always run; fine-tuning
             and scratch only when their estimated cost fits in what is left. 5 s, the
@@ -213,7 +224,7 @@ class FewShotConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     axis: Annotated[int, Field(ge=0, le=2)] | None = None
-    head: Literal["linear", "mlp", "auto"] = "linear"
+    head: Literal["linear", "mlp", "auto"] = DEFAULT_HEAD
     multiscale: bool = True
     seed: int = 0
     linear_lr: float = 7.6e-3
@@ -239,6 +250,7 @@ class FewShotConfig(BaseModel):
     translate_fraction: float = 0.05
     device: str = "cpu"
     slice_prior: bool = True
+    seeded_components: bool = True
     auto_budget_seconds: float = Field(default=5.0, ge=0)
 
     @classmethod

@@ -32,6 +32,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import select
 
+from segassist.models.runtime.configs import DEFAULT_HEAD, PROBE_HEADS
 from segassist.server.assist import resolve_assist
 from segassist.server.auth import (
     Credentials,
@@ -122,7 +123,7 @@ def _trainer_config() -> dict[str, Any]:
     """The trainer's options as Slicer shows them (a list is a drop-down, first = default)."""
     return {
         "method": ["linear", "finetune", "mean_teacher", "auto"],
-        "head": ["linear", "mlp"],
+        "head": [DEFAULT_HEAD, *(h for h in PROBE_HEADS if h != DEFAULT_HEAD)],
         "objective": ["any", "pix2rep", "pix2rep_barlow", "iic_boundary"],
         "probabilities": False,
     }

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from tests.worker.conftest import (
     ANNOTATED,
@@ -59,7 +60,7 @@ def test_assist_reuses_encoder_and_caches_features(
     assert 0.0 <= result["uncertainty"][image_id] <= 1.0
     segmenter = service.get(f"/models/{result['segmenter_id']}")
     assert segmenter["parent_id"] == encoder_id
-    assert segmenter["method"] == "probe-linear"
+    assert segmenter["method"] == "probe-mlp"  # the default head
     urls = result["predictions"][image_id]
     labels = _load(service.client.get(urls["labels"]).content)
     assert labels.shape == SHAPE
@@ -72,6 +73,11 @@ def test_assist_reuses_encoder_and_caches_features(
     prior = result["slice_prior"][image_id]
     assert prior["applied"] and (prior["scale"], prior["source"]) == (1.0, "default")
     np.testing.assert_array_equal(labels[..., list(ANNOTATED)], sparse_label()[..., ANNOTATED])
+    # then every predicted object its labelled voxels do not reach is gone: one box per class
+    components = result["components"][image_id]
+    assert components["applied"] and components["several_objects"] == []
+    for c in np.unique(labels[labels > 0]):
+        assert ndimage.label(labels == c, structure=np.ones((3, 3, 3)))[1] == 1
 
     # The interactive loop: a corrected label, resubmitted, reuses the cached decoder maps.
     cached = Path(service.settings.data_dir) / "features" / encoder_id / image_id
@@ -101,6 +107,15 @@ def test_assist_reuses_encoder_and_caches_features(
     off = _assist(service, dataset_id, config={**TINY_FEWSHOT, "slice_prior": False})
     assert off["status"] == "succeeded", off
     assert off["result"]["slice_prior"][image_id] == {"applied": False}
+    assert off["result"]["components"][image_id]["applied"]  # each step has its own switch
+    off_labels = _load(service.client.get(off["result"]["predictions"][image_id]["labels"]).content)
+    np.testing.assert_array_equal(off_labels[..., [1, 3, 4]], label[..., [1, 3, 4]])
+    both = _assist(
+        service,
+        dataset_id,
+        config={**TINY_FEWSHOT, "slice_prior": False, "seeded_components": False},
+    )
+    assert both["result"]["components"][image_id] == {"applied": False}
     wrong = {"config": {**TINY_FEWSHOT, "slice_prior": "sometimes"}}
     assert (
         service.client.post(f"/api/v1/datasets/{dataset_id}/assist", json=wrong).status_code == 422
@@ -151,6 +166,7 @@ def test_assist_finetune_from_random_init(
     assert set(done["result"]["predictions"][image_id]) >= {"labels", "uncertainty"}
     assert "probabilities" not in done["result"]["predictions"][image_id]  # not asked for
     assert done["result"]["slice_prior"][image_id]["applied"]  # the network path fuses too
+    assert done["result"]["components"][image_id]["applied"]
     labels = _load(service.client.get(done["result"]["predictions"][image_id]["labels"]).content)
     np.testing.assert_array_equal(labels[..., list(ANNOTATED)], sparse_label()[..., ANNOTATED])
 
