@@ -152,11 +152,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=FewShotConfig().linear_steps,
         help="full-batch steps of each probe (default: the assist workflow's)",
     )
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=PROFILES["default"].pretrain.steps,
+        help="steps of the pool encoders' pretraining (default: the default profile's)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     default = PROFILES["default"]
     probe = default.finetune.model_copy(update={"linear_steps": args.probe_steps})
-    profile = replace(default, seeds=args.seeds, finetune=probe)
+    pretraining = default.pretrain.model_copy(update={"steps": args.pretrain_steps})
+    profile = replace(default, seeds=args.seeds, finetune=probe, pretrain=pretraining)
     state = _Run(profile, EncoderCache(cache_dir() / "encoders"), extras=False)
     scales: list[dict[str, object]] = []
     began = time.perf_counter()
