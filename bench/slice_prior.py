@@ -43,7 +43,7 @@ from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encod
 from segassist.bench.fewshot_heads import HEAD_ROWS, _Cell
 from segassist.bench.protocol import sparse_labels, spread_slices
 from segassist.bench.report import ITK, RANDOM, machine_info, write_report
-from segassist.models.datasets import cache_dir, load_set
+from segassist.models.datasets import Case, cache_dir, load_set
 from segassist.models.features import FeatureMaps, apply_head, compute_feature_maps
 from segassist.models.fewshot import FewShotConfig, fit_probe
 from segassist.models.networks.segmenter import SegmenterNet
@@ -52,7 +52,7 @@ from segassist.models.runtime.predictor import softmax
 from segassist.models.seeded_components import keep_seeded_components
 from segassist.models.slice_prior import DEFAULT_SCALE, fuse_with_prior
 
-__all__ = ["OBJECTIVE_PER_MODALITY", "main"]
+__all__ = ["OBJECTIVE_PER_MODALITY", "encoders_of", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,19 @@ def _cells(
                         )  # fmt: skip
 
 
+def encoders_of(state: _Run, set_name: str, case: Case, pretrained: bool) -> dict[str, Encoder]:
+    """A random-init encoder (seed 0) and, with ``pretrained``, the modality's pool encoder
+    (:data:`OBJECTIVE_PER_MODALITY`), by row name."""
+    changes = {"modality": case.modality, "seed": 0, "axis": 2}
+    config = PretrainConfig.from_dict(state.profile.pretrain.to_dict() | changes)
+    encoders = {RANDOM: Encoder.random(config)}
+    if pretrained:
+        objective = OBJECTIVE_PER_MODALITY[case.modality]
+        state.selected[set_name] = objective
+        encoders[objective] = _pool_encoder(state, case.modality, objective)
+    return encoders
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     parser = argparse.ArgumentParser(
@@ -171,16 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for set_name in args.sets:
         for case in load_set(set_name):
             volume = _Volume.load(case)
-            changes = {"modality": case.modality, "seed": 0, "axis": 2}
-            encoders = {
-                RANDOM: Encoder.random(
-                    PretrainConfig.from_dict(profile.pretrain.to_dict() | changes)
-                )
-            }
-            if not args.no_pretrained:
-                objective = OBJECTIVE_PER_MODALITY[case.modality]
-                state.selected[set_name] = objective
-                encoders[objective] = _pool_encoder(state, case.modality, objective)
+            encoders = encoders_of(state, set_name, case, not args.no_pretrained)
             _cells(state, scales, set_name, volume, encoders, args.heads)
     command = shlex.join(
         ["python", "-m", "segassist.bench.slice_prior", *(sys.argv[1:] if argv is None else argv)]

@@ -5,7 +5,7 @@ The CT of the ``tptbox-spine`` set (TPTBox's sample, fetched from the package re
 annotated axial slices spread over the spine through the server's assist workflow: with no
 encoder for CT yet, the local embedded service pretrains one briefly on the volume
 (``SEGASSIST_ASSIST_PRETRAIN_STEPS``, 60 steps of 4 slices: about two minutes on 2 CPU cores) and
-continues in the background, fits a few-shot probe head (MLP), predicts every slice, and the demo prints
+continues in the background, fits a linear few-shot head, predicts every slice, and the demo prints
 the Dice against the reference on the slices nobody labelled. The service is left running, with its
 API documentation at ``http://127.0.0.1:8000/docs``; the demo ends with the address of the browser
 annotator showing the result (``http://127.0.0.1:8000/?dataset=…&image=…``).

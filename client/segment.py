@@ -43,7 +43,7 @@ class SegmentRequest:
         objective: reuse or pretrain only an encoder of this objective; ``"none"``: random
             initialisation; ``None``: the server's choice (any encoder of the modality).
         method: few-shot method (``linear``, ``finetune``, ``mean_teacher``, ``auto``).
-        head: probe head (``mlp``, ``linear`` or ``auto``); ``None``: the server's default.
+        head: probe head (``linear``, ``mlp`` or ``auto``); ``None``: the server's default.
         encoder_id: use this registered encoder.
         clusters: also write the cluster map here (and its PNG montage beside it, ``.png``).
         modality: dataset modality (``CT``, ``MR``, …).

@@ -18,7 +18,10 @@ retry works on exactly what the user submitted. Phases, as the job's progress re
    pixels kept (:func:`segassist.models.method_selection.select_method`).
 4. ``export``: the segmenter to ONNX (registered, reusable for new images by ``predict`` jobs).
 5. ``predict``: the head over the cached maps of every target image (probe), or ONNX Runtime
-   (fine-tuned encoders); an image with its own sparse labels has its probabilities fused with
+   (fine-tuned encoders); an image with its own sparse labels and at most
+   ``config.propagation_max_voxels`` voxels is predicted (probe methods) by propagating its
+   labelled slices through the cached decoder maps (:mod:`segassist.models.propagation`);
+   an image with its own sparse labels has its probabilities fused with
    the interpolation of its labelled slices before the argmax (:mod:`segassist.models.slice_prior`;
    off with ``config.slice_prior = false``), its labelled voxels returned as drawn, and the
    predicted objects its labelled voxels do not reach removed per class
@@ -36,7 +39,7 @@ prediction, 0 = certain, 1 = uniform), ``slice_prior`` (image id → ``{"applied
 ``{"applied": true}`` with the fusion ``scale``, its ``source``, the leave-one-out ``scores``
 and the number of ``held_out`` neighbour slices), ``components`` (image id → ``{"applied":
 false}`` or the removed objects per class, the voxels removed and the classes kept as several
-objects), ``timings`` (seconds per phase), ``background_job_id`` when a longer
+objects), ``propagation`` (image id → ``{"applied": false}`` or its ``seconds``), ``timings`` (seconds per phase), ``background_job_id`` when a longer
 pretraining was queued.
 """
 
@@ -77,6 +80,7 @@ from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
 from segassist.models.pretrain import pretrain as run_pretraining
 from segassist.models.progress import Progress
+from segassist.models.propagation import map_features, propagate
 from segassist.models.runtime._atomic import link_atomic
 from segassist.models.runtime.configs import DEFAULT_HEAD, IGNORE_INDEX
 from segassist.models.runtime.nifti import read_nifti
@@ -88,7 +92,7 @@ from segassist.models.runtime.predictor import (
 )
 from segassist.models.runtime.preprocess import Normalisation, default_normalisation, normalise
 from segassist.models.seeded_components import ComponentFilter, keep_seeded_components
-from segassist.models.slice_prior import ScaleChoice, fuse_with_prior
+from segassist.models.slice_prior import DEFAULT_SCALE, ScaleChoice, fuse_with_prior
 from segassist.server.db import (
     Dataset,
     Image,
@@ -220,8 +224,11 @@ def assist(ctx: JobContext) -> dict[str, Any]:
         else {}
     )
     predictions: dict[str, Any] = {}
-    prior_used: dict[str, dict[str, Any]] = {}
-    components_used: dict[str, dict[str, Any]] = {}
+    own_labels_used: dict[str, dict[str, dict[str, Any]]] = {
+        "slice_prior": {},
+        "components": {},
+        "propagation": {},
+    }
     next_slice: dict[str, int | None] = {}
     mean_uncertainty: dict[str, float] = {}
     with phase(ctx, "predict"):
@@ -258,7 +265,8 @@ def assist(ctx: JobContext) -> dict[str, Any]:
                     sparse,
                     config,
                 )
-            prior_used[image.id], components_used[image.id] = evidence.to_dicts()
+            for key, entry in evidence.to_dicts().items():
+                own_labels_used[key][image.id] = entry
             predictions[image.id] = prediction_urls(model_id, image.id, names)
             next_slice[image.id] = _least_certain_slice(
                 np.asarray(uncertainty), axis, annotated.get(image.id, set())
@@ -270,8 +278,7 @@ def assist(ctx: JobContext) -> dict[str, Any]:
         "predictions": predictions,
         "next_slice": next_slice,
         "uncertainty": mean_uncertainty,
-        "slice_prior": prior_used,
-        "components": components_used,
+        **own_labels_used,
         "fit_loss": losses.last,
         "timings": phase.seconds,
     }
@@ -586,8 +593,16 @@ def _predict_from_cache(
     clusters = np.moveaxis(np.asarray(cached.clusters), 0, axis)
     evidence = _OwnLabels()
     if sparse is not None and probabilities is not None:
+        config = config or FewShotConfig()
+        propagated = None
+        if 0 < volume.size <= config.propagation_max_voxels:
+            began = time.perf_counter()
+            probabilities = propagate(
+                map_features(cached), sparse, axis, segmenter.num_classes
+            ).probabilities
+            propagated = round(time.perf_counter() - began, 3)
         labels, probabilities, uncertainty, evidence = _with_own_labels(
-            probabilities, sparse, axis, config or FewShotConfig()
+            probabilities, sparse, axis, config, propagated
         )
     prediction = Prediction(
         labels,
@@ -639,33 +654,45 @@ class _OwnLabels:
 
     prior: ScaleChoice | None = None
     components: ComponentFilter | None = None
+    propagation_seconds: float | None = None
 
-    def to_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The job result's ``slice_prior`` and ``components`` entries of the image."""
-        prior = (
-            {"applied": False} if self.prior is None else {"applied": True, **self.prior.to_dict()}
-        )
-        components = (
-            {"applied": False}
-            if self.components is None
-            else {"applied": True, **self.components.to_dict()}
-        )
-        return prior, components
+    def to_dicts(self) -> dict[str, dict[str, Any]]:
+        """The job result's ``slice_prior``, ``components`` and ``propagation`` entries of the
+        image."""
+        off: dict[str, Any] = {"applied": False}
+        return {
+            "slice_prior": off if self.prior is None else {"applied": True, **self.prior.to_dict()},
+            "components": (
+                off if self.components is None else {"applied": True, **self.components.to_dict()}
+            ),
+            "propagation": (
+                off
+                if self.propagation_seconds is None
+                else {"applied": True, "seconds": self.propagation_seconds}
+            ),
+        }
 
 
 def _with_own_labels(
-    probabilities: np.ndarray, sparse: np.ndarray, axis: int, config: FewShotConfig
+    probabilities: np.ndarray,
+    sparse: np.ndarray,
+    axis: int,
+    config: FewShotConfig,
+    propagated: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, _OwnLabels]:
     """The model's ``L×X×Y×Z`` probabilities corrected by the image's own ``sparse`` labels:
     fused with their slice prior (``config.slice_prior``;
-    :func:`segassist.models.slice_prior.fuse_with_prior`, scale by leave-one-labelled-slice-out),
+    :func:`segassist.models.slice_prior.fuse_with_prior`, scale by leave-one-labelled-slice-out;
+    the default scale when the probabilities were propagated from those very slices, which
+    leaving one out cannot judge; ``propagated`` = the seconds that took),
     labelled voxels as drawn, then unreached objects removed (``config.seeded_components``;
     :func:`segassist.models.seeded_components.keep_seeded_components`: a removed voxel's
     probability of its class moves to the background). Returns ``(labels, probabilities,
     uncertainty, what changed)``."""
     choice = None
     if config.slice_prior:
-        fused = fuse_with_prior(probabilities, sparse, axis)
+        scale = None if propagated is None else DEFAULT_SCALE
+        fused = fuse_with_prior(probabilities, sparse, axis, scale)
         labels, probabilities, choice = fused.labels, fused.probabilities, fused.choice
     else:
         labels = probabilities.argmax(axis=0).astype(np.uint8)
@@ -681,7 +708,7 @@ def _with_own_labels(
                 probabilities[0][moved] += probabilities[c][moved]
                 probabilities[c][moved] = 0.0
     uncertainty = normalised_entropy(probabilities[None])[0]
-    return labels, probabilities, uncertainty, _OwnLabels(choice, components)
+    return labels, probabilities, uncertainty, _OwnLabels(choice, components, propagated)
 
 
 def _least_certain_slice(uncertainty: np.ndarray, axis: int, annotated: set[int]) -> int | None:

@@ -39,10 +39,12 @@ the candidate that validates best on held-out labelled pixels (the middle labell
 
 ProbeHead = Literal["linear", "mlp"]
 
-DEFAULT_HEAD: ProbeHead = "mlp"
-"""The probe head used unless one is asked for: it beat the linear head in every cell of the
-probe benchmark (``bench/results/heads/fewshot.md``: 4 sets × k ∈ {1, 3, 5}, random and
-pretrained encoders, +0.02 to +0.24 Dice) for about 1 s more per fit."""
+DEFAULT_HEAD: ProbeHead = "linear"
+"""The probe head used unless one is asked for. The MLP head scores better (27 of 30 probe cells of
+``bench/results/slice_prior/fewshot.md``, e.g. abdominal CT k = 3: 0.33 vs 0.16) but one fit
+takes 5.8–7.9 s on 2 cores where the linear head takes 0.9–1.3 s (300 steps, 3 labelled slices;
+spine and abdominal CT), which alone exceeds the interactive loop's 5 s from a corrected label to
+its segmentation. ``head="mlp"`` asks for it."""
 """A segmentation head of :class:`segassist.models.networks.segmenter.SegmenterNet`."""
 
 PROBE_HEADS: tuple[ProbeHead, ...] = get_args(ProbeHead)
@@ -147,8 +149,8 @@ class FewShotConfig(BaseModel):
 
     Attributes:
         axis: slice axis; ``None`` = the encoder's pretraining axis.
-        head: ``"mlp"`` (1×1 conv, ReLU, 1×1 conv; the default, :data:`DEFAULT_HEAD`),
-            ``"linear"`` (1×1 conv) segmentation head, or ``"auto"``: a probe fits both on the annotated pixels outside held-out tiles
+        head: ``"linear"`` (1×1 conv; the default, :data:`DEFAULT_HEAD`), ``"mlp"`` (1×1
+            conv, ReLU, 1×1 conv) segmentation head, or ``"auto"``: a probe fits both on the annotated pixels outside held-out tiles
             and keeps the one with the better Dice on the held-out pixels
             (:func:`segassist.models.fewshot.select_probe_head`; three probe fits instead of one; a
             fine-tune reads ``"auto"`` as linear). Probe heads train on per-channel standardised
@@ -208,6 +210,17 @@ class FewShotConfig(BaseModel):
             labelled slices show the class as one connected object
             (:mod:`segassist.models.seeded_components`; classes the labelled slices show as
             several objects keep them all). Labelled images only, like ``slice_prior``.
+        propagation_max_voxels: a labelled image of at most this many voxels is predicted by
+            propagating its labelled slices through the affinity of adjacent slices' decoder
+            map 0 (Sli2Vol-style, :mod:`segassist.models.propagation`; probe methods, whose
+            maps are cached) instead of by the probe, then fused with the slice prior at the
+            default strength and filtered like the probe's prediction; larger images, and
+            images without labels, get the probe. 0 turns it off. Measured
+            (``bench/results/propagation/fewshot.md``, 4 volumes, pretrained encoders):
+            propagation alone 0.69/0.75/0.83 mean Dice at k = 1/3/5 where the MLP probe +
+            prior scored 0.43/0.64/0.74. Its cost grows with the voxels (about two slice-to-
+            slice steps per unlabelled slice): 2.5–3.9 s for 122×101×112 on 2 CPU cores, so
+            the 4 M voxel default keeps it to about 10 s; a 512×512×300 CT would take minutes.
         auto_budget_seconds: time budget of ``method="auto"``'s candidate fits
             (:mod:`segassist.models.method_selection`): the probe heads always run; fine-tuning
             and scratch only when their estimated cost fits in what is left. 5 s, the
@@ -251,6 +264,7 @@ class FewShotConfig(BaseModel):
     device: str = "cpu"
     slice_prior: bool = True
     seeded_components: bool = True
+    propagation_max_voxels: Annotated[int, Field(ge=0)] = 4_000_000
     auto_budget_seconds: float = Field(default=5.0, ge=0)
 
     @classmethod

@@ -74,7 +74,7 @@ def test_segment_writes_a_segmentation_on_the_inputs_grid(
 ) -> None:
     assert segmented.run.returncode == 0, segmented.run.stderr
     assert str(segmented.output) in segmented.run.stdout.replace("\n", "")
-    assert "method: probe-mlp" in segmented.run.stdout  # the server's default head
+    assert "method: probe-linear" in segmented.run.stdout  # the server's default head
     result = load_nifti(segmented.output)
     np.testing.assert_allclose(result.affine, OBLIQUE_AFFINE, atol=1e-6)
     labels = np.asanyarray(result.dataobj)
@@ -110,7 +110,7 @@ def test_jobs_and_models_list_what_segment_created(segmented: Segmented, service
     segmenters = {m["id"]: m for m in json.loads(models.stdout)}
     segmenter = segmented.run.stdout.split("segmenter ")[-1].split()[0]
     assert segmenter in segmenters
-    assert segmenters[segmenter]["method"] == "probe-mlp"
+    assert segmenters[segmenter]["method"] == "probe-linear"
 
 
 def test_cli_and_rest_give_the_same_segmentation(segmented: Segmented, service: Service) -> None:

@@ -8,15 +8,8 @@ from collections import deque
 import numpy as np
 import pytest
 
-from segassist.models.runtime.configs import IGNORE_INDEX
 from segassist.models.seeded_components import keep_seeded_components
-
-
-def _sparse(labels: np.ndarray, slices: list[int]) -> np.ndarray:
-    """The annotator's labels: ``labels`` on ``slices`` of axis 2, unannotated elsewhere."""
-    sparse = np.full(labels.shape, IGNORE_INDEX, dtype=np.uint8)
-    sparse[:, :, slices] = labels[:, :, slices]
-    return sparse
+from tests.models.sparse_slices import sparse_on
 
 
 def _flood(mask: np.ndarray, start: tuple[int, int, int]) -> set[tuple[int, int, int]]:
@@ -37,7 +30,7 @@ def test_an_unseeded_look_alike_is_removed_and_the_seeded_object_kept() -> None:
     labels = np.zeros((16, 16, 12), dtype=np.uint8)
     labels[3:8, 3:8, 2:9] = 1  # the structure, labelled on slice 5
     labels[11:14, 11:14, 9:12] = 1  # look-alike tissue on slices nobody labelled
-    filtered, removed, report = keep_seeded_components(labels, _sparse(labels, [5]))
+    filtered, removed, report = keep_seeded_components(labels, sparse_on(labels, [5]))
     assert filtered[3:8, 3:8, 2:9].all()
     assert not filtered[11:14, 11:14, 9:12].any()
     assert removed.sum() == 27 == report.removed_voxels
@@ -48,7 +41,7 @@ def test_objects_the_labelled_slices_show_apart_are_all_kept() -> None:
     labels = np.zeros((16, 16, 15), dtype=np.uint8)
     for start in (0, 5, 10):  # three "vertebrae" of one class, separated by "discs"
         labels[4:10, 4:10, start : start + 4] = 1
-    filtered, removed, report = keep_seeded_components(labels, _sparse(labels, [1, 11]))
+    filtered, removed, report = keep_seeded_components(labels, sparse_on(labels, [1, 11]))
     np.testing.assert_array_equal(filtered, labels)  # the middle one, unlabelled, stays
     assert not removed.any() and report.several_objects == [1]
 
@@ -58,7 +51,7 @@ def test_a_class_never_drawn_is_kept_and_other_classes_are_independent() -> None
     labels[2:6, 2:6, 2:10] = 1
     labels[10:14, 10:14, 0:3] = 2  # class 2 predicted, never drawn: no evidence
     labels[10:14, 2:5, 8:11] = 1  # a second class-1 object, unseeded
-    sparse = _sparse(labels, [5])
+    sparse = sparse_on(labels, [5])
     filtered, _, report = keep_seeded_components(labels, sparse)
     assert (filtered == 2).sum() == (labels == 2).sum()
     assert not filtered[10:14, 2:5, 8:11].any()
@@ -74,7 +67,7 @@ def test_matches_a_brute_force_flood_fill(seed: int) -> None:
         dx, dy, dz = rng.integers(2, 5, 3)
         labels[x : x + dx, y : y + dy, z : z + dz] = c
     slices = sorted(set(rng.integers(0, 10, 1 + seed % 2).tolist()))
-    sparse = _sparse(labels, slices)
+    sparse = sparse_on(labels, slices)
     filtered, _, _ = keep_seeded_components(labels, sparse)
     expected = labels.copy()
     for c in (1, 2):

@@ -15,6 +15,7 @@ from segassist.models.slice_prior import (
     fuse_with_prior,
 )
 from segassist.models.volumes import IGNORE_INDEX
+from tests.models.sparse_slices import dice, sparse_on
 
 SIZE, SLICES = 64, 21
 
@@ -30,16 +31,6 @@ def _disc(z: int, shape: tuple[int, int] = (SIZE, SIZE)) -> np.ndarray:
 
 def _truth() -> np.ndarray:
     return np.stack([_disc(z) for z in range(SLICES)], axis=2).astype(np.uint8)
-
-
-def _sparse(truth: np.ndarray, slices: list[int]) -> np.ndarray:
-    sparse = np.full(truth.shape, IGNORE_INDEX, dtype=np.uint8)
-    sparse[:, :, slices] = truth[:, :, slices]
-    return sparse
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * float(np.sum(a & b)) / float(np.sum(a) + np.sum(b))
 
 
 def _naive_signed_distance(mask: np.ndarray) -> np.ndarray:
@@ -71,10 +62,10 @@ def test_prior_matches_a_naive_reference_between_labelled_slices() -> None:
 
 def test_moving_growing_disc_is_interpolated() -> None:
     truth = _truth()
-    prior = SlicePrior.from_sparse(_sparse(truth, [0, 10, 20]), 2, 2)
+    prior = SlicePrior.from_sparse(sparse_on(truth, [0, 10, 20]), 2, 2)
     for z in [z for z in range(SLICES) if z not in (0, 10, 20)]:
         predicted = prior.log_probabilities(z).argmax(0) == 1
-        assert _dice(predicted, truth[:, :, z] == 1) >= 0.9, z
+        assert dice(predicted, truth[:, :, z] == 1) >= 0.9, z
     assert prior.weight[[0, 10, 20]].tolist() == [1.0, 1.0, 1.0]
     assert prior.weight[5] == pytest.approx(0.5)
 
@@ -82,7 +73,7 @@ def test_moving_growing_disc_is_interpolated() -> None:
 def test_absent_class_on_a_labelled_slice_stops_the_interpolation() -> None:
     truth = _truth()
     truth[:, :, 16:] = 0  # the disc ends after slice 15; slice 20 is labelled without it
-    prior = SlicePrior.from_sparse(_sparse(truth, [0, 10, 20]), 2, 2)
+    prior = SlicePrior.from_sparse(sparse_on(truth, [0, 10, 20]), 2, 2)
     foreground = [np.exp(prior.log_probabilities(z)[1]).max() for z in range(SLICES)]
     assert foreground[11] > 0.5  # next to slice 10 the disc goes on
     assert foreground[15] <= 0.5  # half-way: eroded to its centre
@@ -92,7 +83,7 @@ def test_absent_class_on_a_labelled_slice_stops_the_interpolation() -> None:
 
 
 def test_one_labelled_slice_informs_only_its_neighbours() -> None:
-    prior = SlicePrior.from_sparse(_sparse(_truth(), [10]), 2, 2)
+    prior = SlicePrior.from_sparse(sparse_on(_truth(), [10]), 2, 2)
     near = np.flatnonzero(prior.weight > 0).tolist()
     assert near == list(range(7, 14))
     assert prior.weight[10] == 1.0
@@ -101,7 +92,7 @@ def test_one_labelled_slice_informs_only_its_neighbours() -> None:
 
 def test_fusion_with_a_uniform_model_follows_the_prior_where_weighted() -> None:
     truth = _truth()
-    sparse = _sparse(truth, [0, 10, 20])
+    sparse = sparse_on(truth, [0, 10, 20])
     uniform = np.full((2, *truth.shape), 0.5, dtype=np.float32)
     fused = fuse_with_prior(uniform, sparse, 2, scale=1.0)
     prior = SlicePrior.from_sparse(sparse, 2, 2)
@@ -113,7 +104,7 @@ def test_fusion_with_a_uniform_model_follows_the_prior_where_weighted() -> None:
 
 def test_fusion_leaves_the_model_where_the_weight_is_zero() -> None:
     truth = _truth()
-    sparse = _sparse(truth, [10])  # weight 0 below slice 7 and above 13
+    sparse = sparse_on(truth, [10])  # weight 0 below slice 7 and above 13
     rng = np.random.default_rng(0)
     model = rng.dirichlet([1.0, 1.0], size=truth.shape).transpose(3, 0, 1, 2).astype(np.float32)
     fused = fuse_with_prior(model, sparse, 2, scale=4.0)
@@ -129,7 +120,7 @@ def _model_probabilities(labels: np.ndarray, confidence: float) -> np.ndarray:
 
 def test_leave_one_out_trusts_a_perfect_model() -> None:
     truth = _truth()
-    sparse = _sparse(truth, [0, 5, 10, 15, 20])
+    sparse = sparse_on(truth, [0, 5, 10, 15, 20])
     prior = SlicePrior.from_sparse(sparse, 2, 2)
     choice = choose_scale(prior, _model_probabilities(truth, 0.98), sparse)
     assert choice.source == "leave-one-out"
@@ -139,7 +130,7 @@ def test_leave_one_out_trusts_a_perfect_model() -> None:
 
 def test_leave_one_out_trusts_the_prior_over_a_noise_model() -> None:
     truth = _truth()
-    sparse = _sparse(truth, [0, 5, 10, 15, 20])
+    sparse = sparse_on(truth, [0, 5, 10, 15, 20])
     prior = SlicePrior.from_sparse(sparse, 2, 2)
     noise = np.random.default_rng(0).integers(0, 2, size=truth.shape)
     choice = choose_scale(prior, _model_probabilities(noise, 0.9), sparse)
@@ -149,6 +140,6 @@ def test_leave_one_out_trusts_the_prior_over_a_noise_model() -> None:
 
 def test_too_few_labelled_slices_take_the_default_scale() -> None:
     truth = _truth()
-    sparse = _sparse(truth, [0, 20])
+    sparse = sparse_on(truth, [0, 20])
     choice = fuse_with_prior(_model_probabilities(truth, 0.9), sparse, 2).choice
     assert (choice.scale, choice.source) == (DEFAULT_SCALE, "default")

@@ -99,7 +99,7 @@ def test_annotate_segment_correct_and_download(
     page.shot("job")
     first_job = _wait_for_result_of_a_new_job(page, None)
     assert tab.inner_text("#job-status") == "succeeded"
-    assert "probe-mlp" in tab.inner_text("#result-method")  # the head the server fitted
+    assert "probe-linear" in tab.inner_text("#result-method")  # the head the server fitted
     assert "labelled" in tab.inner_text("#image-list")
     page.shot("segmented")
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from segassist.models.runtime.configs import DEFAULT_HEAD
 from tests.worker.conftest import (
     ANNOTATED,
     SHAPE,
@@ -60,7 +61,7 @@ def test_assist_reuses_encoder_and_caches_features(
     assert 0.0 <= result["uncertainty"][image_id] <= 1.0
     segmenter = service.get(f"/models/{result['segmenter_id']}")
     assert segmenter["parent_id"] == encoder_id
-    assert segmenter["method"] == "probe-mlp"  # the default head
+    assert segmenter["method"] == f"probe-{DEFAULT_HEAD}"
     urls = result["predictions"][image_id]
     labels = _load(service.client.get(urls["labels"]).content)
     assert labels.shape == SHAPE
@@ -68,10 +69,13 @@ def test_assist_reuses_encoder_and_caches_features(
     assert labels[6:16, 5:14, unannotated].mean() > 0.5  # the box, learnt from 2 slices
     clusters = _load(service.client.get(urls["clusters"]).content)
     assert clusters.shape == SHAPE
-    # fused with the prior of its own 2 labelled slices (too few to leave one out: the default
-    # scale); the labelled slices come back as drawn
+    # a small labelled image: propagated from its own 2 labelled slices, fused with their prior
+    # at the default scale (leaving one out cannot judge a propagation from those very slices);
+    # the labelled slices come back as drawn
+    assert result["propagation"][image_id]["applied"]
+    assert result["propagation"][image_id]["seconds"] >= 0
     prior = result["slice_prior"][image_id]
-    assert prior["applied"] and (prior["scale"], prior["source"]) == (1.0, "default")
+    assert prior["applied"] and (prior["scale"], prior["source"]) == (1.0, "given")
     np.testing.assert_array_equal(labels[..., list(ANNOTATED)], sparse_label()[..., ANNOTATED])
     # then every predicted object its labelled voxels do not reach is gone: one box per class
     components = result["components"][image_id]
@@ -88,7 +92,8 @@ def test_assist_reuses_encoder_and_caches_features(
     label[6:16, 5:14, 3] = 1
     files = {"file": ("label.nii.gz", io.BytesIO(nifti_bytes(label)), "x")}
     service.post(f"/images/{image_id}/labels", files=files)
-    again = _assist(service, dataset_id, head="auto", config=TINY_FEWSHOT)
+    no_propagation = {**TINY_FEWSHOT, "propagation_max_voxels": 0}
+    again = _assist(service, dataset_id, head="auto", config=no_propagation)
     assert again["status"] == "succeeded", again
     # both probe heads validated on held-out tiles of the labelled slices; the winner recorded
     validation = again["result"]["validation"]
@@ -100,7 +105,9 @@ def test_assist_reuses_encoder_and_caches_features(
     assert again["result"]["segmenter_id"] != result["segmenter_id"]
     assert {p.name: p.stat().st_mtime_ns for p in cached.glob("map*.npy")} == stamps
     assert again["result"]["next_slice"][image_id] not in (*ANNOTATED, 3)
-    # three labelled slices (1, 3, 4): slice 3 left out, scored on its unlabelled neighbour 2
+    # the probe's prediction (propagation off): three labelled slices (1, 3, 4), slice 3 left
+    # out for the prior's strength, scored on its unlabelled neighbour 2
+    assert again["result"]["propagation"][image_id] == {"applied": False}
     prior = again["result"]["slice_prior"][image_id]
     assert prior["applied"] and (prior["source"], prior["held_out"]) == ("leave-one-out", 1)
     assert prior["scale"] in {float(s) for s in prior["scores"]}

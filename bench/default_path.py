@@ -1,0 +1,106 @@
+"""What the assist workflow returns by default for a labelled image small enough to propagate.
+
+``python -m segassist.bench.default_path [--sets ...]`` writes ``bench/results/default_path.md``.
+
+The protocol of :mod:`segassist.bench.slice_prior` (slice propagation, k ∈ {1, 3, 5} slices spread
+over the structures, Dice on the unlabelled slices, the modality's 100-step pool encoder), and the
+chain ``worker/assist.py`` runs on such an image: :func:`~segassist.models.propagation.propagate`
+on decoder map 0, :func:`~segassist.models.slice_prior.fuse_with_prior` at the default strength,
+:func:`~segassist.models.seeded_components.keep_seeded_components`. Deterministic: one run. Each
+step's Dice is listed, and the wall time of the propagation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
+from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_labels, spread_slices
+from segassist.bench.report import machine_info
+from segassist.bench.slice_prior import OBJECTIVE_PER_MODALITY
+from segassist.models.datasets import cache_dir, load_set
+from segassist.models.features import compute_feature_maps
+from segassist.models.propagation import map_features, propagate
+from segassist.models.seeded_components import keep_seeded_components
+from segassist.models.slice_prior import DEFAULT_SCALE, fuse_with_prior
+
+__all__ = ["main"]
+
+STEPS = ("propagation", "+ prior", "+ components")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m segassist.bench.default_path", description=__doc__
+    )
+    parser.add_argument(
+        "--sets", nargs="*", default=["tptbox-spine", "totalseg-ct", "totalseg-mr", "mni-tissue"]
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "default_path.md")
+    args = parser.parse_args(argv)
+    state = _Run(PROFILES["default"], EncoderCache(cache_dir() / "encoders"), extras=False)
+    lines = [
+        "| volume | encoder | k | " + " | ".join(STEPS) + " | propagation s |",
+        "|---|---|---|" + "---|" * len(STEPS) + "---|",
+    ]
+    for set_name in args.sets:
+        for case in load_set(set_name):
+            volume = _Volume.load(case)
+            objective = OBJECTIVE_PER_MODALITY[case.modality]
+            encoder = _pool_encoder(state, case.modality, objective)
+            with tempfile.TemporaryDirectory() as tmp:
+                maps = compute_feature_maps(encoder, volume.image, case.axis, Path(tmp))
+                for k in (1, 3, 5):
+                    labelled = spread_slices(volume.label, case.axis, k)
+                    sparse = sparse_labels(volume.label, case.axis, labelled)
+                    began = time.perf_counter()
+                    spread = propagate(map_features(maps), sparse, case.axis, case.num_classes)
+                    seconds = time.perf_counter() - began
+                    fused = fuse_with_prior(spread.probabilities, sparse, case.axis, DEFAULT_SCALE)
+                    kept, _, _ = keep_seeded_components(fused.labels, sparse)
+                    dice = [
+                        mean_dice(
+                            slice_propagation_dice(
+                                labels, volume.label, case.axis, labelled, list(case.classes)
+                            )
+                        )
+                        for labels in (spread.labels, fused.labels, kept)
+                    ]
+                    cells = " | ".join(f"{d:.3f}" for d in dice)
+                    lines.append(
+                        f"| {case.name} | {objective} · {case.modality} pool | {k} | {cells} "
+                        f"| {seconds:.1f} |"
+                    )
+                    print(lines[-1], flush=True)
+    command = shlex.join(
+        ["python", "-m", "segassist.bench.default_path", *(sys.argv[1:] if argv is None else argv)]
+    )
+    machine = ", ".join(f"{key} {value}" for key, value in machine_info().items())
+    text = "\n".join(
+        [
+            "# The assist workflow's default for a labelled image within `propagation_max_voxels`",
+            "",
+            f"Regenerate: `{command}`",
+            "",
+            f"Machine: {machine}. Mean Dice over classes on the unlabelled slices; the last Dice "
+            "column is what the annotator gets.",
+            "",
+            *lines,
+            "",
+        ]
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
