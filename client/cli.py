@@ -158,9 +158,25 @@ def cmd_segment(args: argparse.Namespace) -> int:
     )
     if result.method is not None:
         console.print(f"method: {result.method}{_validation_text(result.validation)}")
+    if corrections := _own_labels_text(result.own_labels):
+        console.print(f"from your labelled slices: {corrections}")
     if result.next_slice is not None:
         console.print(f"least certain unlabelled slice: {result.next_slice} (label it next)")
     return 0
+
+
+def _own_labels_text(own_labels: dict[str, Any]) -> str:
+    """``propagated (0.9 s), prior ×1.0, 8 stray objects removed`` or nothing: what the image's
+    labelled slices changed in its prediction (the job result's entries of the image)."""
+    parts = []
+    if (own_labels.get("propagation") or {}).get("applied"):
+        parts.append(f"propagated ({own_labels['propagation']['seconds']:.1f} s)")
+    if (own_labels.get("slice_prior") or {}).get("applied"):
+        parts.append(f"prior ×{own_labels['slice_prior']['scale']}")
+    removed = sum(((own_labels.get("components") or {}).get("removed_objects") or {}).values())
+    if removed:
+        parts.append(f"{removed} stray object{'s' if removed != 1 else ''} removed")
+    return ", ".join(parts)
 
 
 def _validation_text(validation: dict[str, Any] | None) -> str:

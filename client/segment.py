@@ -77,6 +77,8 @@ class SegmentResult:
             for ``auto`` the winner).
         validation: ``auto`` (or head ``auto``): each candidate's held-out Dice, or why it was
             skipped; None otherwise.
+        own_labels: what the image's labelled slices changed in its prediction: the job
+            result's ``propagation``, ``slice_prior`` and ``components`` entries of the image.
     """
 
     dataset_id: str
@@ -89,6 +91,7 @@ class SegmentResult:
     next_slice: int | None = None
     method: str | None = None
     validation: dict[str, Any] | None = None
+    own_labels: dict[str, Any] = field(default_factory=dict)
     clusters: Path | None = None
     clusters_png: Path | None = None
 
@@ -175,6 +178,11 @@ def run_segment(
         next_slice=(result.get("next_slice") or {}).get(image["id"]),
         method=result.get("method"),
         validation=result.get("validation"),
+        own_labels={
+            key: (result.get(key) or {}).get(image["id"])
+            for key in ("propagation", "slice_prior", "components")
+            if (result.get(key) or {}).get(image["id"])
+        },
     )
     if request.clusters is not None:
         png = request.clusters.with_name(_stem(request.clusters) + ".png")

@@ -501,12 +501,29 @@ function validationText(validation) {
     .join(" · ");
 }
 
+/**
+ * "propagated (0.9 s) · prior ×1 · 8 stray objects removed": what the image's own labelled slices
+ * changed in its prediction (the job result's propagation, slice_prior and components entries).
+ */
+function ownLabelsText(result, imageId) {
+  const parts = [];
+  const propagation = result.propagation?.[imageId];
+  if (propagation?.applied) parts.push(`propagated (${propagation.seconds.toFixed(1)} s)`);
+  const prior = result.slice_prior?.[imageId];
+  if (prior?.applied) parts.push(`prior ×${prior.scale}`);
+  const components = result.components?.[imageId];
+  const removed = Object.values(components?.removed_objects ?? {}).reduce((a, b) => a + b, 0);
+  if (removed > 0) parts.push(`${removed} stray object${removed === 1 ? "" : "s"} removed`);
+  return parts.length ? parts.join(" · ") : "—";
+}
+
 function renderResult() {
   const r = state.result;
   $("result").hidden = !r;
   if (!r) return;
   const result = r.job.result;
   $("result-method").textContent = result.method || "—";
+  $("result-own-labels").textContent = ownLabelsText(result, state.image.id);
   const validation = result.validation;
   $("result-validation").textContent = validation ? validationText(validation) : "";
   $("result-validation").title = validation ? JSON.stringify(validation, null, 1) : "";

@@ -75,6 +75,7 @@ def test_segment_writes_a_segmentation_on_the_inputs_grid(
     assert segmented.run.returncode == 0, segmented.run.stderr
     assert str(segmented.output) in segmented.run.stdout.replace("\n", "")
     assert "method: probe-linear" in segmented.run.stdout  # the server's default head
+    assert "from your labelled slices: propagated" in segmented.run.stdout
     result = load_nifti(segmented.output)
     np.testing.assert_allclose(result.affine, OBLIQUE_AFFINE, atol=1e-6)
     labels = np.asanyarray(result.dataobj)

@@ -100,6 +100,7 @@ def test_annotate_segment_correct_and_download(
     first_job = _wait_for_result_of_a_new_job(page, None)
     assert tab.inner_text("#job-status") == "succeeded"
     assert "probe-linear" in tab.inner_text("#result-method")  # the head the server fitted
+    assert "propagated" in tab.inner_text("#result-own-labels")  # a small labelled volume
     assert "labelled" in tab.inner_text("#image-list")
     page.shot("segmented")
 
