@@ -47,7 +47,7 @@ from segassist.models.features import FeatureMaps, compute_feature_maps
 from segassist.models.fewshot import FewShotConfig, fit_probe
 from segassist.models.pretrain import Encoder
 from segassist.models.propagation import Propagation, map_features, propagate
-from segassist.models.slice_prior import DEFAULT_SCALE, fuse, fuse_with_prior
+from segassist.models.slice_prior import DEFAULT_SCALE, fuse, fuse_with_prior, safe_log
 
 __all__ = ["main"]
 
@@ -57,10 +57,6 @@ FEATURES = {"fine": "fine", "all": "all maps"}
 """Features propagated (:func:`segassist.models.propagation.map_features`) → row label."""
 
 
-def _log(probabilities: np.ndarray) -> np.ndarray:
-    return np.log(np.maximum(probabilities, np.float32(1e-12)), dtype=np.float32)
-
-
 def _product(model: np.ndarray, propagation: Propagation, axis: int) -> np.ndarray:
     """Argmax ``X×Y×Z`` of ``log p_model + w(z)·log p_prop`` (product of experts, scale 1)."""
     out = np.moveaxis(model, axis + 1, 1).copy()  # L×S×A×B
@@ -68,7 +64,7 @@ def _product(model: np.ndarray, propagation: Propagation, axis: int) -> np.ndarr
     for z in range(out.shape[1]):
         weight = float(propagation.weight[z])
         if weight > 0:
-            out[:, z] = fuse(_log(out[:, z]), _log(prop[:, z]), weight)
+            out[:, z] = fuse(safe_log(out[:, z]), safe_log(prop[:, z]), weight)
     return np.moveaxis(out.argmax(0).astype(np.uint8), 0, axis)
 
 

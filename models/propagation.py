@@ -268,14 +268,15 @@ def _propagate(
     for i, (j, below, above) in enumerate(_chains(known, count, reach), start=1):
         drawn = _one_hot(slices[j], num_classes)
         for chain, other in ((below, neighbours[i - 1]), (above, neighbours[i + 1])):
-            labels, source = drawn, j
+            labels, source = drawn, features(j)
             for z in chain:
-                labels = propagate_step(features(z), features(source), labels, config)
+                target = features(z)
+                labels = propagate_step(target, source, labels, config)
                 # between labelled slices j and other: (distance to other) / gap
                 share = np.float32(1.0 if other is None else abs(other - z) / abs(other - j))
                 out[z] += share * labels
                 total[z] += share
-                source = z
+                source = target  # each slice's features read once per chain
     reached = total > 0
     out[reached] /= total[reached, None, None, None]
     out[reached] = out[reached] * np.float32(1.0 - FLOOR) + np.float32(FLOOR / num_classes)

@@ -86,6 +86,7 @@ __all__ = [
     "choose_scale",
     "fuse",
     "fuse_with_prior",
+    "safe_log",
 ]
 
 EDGE_WIDTH = 2.0
@@ -369,7 +370,8 @@ class ScaleChoice:
         }
 
 
-def _log(probabilities: np.ndarray) -> np.ndarray:
+def safe_log(probabilities: np.ndarray) -> np.ndarray:
+    """``log p`` in float32, ``p`` floored at 1e-12 so a zero gives a finite −27.6."""
     return np.log(np.maximum(probabilities, np.float32(1e-12)), dtype=np.float32)
 
 
@@ -403,7 +405,7 @@ def choose_scale(
         for n in (j - 1, j + 1):
             if n in known:
                 continue
-            log_model = _log(np.take(probabilities, n, axis=axis + 1))
+            log_model = safe_log(np.take(probabilities, n, axis=axis + 1))
             log_prior = reduced.log_probabilities(n)
             held_out += 1
             for i, scale in enumerate(grid):
@@ -471,7 +473,7 @@ def fuse_with_prior(
     for z in range(fused.shape[0]):
         weight = choice.scale * float(prior.weight[z])
         if weight > 0:
-            fused[z] = fuse(_log(fused[z]), prior.log_probabilities(z), weight)
+            fused[z] = fuse(safe_log(fused[z]), prior.log_probabilities(z), weight)
         if z in prior.known:
             drawn = np.take(sparse, z, axis=axis)
             annotated = drawn != IGNORE_INDEX

@@ -220,7 +220,7 @@ def assist(ctx: JobContext) -> dict[str, Any]:
     annotated = {image.id: set(label.annotated_slices.get(str(axis), [])) for image, label in pairs}
     own_labels = (
         {image.id: label for (image, _), label in zip(pairs, labels, strict=True)}
-        if config.slice_prior or config.seeded_components
+        if config.slice_prior or config.seeded_components or config.propagation_max_voxels
         else {}
     )
     predictions: dict[str, Any] = {}
@@ -565,35 +565,20 @@ def _predict_from_cache(
     batch_size: int = 16,
 ) -> tuple[list[str], np.ndarray, _OwnLabels]:
     """Apply the head to the cached maps of ``image`` and write its outputs; with the image's own
-    ``sparse`` labels, corrected by them first (:func:`_with_own_labels`, as ``config`` says).
-    Returns the names written, the ``X×Y×Z`` uncertainty (normalised entropy) and what the
-    labels changed."""
+    ``sparse`` labels, corrected by them first (:func:`_with_own_labels`, as ``config`` says):
+    an image within ``config.propagation_max_voxels`` is propagated from those labels instead,
+    and the head is not applied to it. Returns the names written, the ``X×Y×Z`` uncertainty
+    (normalised entropy) and what the labels changed."""
     path = pipelines._existing_file(Path(image.path), f"image {image.id} ({image.name})")
     volume, affine, header = read_nifti(path)
-    shape = tuple(volume.shape)
     axis = cached.axis
-    labels = np.empty(shape, dtype=np.uint8)
-    uncertainty = np.empty(shape, dtype=np.float32)
-    probabilities = (
-        np.empty((segmenter.num_classes, *shape), dtype=np.float32)
-        if with_probabilities or sparse is not None
-        else None
-    )
-    labels_view = np.moveaxis(labels, axis, 0)
-    uncertainty_view = np.moveaxis(uncertainty, axis, 0)
-    probs_view = None if probabilities is None else np.moveaxis(probabilities, axis + 1, 0)
-    for start in range(0, cached.num_slices, batch_size):
-        stop = min(start + batch_size, cached.num_slices)
-        logits = apply_head(segmenter, cached, start, stop)
-        labels_view[start:stop] = logits.argmax(axis=1)
-        probs = softmax(logits)
-        uncertainty_view[start:stop] = normalised_entropy(probs)
-        if probs_view is not None:
-            probs_view[start:stop] = probs
-    clusters = np.moveaxis(np.asarray(cached.clusters), 0, axis)
+    config = config or FewShotConfig()
     evidence = _OwnLabels()
-    if sparse is not None and probabilities is not None:
-        config = config or FewShotConfig()
+    if sparse is None:
+        labels, uncertainty, probabilities = _apply_head(
+            segmenter, cached, volume.shape, with_probabilities, batch_size
+        )
+    else:
         propagated = None
         if 0 < volume.size <= config.propagation_max_voxels:
             began = time.perf_counter()
@@ -601,9 +586,13 @@ def _predict_from_cache(
                 map_features(cached), sparse, axis, segmenter.num_classes
             ).probabilities
             propagated = round(time.perf_counter() - began, 3)
+        else:
+            _, _, head = _apply_head(segmenter, cached, volume.shape, True, batch_size)
+            probabilities = cast(np.ndarray, head)
         labels, probabilities, uncertainty, evidence = _with_own_labels(
             probabilities, sparse, axis, config, propagated
         )
+    clusters = np.moveaxis(np.asarray(cached.clusters), 0, axis)
     prediction = Prediction(
         labels,
         clusters,
@@ -617,6 +606,35 @@ def _predict_from_cache(
         if not (cached.folder / name).exists():
             link_atomic(out_dir / name, cached.folder / name)
     return names, uncertainty, evidence
+
+
+def _apply_head(
+    segmenter: SegmenterNet,
+    cached: FeatureMaps,
+    shape: tuple[int, ...],
+    with_probabilities: bool,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(labels, uncertainty, probabilities or None)`` of the head over every cached slice, on
+    the image's ``X×Y×Z`` grid (probabilities ``L×X×Y×Z``)."""
+    axis = cached.axis
+    labels = np.empty(shape, dtype=np.uint8)
+    uncertainty = np.empty(shape, dtype=np.float32)
+    probabilities = (
+        np.empty((segmenter.num_classes, *shape), dtype=np.float32) if with_probabilities else None
+    )
+    labels_view = np.moveaxis(labels, axis, 0)
+    uncertainty_view = np.moveaxis(uncertainty, axis, 0)
+    probs_view = None if probabilities is None else np.moveaxis(probabilities, axis + 1, 0)
+    for start in range(0, cached.num_slices, batch_size):
+        stop = min(start + batch_size, cached.num_slices)
+        logits = apply_head(segmenter, cached, start, stop)
+        labels_view[start:stop] = logits.argmax(axis=1)
+        probs = softmax(logits)
+        uncertainty_view[start:stop] = normalised_entropy(probs)
+        if probs_view is not None:
+            probs_view[start:stop] = probs
+    return labels, uncertainty, probabilities
 
 
 def _predict_network_with_own_labels(
