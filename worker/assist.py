@@ -75,6 +75,7 @@ from segassist.models.fewshot import (
     fit_segmenter,
     select_probe_head,
 )
+from segassist.models.held_out_slice import MIN_LABELLED_SLICES
 from segassist.models.method_selection import MethodChoice, select_method
 from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
@@ -223,14 +224,6 @@ def assist(ctx: JobContext) -> dict[str, Any]:
         if config.slice_prior or config.seeded_components or config.propagation_max_voxels
         else {}
     )
-    predictions: dict[str, Any] = {}
-    own_labels_used: dict[str, dict[str, dict[str, Any]]] = {
-        "slice_prior": {},
-        "components": {},
-        "propagation": {},
-    }
-    next_slice: dict[str, int | None] = {}
-    mean_uncertainty: dict[str, float] = {}
     with phase(ctx, "predict"):
         predictor = (
             None
@@ -239,49 +232,30 @@ def assist(ctx: JobContext) -> dict[str, Any]:
                 ctx.storage.model_dir(model_id), device=ctx.settings.device
             )
         )
-        for done, image in enumerate(targets, start=1):
-            ctx.check_cancelled()
-            out_dir = ctx.storage.prediction_dir(model_id, image.id)
-            sparse = own_labels.get(image.id)
-            evidence = _OwnLabels()
-            if predictor is not None and sparse is None:
-                path = pipelines._existing_file(Path(image.path), f"image {image.id}")
-                names = predict_to_folder(
-                    predictor, path, out_dir, bool(params.get("probabilities")), True
-                )
-                uncertainty, _, _ = read_nifti(out_dir / "uncertainty.nii.gz")
-            elif predictor is not None and sparse is not None:
-                names, uncertainty, evidence = _predict_network_with_own_labels(
-                    predictor, image, sparse, config, out_dir, bool(params.get("probabilities"))
-                )
-            else:
-                names, uncertainty, evidence = _predict_from_cache(
-                    segmenter,
-                    cached[image.id],
-                    image,
-                    out_dir,
-                    normalisation,
-                    bool(params.get("probabilities")),
-                    sparse,
-                    config,
-                )
-            for key, entry in evidence.to_dicts().items():
-                own_labels_used[key][image.id] = entry
-            predictions[image.id] = prediction_urls(model_id, image.id, names)
-            next_slice[image.id] = _least_certain_slice(
-                np.asarray(uncertainty), axis, annotated.get(image.id, set())
-            )
-            mean_uncertainty[image.id] = round(float(np.mean(uncertainty)), 6)
-            ctx.progress(Progress(done, len(targets), 0.0, 0.0, "predict"))
+        outputs = _predict_targets(
+            ctx,
+            model_id,
+            targets,
+            _Predictors(segmenter, predictor, cached, normalisation),
+            own_labels,
+            annotated,
+            config,
+        )
     result |= {
         "segmenter_id": model_id,
-        "predictions": predictions,
-        "next_slice": next_slice,
-        "uncertainty": mean_uncertainty,
-        **own_labels_used,
+        **outputs,
         "fit_loss": losses.last,
         "timings": phase.seconds,
     }
+    if probe and method != "auto" and config.refine and encoder_id is not None:
+        validated = [
+            image.id
+            for image, label in pairs
+            if outputs["propagation"].get(image.id, {}).get("applied")
+            and len(label.annotated_slices.get(str(axis), [])) >= MIN_LABELLED_SLICES
+        ]
+        if validated:
+            result["refine_job_id"] = _queue_refinement(ctx, pairs, targets, encoder_id, validated)
     return result
 
 
@@ -454,6 +428,50 @@ def _continue_in_background(
     return job_id
 
 
+def _queue_refinement(
+    ctx: JobContext,
+    pairs: list[tuple[Image, Label]],
+    targets: list[Image],
+    encoder_id: str,
+    validated: list[str],
+) -> str:
+    """Queue the background refinement of this assist (:mod:`segassist.worker.refine`) on the
+    training queue, once per assist job (a retried attempt finds the first one's)."""
+    from segassist.worker.app import get_app
+
+    with ctx.owned_session() as session:
+        job = session.scalar(
+            select(Job).where(
+                Job.kind == JobKind.refine,
+                Job.dataset_id == ctx.dataset_id,
+                Job.params["refine_of"].as_string() == ctx.job_id,
+            )
+        )
+        new = job is None
+        if job is None:
+            job = Job(
+                kind=JobKind.refine,
+                dataset_id=ctx.dataset_id,
+                params={
+                    "refine_of": ctx.job_id,
+                    "axis": ctx.params["axis"],
+                    "label_ids": [label.id for _, label in pairs],
+                    "image_ids": [image.id for image in targets],
+                    "encoder_id": encoder_id,
+                    "validated": validated,
+                    "config": ctx.params.get("config") or {},
+                    "probabilities": bool(ctx.params.get("probabilities")),
+                },
+            )
+            session.add(job)
+            session.flush()
+        job_id = job.id
+    if new:
+        enqueue_job(get_app(), job)
+        logger.info("queued refine job %s of assist %s (images %s)", job_id, ctx.job_id, validated)
+    return job_id
+
+
 def _cache_features(
     ctx: JobContext,
     encoder_id: str,
@@ -551,6 +569,79 @@ def _fit_auto(
     losses = pipelines._LossTracker(ctx)
     choice = select_method(encoder, scratch, images, labels, num_classes, config, maps, losses)
     return choice, losses
+
+
+@dataclass(frozen=True)
+class _Predictors:
+    """What segments the targets: ``predictor`` (the exported network; None for a probe, whose
+    ``segmenter`` head reads the ``cached`` maps of each image, ``normalisation`` being the
+    encoder's)."""
+
+    segmenter: SegmenterNet
+    predictor: OnnxPredictor | None
+    cached: dict[str, FeatureMaps]
+    normalisation: Normalisation
+
+
+def _predict_targets(
+    ctx: JobContext,
+    model_id: str,
+    targets: list[Image],
+    using: _Predictors,
+    own_labels: dict[str, np.ndarray],
+    annotated: dict[str, set[int]],
+    config: FewShotConfig,
+) -> dict[str, Any]:
+    """The predict phase: segment every target, corrected by its own labels when it has them,
+    write the outputs under ``predictions/<model_id>/<image>/``; returns the result's
+    ``predictions``, ``next_slice``, ``uncertainty``, ``slice_prior``, ``components`` and
+    ``propagation`` entries (module doc)."""
+    axis = int(ctx.params["axis"])
+    with_probabilities = bool(ctx.params.get("probabilities"))
+    outputs: dict[str, dict[str, Any]] = {
+        key: {}
+        for key in (
+            "predictions",
+            "next_slice",
+            "uncertainty",
+            "slice_prior",
+            "components",
+            "propagation",
+        )
+    }
+    for done, image in enumerate(targets, start=1):
+        ctx.check_cancelled()
+        out_dir = ctx.storage.prediction_dir(model_id, image.id)
+        sparse = own_labels.get(image.id)
+        evidence = _OwnLabels()
+        if using.predictor is not None and sparse is None:
+            path = pipelines._existing_file(Path(image.path), f"image {image.id}")
+            names = predict_to_folder(using.predictor, path, out_dir, with_probabilities, True)
+            uncertainty, _, _ = read_nifti(out_dir / "uncertainty.nii.gz")
+        elif using.predictor is not None and sparse is not None:
+            names, uncertainty, evidence = _predict_network_with_own_labels(
+                using.predictor, image, sparse, config, out_dir, with_probabilities
+            )
+        else:
+            names, uncertainty, evidence = _predict_from_cache(
+                using.segmenter,
+                using.cached[image.id],
+                image,
+                out_dir,
+                using.normalisation,
+                with_probabilities,
+                sparse,
+                config,
+            )
+        for key, entry in evidence.to_dicts().items():
+            outputs[key][image.id] = entry
+        outputs["predictions"][image.id] = prediction_urls(model_id, image.id, names)
+        outputs["next_slice"][image.id] = _least_certain_slice(
+            np.asarray(uncertainty), axis, annotated.get(image.id, set())
+        )
+        outputs["uncertainty"][image.id] = round(float(np.mean(uncertainty)), 6)
+        ctx.progress(Progress(done, len(targets), 0.0, 0.0, "predict"))
+    return outputs
 
 
 def _predict_from_cache(

@@ -1,5 +1,5 @@
 """Celery tasks ``segassist.<kind>`` for every job kind: pretrain, finetune, predict, assist,
-features.
+features, refine.
 
 Each takes only a job id; :func:`segassist.worker.jobs.run_job` re-reads the row and runs the pipeline of
 :mod:`segassist.worker.pipelines`. The return value (the job's status) is informative only: the SQL job row
@@ -15,9 +15,10 @@ from celery import Task, shared_task
 from segassist.server.settings import get_settings
 from segassist.worker import assist as assist_pipelines
 from segassist.worker import pipelines
+from segassist.worker import refine as refine_pipelines
 from segassist.worker.jobs import Pipeline, run_job
 
-__all__ = ["assist", "features", "finetune", "predict", "pretrain"]
+__all__ = ["assist", "features", "finetune", "predict", "pretrain", "refine"]
 
 
 def _run(task: Task, job_id: str, pipeline: Pipeline) -> str:
@@ -55,3 +56,10 @@ def assist(self: Task, job_id: str) -> str:
 def features(self: Task, job_id: str) -> str:
     """Cache an encoder's decoder maps of images (a prefetch for the assist workflow)."""
     return _run(self, job_id, assist_pipelines.features)
+
+
+@shared_task(name="segassist.refine", bind=True)
+def refine(self: Task, job_id: str) -> str:
+    """Train a network from scratch behind an assist; keep it if it validates better
+    (:mod:`segassist.worker.refine`)."""
+    return _run(self, job_id, refine_pipelines.refine)

@@ -232,6 +232,11 @@ class FewShotConfig(BaseModel):
             TotalSegmentator MR, k = 1 and 3, ``bench/results/method_selection.md``), auto's fit
             phase took 7–20 s where the default linear probe took 1–2 s, so ``"linear"`` stays
             the assist default.
+        refine: whether an assist whose labelled images were propagated, each with at least
+            three labelled slices, queues a background job that trains a network from scratch
+            on them and replaces the segmentation when that network does better on a held-out
+            labelled slice (:mod:`segassist.worker.refine`). The assist's answer comes first;
+            the refinement's, if any, tens of seconds later.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -266,6 +271,7 @@ class FewShotConfig(BaseModel):
     seeded_components: bool = True
     propagation_max_voxels: Annotated[int, Field(ge=0)] = 4_000_000
     auto_budget_seconds: float = Field(default=5.0, ge=0)
+    refine: bool = True
 
     @classmethod
     def for_scratch(cls, **overrides: Any) -> Self:

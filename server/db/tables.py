@@ -83,6 +83,7 @@ class JobKind(enum.StrEnum):
     predict = "predict"
     assist = "assist"
     features = "features"
+    refine = "refine"
 
 
 class JobStatus(enum.StrEnum):

@@ -1,0 +1,152 @@
+"""The background refinement behind an assist (:mod:`segassist.worker.refine`), through the API
+and a real worker."""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Callable
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.worker.conftest import (
+    LABEL_SCHEMA,
+    SHAPE,
+    TINY_FEWSHOT,
+    Service,
+    Worker,
+    nifti_bytes,
+    sparse_label,
+)
+
+LABELLED = (1, 3, 4)
+FEWSHOT = {**TINY_FEWSHOT, "steps": 30, "eval_every": 10, "patience": 2}
+"""Tiny fits: the scratch network trains at most 30 steps in the tests."""
+
+QUICK_ENCODER = ("embedded", {"assist_pretrain_steps": 2, "background_pretrain_steps": 0})
+
+
+def _load(content: bytes) -> np.ndarray:
+    return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(content)).dataobj)
+
+
+def _three_slices() -> np.ndarray:
+    label = sparse_label()
+    label[..., 3] = 0
+    label[6:16, 5:14, 3] = 1
+    return label
+
+
+def _label_three_slices(service: Service, image_id: str) -> np.ndarray:
+    label = _three_slices()
+    files = {"file": ("label.nii.gz", io.BytesIO(nifti_bytes(label)), "x")}
+    service.post(f"/images/{image_id}/labels", files=files)
+    return label
+
+
+def _assist(service: Service, dataset_id: str, config: dict) -> str:
+    return str(service.post(f"/datasets/{dataset_id}/assist", json={"config": config})["id"])
+
+
+@pytest.mark.parametrize("settings", [QUICK_ENCODER], indirect=True)
+def test_refinement_validates_then_keeps_or_replaces(
+    service: Service, start_worker: Callable[[], Worker]
+) -> None:
+    start_worker()
+    dataset_id, image_id = service.dataset_with_labels()
+    two = service.finished(_assist(service, dataset_id, FEWSHOT))
+    assert two["status"] == "succeeded", two
+    assert "refine_job_id" not in two["result"]  # 2 labelled slices: nothing to hold out
+    label = _label_three_slices(service, image_id)
+    off = service.finished(_assist(service, dataset_id, {**FEWSHOT, "refine": False}))
+    assert "refine_job_id" not in off["result"]
+
+    fast = service.finished(_assist(service, dataset_id, FEWSHOT))
+    assert fast["status"] == "succeeded", fast
+    assert fast["result"]["propagation"][image_id]["applied"]
+    refine = service.finished(fast["result"]["refine_job_id"])
+    assert refine["status"] == "succeeded", refine
+    assert refine["kind"] == "refine" and refine["params"]["refine_of"] == fast["id"]
+    result = refine["result"]
+    validation = result["validation"]
+    assert validation["held_out_slices"] == {image_id: 3}  # the middle of 1, 3, 4
+    assert 0.0 <= validation["propagation"] <= 1.0 and 0.0 <= validation["scratch"] <= 1.0
+    assert {"features", "validate"} <= set(result["timings"])
+    if validation["scratch"] > validation["propagation"]:
+        assert result["outcome"] == "refined"
+        assert result["method"] == "scratch" and result["encoder_id"] is None
+        model = service.get(f"/models/{result['segmenter_id']}")
+        assert model["method"] == "scratch" and model["parent_id"] is None
+        labels = _load(service.client.get(result["predictions"][image_id]["labels"]).content)
+        np.testing.assert_array_equal(labels[..., list(LABELLED)], label[..., list(LABELLED)])
+        assert result["slice_prior"][image_id]["applied"]
+        assert result["next_slice"][image_id] not in LABELLED
+    else:
+        assert result["outcome"] == "kept"
+        assert "predictions" not in result and "segmenter_id" not in result
+    # the refinement is not an assist: the dataset's latest assist is still the fast one
+    assert service.get(f"/datasets/{dataset_id}/assist")["id"] == fast["id"]
+
+
+def _jumping_box() -> tuple[np.ndarray, np.ndarray]:
+    """(image, labels on :data:`LABELLED`): a bright box that sits on the left of every slice but
+    slice 3, where it jumps to the right, 10 voxels away: no slice-to-slice propagation (its
+    window reaches 4) can follow it, a network that learns "bright is the box" can."""
+    rng = np.random.default_rng(3)
+    image = rng.normal(-100.0, 30.0, SHAPE).astype(np.float32)
+    truth = np.zeros(SHAPE, dtype=np.uint8)
+    for z in range(SHAPE[2]):
+        columns = slice(12, 18) if z == 3 else slice(2, 8)
+        truth[6:16, columns, z] = 1
+    image[truth == 1] += 400.0
+    label = np.full(SHAPE, 255, dtype=np.uint8)
+    label[..., list(LABELLED)] = truth[..., list(LABELLED)]
+    return image, label
+
+
+@pytest.mark.parametrize("settings", [QUICK_ENCODER], indirect=True)
+def test_refinement_replaces_what_propagation_cannot_follow(
+    service: Service, start_worker: Callable[[], Worker]
+) -> None:
+    start_worker()
+    dataset = service.post(
+        "/datasets", json={"name": "jump", "modality": "CT", "labels": LABEL_SCHEMA}
+    )
+    image, label = _jumping_box()
+    files = {"file": ("ct.nii.gz", io.BytesIO(nifti_bytes(image)), "x")}
+    image_id = service.post(f"/datasets/{dataset['id']}/images", files=files)["id"]
+    files = {"file": ("label.nii.gz", io.BytesIO(nifti_bytes(label)), "x")}
+    service.post(f"/images/{image_id}/labels", files=files)
+    config = {**FEWSHOT, "steps": 200, "patience": 20}
+    fast = service.finished(_assist(service, str(dataset["id"]), config))
+    assert fast["status"] == "succeeded", fast
+    refine = service.finished(fast["result"]["refine_job_id"])
+    assert refine["status"] == "succeeded", refine
+    result = refine["result"]
+    assert result["validation"]["scratch"] > result["validation"]["propagation"], result
+    assert result["outcome"] == "refined"
+    assert set(result["timings"]) == {"features", "validate", "fit", "export", "predict"}
+    labels = _load(service.client.get(result["predictions"][image_id]["labels"]).content)
+    np.testing.assert_array_equal(labels[..., list(LABELLED)], label[..., list(LABELLED)])
+
+
+@pytest.mark.parametrize("settings", [QUICK_ENCODER], indirect=True)
+def test_refinement_of_an_older_assist_is_superseded(
+    service: Service, start_worker: Callable[[], Worker]
+) -> None:
+    """Two assists submitted before a worker runs: the first one's refinement finds the second
+    newer and ends without training (the annotator has moved on)."""
+    dataset_id, image_id = service.dataset_with_labels()
+    _label_three_slices(service, image_id)
+    first = _assist(service, dataset_id, FEWSHOT)
+    second = _assist(service, dataset_id, {**FEWSHOT, "refine": False})
+    start_worker()
+    done = service.finished(first)
+    assert done["status"] == "succeeded", done
+    refine = service.finished(done["result"]["refine_job_id"])
+    assert refine["status"] == "succeeded", refine
+    assert refine["result"]["outcome"] == "superseded"
+    assert refine["result"]["superseded_by"] == second
+    assert "validation" not in refine["result"]

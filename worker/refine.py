@@ -1,0 +1,219 @@
+"""The background refinement of an assist result: a network trained from scratch replaces the
+fast segmentation when it does better on a labelled slice held out.
+
+The assist job answers in seconds from the encoder's cached maps (propagation of the labelled
+slices, :mod:`segassist.worker.assist`). Where the structure is defined by its position and shape
+more than by its look (vertebrae, cortex), a segmentation network trained from a random
+initialisation on the labelled slices does better once three or more are labelled
+(``bench/results/fewshot.md``), and much worse on organs that look like their neighbours
+(abdominal CT). Which one an annotator's structure is, only their own slices can say. So after
+an assist whose labelled images were propagated, the assist job queues this job on the training
+queue (``FewShotConfig.refine``; images with at least
+:data:`~segassist.models.held_out_slice.MIN_LABELLED_SLICES` labelled slices); it runs:
+
+1. ``features``: the cached maps of the validated images (normally a cache hit).
+2. ``validate``: the middle labelled slice of each validated image hidden
+   (:func:`~segassist.models.held_out_slice.hold_out_middle_slice`); the assist's chain
+   (propagation → slice prior → seeded components) run from the other slices, and a scratch
+   network trained on them and corrected the same way; each scored by the mean Dice on the
+   hidden slices, averaged over the images.
+3. When the network scores higher: ``fit`` (the network again, on every labelled slice),
+   ``export`` (ONNX, registered), ``predict`` (every target image, corrected by its own labels
+   as the assist does). Otherwise the job ends there and the assist's segmentation stands.
+
+A job is skipped as ``superseded`` when a newer assist of the dataset exists: the annotator has
+moved on. Result: ``refine_of``, ``outcome`` (``refined``, ``kept`` or ``superseded``),
+``validation`` (``{"propagation": dice, "scratch": dice, "held_out_slices": {image: index}}``),
+``timings``; when refined, also the assist result's keys (``segmenter_id``, ``predictions``,
+``next_slice``, ``uncertainty``, ``slice_prior``, ``components``, ``propagation``) with
+``method: "scratch"`` and ``encoder_id: null``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy import select
+
+from segassist.models.fewshot import FewShotConfig
+from segassist.models.held_out_slice import HeldOutSlice, hold_out_middle_slice
+from segassist.models.networks.segmenter import SegmenterNet
+from segassist.models.pretrain import Encoder
+from segassist.models.propagation import map_features, propagate
+from segassist.models.runtime.predictor import OnnxPredictor, softmax
+from segassist.models.runtime.preprocess import crop_to, normalise, pad_to_multiple
+from segassist.server.db import Job, JobKind
+from segassist.worker import pipelines
+from segassist.worker.assist import (
+    _cache_features,
+    _fit_network,
+    _Phases,
+    _predict_targets,
+    _Predictors,
+    _with_own_labels,
+)
+from segassist.worker.jobs import JobContext
+
+__all__ = ["refine"]
+
+logger = logging.getLogger(__name__)
+
+
+def refine(ctx: JobContext) -> dict[str, Any]:
+    """Run the refinement (module docstring); returns the job's result."""
+    params = ctx.params
+    axis = int(params["axis"])
+    result: dict[str, Any] = {"refine_of": params["refine_of"], "axis": axis}
+    newer = _newer_assist(ctx, str(params["refine_of"]))
+    if newer is not None:
+        logger.info("refinement of %s skipped: assist %s is newer", params["refine_of"], newer)
+        return result | {"outcome": "superseded", "superseded_by": newer}
+    dataset = pipelines._dataset(ctx)
+    pairs = pipelines._labelled_images(ctx, params["label_ids"])
+    targets = pipelines._images(ctx, params["image_ids"])
+    num_classes = len(pipelines._class_names(dataset))
+    encoder_id = str(params["encoder_id"])
+    encoder = pipelines._encoder(ctx, dataset, encoder_id, {})
+    config = FewShotConfig.from_dict(
+        {**(params.get("config") or {}), "axis": axis, "device": pipelines._torch_device(ctx)}
+    )
+    labels = [pipelines._read_label(label, image) for image, label in pairs]
+    held: dict[str, HeldOutSlice] = {}
+    for (image, _), label in zip(pairs, labels, strict=True):
+        hidden = hold_out_middle_slice(label, axis) if image.id in params["validated"] else None
+        if hidden is not None:
+            held[image.id] = hidden
+    if not held:
+        raise ValueError(f"no image of {params['validated']} has 3 labelled slices to hold out")
+    phase = _Phases()
+    with phase(ctx, "features"):
+        images = [image for image, _ in pairs if image.id in held]
+        cached = _cache_features(ctx, encoder_id, encoder, images, [], axis)
+    scratch = Encoder.random(encoder.config, encoder.normalisation)
+    with phase(ctx, "validate"):
+        fast = [
+            hidden.dice(_corrected_propagation(cached[image_id], hidden, num_classes, config))
+            for image_id, hidden in held.items()
+        ]
+        reduced = [
+            held[image.id].labels if image.id in held else label
+            for (image, _), label in zip(pairs, labels, strict=True)
+        ]
+        network, _ = _fit_network(
+            ctx, scratch, True, pairs, reduced, num_classes, "finetune", config
+        )
+        volumes = {
+            image.id: normalise(pipelines._read_image(image), scratch.normalisation)
+            for image, _ in pairs
+            if image.id in held
+        }
+        trained = [
+            hidden.dice(
+                _with_own_labels(
+                    _network_probabilities(network, volumes[image_id], axis),
+                    hidden.labels,
+                    axis,
+                    config,
+                )[0]
+            )
+            for image_id, hidden in held.items()
+        ]
+    result["validation"] = {
+        "propagation": round(float(np.mean(fast)), 4),
+        "scratch": round(float(np.mean(trained)), 4),
+        "held_out_slices": {image_id: hidden.index for image_id, hidden in held.items()},
+    }
+    if result["validation"]["scratch"] <= result["validation"]["propagation"]:
+        return result | {"outcome": "kept", "timings": phase.seconds}
+    with phase(ctx, "fit"):
+        segmenter, losses = _fit_network(
+            ctx, scratch, True, pairs, labels, num_classes, "finetune", config
+        )
+    model_id = pipelines._model_id(ctx)
+    with phase(ctx, "export"):
+        if pipelines._registered(ctx) is None:
+            pipelines.publish_segmenter(
+                ctx,
+                dataset,
+                model_id,
+                segmenter,
+                class_names=pipelines._class_names(dataset),
+                axis=axis,
+                normalisation=scratch.normalisation,
+                encoder_id=None,
+                objective=None,
+                method="scratch",
+                config=config,
+                pairs=pairs,
+                fit_loss=losses.last,
+            )
+    with phase(ctx, "predict"):
+        predictor = OnnxPredictor.from_folder(
+            ctx.storage.model_dir(model_id), device=ctx.settings.device
+        )
+        outputs = _predict_targets(
+            ctx,
+            model_id,
+            targets,
+            _Predictors(segmenter, predictor, {}, scratch.normalisation),
+            {image.id: label for (image, _), label in zip(pairs, labels, strict=True)},
+            {image.id: set(label.annotated_slices.get(str(axis), [])) for image, label in pairs},
+            config,
+        )
+    return result | {
+        "outcome": "refined",
+        "method": "scratch",
+        "segmenter_id": model_id,
+        "encoder_id": None,
+        **outputs,
+        "fit_loss": losses.last,
+        "timings": phase.seconds,
+    }
+
+
+def _newer_assist(ctx: JobContext, assist_id: str) -> str | None:
+    """The id of the dataset's newest assist job if it is newer than ``assist_id``."""
+    with ctx.sessions() as session:
+        refined = session.get(Job, assist_id)
+        newest = session.scalar(
+            select(Job)
+            .where(Job.dataset_id == ctx.dataset_id, Job.kind == JobKind.assist)
+            .order_by(Job.created_at.desc())
+            .limit(1)
+        )
+        if refined is None or newest is None or newest.id == assist_id:
+            return None
+        return newest.id if newest.created_at > refined.created_at else None
+
+
+def _corrected_propagation(
+    maps: Any, hidden: HeldOutSlice, num_classes: int, config: FewShotConfig
+) -> np.ndarray:
+    """The assist's chain on the labels without the hidden slice: propagation, then the slice
+    prior and the component filter (``X×Y×Z`` labels)."""
+    began = time.perf_counter()
+    spread = propagate(map_features(maps), hidden.labels, hidden.axis, num_classes)
+    seconds = time.perf_counter() - began
+    return _with_own_labels(spread.probabilities, hidden.labels, hidden.axis, config, seconds)[0]
+
+
+@torch.no_grad()
+def _network_probabilities(
+    segmenter: SegmenterNet, volume: np.ndarray, axis: int, batch_size: int = 8
+) -> np.ndarray:
+    """``L×X×Y×Z`` softmax of ``segmenter`` over a normalised ``X×Y×Z`` volume, slice by slice
+    along ``axis``."""
+    segmenter.eval().cpu()
+    slices = np.ascontiguousarray(np.moveaxis(volume, axis, 0), dtype=np.float32)
+    out = []
+    for start in range(0, len(slices), batch_size):
+        batch, size = pad_to_multiple(
+            slices[start : start + batch_size, None], segmenter.encoder.size_divisor
+        )
+        logits, _ = segmenter(torch.from_numpy(batch))
+        out.append(softmax(crop_to(logits.numpy(), size)))
+    return np.moveaxis(np.concatenate(out), 0, axis + 1)
