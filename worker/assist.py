@@ -104,6 +104,7 @@ from segassist.server.db import (
     ModelKind,
     ModelRecord,
 )
+from segassist.server.db.cancel import cancel_jobs
 from segassist.server.predictions import predict_to_folder, prediction_urls, write_prediction
 from segassist.server.queue import enqueue_job
 from segassist.worker import pipelines
@@ -143,6 +144,7 @@ def assist(ctx: JobContext) -> dict[str, Any]:
     pairs = pipelines._labelled_images(ctx, params.get("label_ids"))
     targets = pipelines._images(ctx, params.get("image_ids"))
     class_names = pipelines._class_names(dataset)
+    _cancel_refinements(ctx)
     phase = _Phases()
     result: dict[str, Any] = {"axis": axis, "method": method}
 
@@ -426,6 +428,13 @@ def _continue_in_background(
         enqueue_job(get_app(), job)
         logger.info("pretraining continues in the background: job %s (%d steps)", job_id, steps)
     return job_id
+
+
+def _cancel_refinements(ctx: JobContext) -> None:
+    """Cancel the dataset's unfinished refinements: this assist answers newer labels, and a
+    refinement's training would take the cores from it."""
+    with ctx.owned_session() as session:
+        cancel_jobs(session, Job.kind == JobKind.refine, Job.dataset_id == ctx.dataset_id)
 
 
 def _queue_refinement(

@@ -8,10 +8,11 @@ from typing import Annotated, Any
 from celery import Celery
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import PlainTextResponse
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from segassist.server.auth import CurrentPrincipal, Principal, require_role
+from segassist.server.db.cancel import cancel_jobs
 from segassist.server.db.tables import (
     FINAL_TAG,
     Dataset,
@@ -209,19 +210,7 @@ def cancel_job(job_id: IdPath, session: SessionDep, principal: CurrentPrincipal)
     they started; admins any job."""
     job = _get_job(session, job_id)
     _check_may_cancel(job, principal)
-    now = utcnow()
-    # Conditional updates: the worker may move the job from queued to running concurrently.
-    cancelled = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.queued)
-        .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now, updated_at=now)
-    )
-    if not cancelled.rowcount:  # type: ignore[attr-defined]
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.running)
-            .values(cancel_requested=True, updated_at=now)
-        )
+    cancel_jobs(session, Job.id == job_id)
     session.commit()
     session.refresh(job)
     if job.status.finished and job.status != JobStatus.cancelled:

@@ -29,6 +29,8 @@ const state = {
   classValue: null,
   job: null,
   result: null,
+  /** The background refinement job of the result on screen (null: none). */
+  refinement: null,
   pollToken: 0,
   annotatedTimer: 0,
 };
@@ -431,6 +433,8 @@ function renderJob(job) {
 async function followJob(job) {
   stopPolling();
   const token = state.pollToken;
+  state.refinement = null;
+  renderRefinement();
   state.job = job;
   renderJob(job);
   while (!TERMINAL.has(job.status)) {
@@ -441,8 +445,56 @@ async function followJob(job) {
     state.job = job;
     renderJob(job);
   }
-  if (job.status === "succeeded") await showResult(job);
-  else if (job.status === "failed") throw new Error(`the assist job failed: ${job.error || "no message"}`);
+  if (job.status === "succeeded") {
+    await showResult(job);
+    if (job.result?.refine_job_id) await followRefinement(job.result.refine_job_id, token);
+  } else if (job.status === "failed") throw new Error(`the assist job failed: ${job.error || "no message"}`);
+}
+
+/**
+ * Poll the background refinement of the assist result on screen (a network trained from scratch,
+ * kept only if it scores better on a held-out labelled slice) and show its segmentation when it
+ * replaces the assist's. Stops when the page starts following another job.
+ */
+async function followRefinement(jobId, token) {
+  let job = await request("GET", `jobs/${jobId}`);
+  state.refinement = job;
+  renderRefinement();
+  while (!TERMINAL.has(job.status)) {
+    await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+    if (token !== state.pollToken) return;
+    job = await request("GET", `jobs/${jobId}`);
+    if (token !== state.pollToken) return;
+    state.refinement = job;
+    renderRefinement();
+  }
+  if (job.status === "succeeded" && job.result?.outcome === "refined") await showResult(job);
+}
+
+/**
+ * "network from scratch: held-out slice Dice 0.812 vs propagation 0.703, replaced" — what the
+ * refinement of the result on screen is doing or decided.
+ */
+function refinementText(job) {
+  if (!job) return "—";
+  if (!TERMINAL.has(job.status)) {
+    const p = job.progress || {};
+    const step = p.total ? ` ${p.step ?? 0}/${p.total}` : "";
+    return `training a network in the background (${job.status}${p.phase ? `, ${p.phase}${step}` : ""})…`;
+  }
+  if (job.status !== "succeeded") return `the refinement ${job.status}${job.error ? `: ${job.error}` : ""}`;
+  const r = job.result;
+  if (r.outcome === "superseded") return "skipped: a newer run replaced this one";
+  const v = r.validation;
+  const scores = `held-out slice Dice ${v.scratch.toFixed(3)} vs propagation ${v.propagation.toFixed(3)}`;
+  return r.outcome === "refined"
+    ? `network from scratch: ${scores}, replaced`
+    : `propagation kept: network from scratch ${scores}`;
+}
+
+function renderRefinement() {
+  $("result-refinement").textContent = refinementText(state.refinement);
+  $("result-refinement-row").hidden = !state.refinement;
 }
 
 /** The newest assist job that segmented the open image: the dataset's latest, else the newest succeeded one. */
@@ -468,6 +520,7 @@ async function loadLatestResult() {
   if (done) {
     renderJob(done);
     await showResult(done);
+    if (done.result.refine_job_id) await followRefinement(done.result.refine_job_id, state.pollToken);
   }
 }
 
@@ -524,7 +577,7 @@ function renderResult() {
   const result = r.job.result;
   $("result-method").textContent = result.method || "—";
   $("result-own-labels").textContent = ownLabelsText(result, state.image.id);
-  const validation = result.validation;
+  const validation = r.job.kind === "refine" ? null : result.validation; // refinement: its own row
   $("result-validation").textContent = validation ? validationText(validation) : "";
   $("result-validation").title = validation ? JSON.stringify(validation, null, 1) : "";
   $("result-validation-row").hidden = !validation;
