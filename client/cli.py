@@ -41,7 +41,13 @@ from segassist.client.local import (
     default_data_dir,
     ensure_local_service,
 )
-from segassist.client.segment import METHODS, OBJECTIVES, SegmentRequest, run_segment
+from segassist.client.segment import (
+    METHODS,
+    OBJECTIVES,
+    SegmentRequest,
+    refinement_text,
+    run_segment,
+)
 
 __all__ = ["build_parser", "main", "make_progress"]
 
@@ -142,6 +148,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         axis=args.axis,
         fit_config=args.fit_config or {},
         label_names=args.label_names or {},
+        wait_for_refinement=not args.no_refinement_wait,
     )
     url = _server_url(args, start=True)
     with SegAssistClient(url) as api, make_progress() as progress:
@@ -160,6 +167,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         console.print(f"method: {result.method}{_validation_text(result.validation)}")
     if corrections := _own_labels_text(result.own_labels):
         console.print(f"from your labelled slices: {corrections}")
+    if result.refinement is not None:
+        console.print(f"refinement: {refinement_text(result.refinement)}")
     if result.next_slice is not None:
         console.print(f"least certain unlabelled slice: {result.next_slice} (label it next)")
     return 0
@@ -365,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--label-names", type=_names_arg, help='e.g. "1=L1,2=L2" or "liver,spleen"')
     p.add_argument("--fit-config", type=_json_arg, metavar="JSON")
+    p.add_argument(
+        "--no-refinement-wait",
+        action="store_true",
+        help="write the assist's segmentation without waiting for the background refinement "
+        "(a network from scratch, tens of seconds; it still runs; "
+        "--fit-config '{\"refine\": false}' turns it off)",
+    )
     _add_server(p)
     p.set_defaults(func=cmd_segment)
 

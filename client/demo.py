@@ -25,7 +25,12 @@ from rich.table import Table
 
 from segassist.client.api import SegAssistClient
 from segassist.client.local import DEFAULT_HOST, DEFAULT_PORT, ensure_local_service
-from segassist.client.segment import SegmentRequest, SegmentResult, run_segment
+from segassist.client.segment import (
+    SegmentRequest,
+    SegmentResult,
+    refinement_text,
+    run_segment,
+)
 from segassist.models.runtime.configs import IGNORE_INDEX
 
 __all__ = [
@@ -193,6 +198,8 @@ def _report(
         console.print(f"cluster map: [bold]{result.clusters}[/bold]")
     if result.clusters_png is not None:
         console.print(f"cluster map picture: [bold]{result.clusters_png}[/bold]")
+    if result.refinement is not None:
+        console.print(f"refinement: {refinement_text(result.refinement)}")
     console.print(
         f"encoder {result.encoder_id}, segmenter {result.segmenter_id}; "
         f"the API stays up: [bold]{server}/docs[/bold]"

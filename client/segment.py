@@ -14,13 +14,14 @@ from typing import Any
 
 from rich.progress import Progress, TaskID
 
-from segassist.client.api import SegAssistClient, job_status
+from segassist.client.api import JobFailedError, SegAssistClient, job_status
 
 __all__ = [
     "METHODS",
     "OBJECTIVES",
     "SegmentRequest",
     "SegmentResult",
+    "refinement_text",
     "run_segment",
 ]
 
@@ -51,6 +52,9 @@ class SegmentRequest:
         fit_config: expert overrides of the few-shot fit (``FewShotConfig`` fields).
         label_names: class index → name (default: the server names them ``class <i>``).
         dataset_name: name of the dataset created for this run (default: the image's stem).
+        wait_for_refinement: when the assist queues a background refinement (a network
+            trained from scratch, kept if it scores better on a held-out labelled slice), wait
+            for it and write its segmentation instead when it wins.
     """
 
     image: Path
@@ -66,6 +70,7 @@ class SegmentRequest:
     fit_config: dict[str, Any] = field(default_factory=dict)
     label_names: dict[int, str] = field(default_factory=dict)
     dataset_name: str | None = None
+    wait_for_refinement: bool = True
 
 
 @dataclass
@@ -79,6 +84,9 @@ class SegmentResult:
             skipped; None otherwise.
         own_labels: what the image's labelled slices changed in its prediction: the job
             result's ``propagation``, ``slice_prior`` and ``components`` entries of the image.
+        refinement: the background refinement's job ``id``, ``status`` and its result's
+            ``outcome`` and ``validation`` (None: none was queued, or not waited for). When
+            its outcome is ``refined``, every other field describes its segmentation.
     """
 
     dataset_id: str
@@ -92,6 +100,7 @@ class SegmentResult:
     method: str | None = None
     validation: dict[str, Any] | None = None
     own_labels: dict[str, Any] = field(default_factory=dict)
+    refinement: dict[str, Any] | None = None
     clusters: Path | None = None
     clusters_png: Path | None = None
 
@@ -164,6 +173,23 @@ def run_segment(
     body |= {k: v for k, v in optional.items() if v is not None}
     job = api.assist(dataset["id"], body)
     done = api.wait_for_job(job["id"], _JobBar(progress, "assist"))
+    refinement = None
+    refine_id = done["result"].get("refine_job_id")
+    if refine_id is not None and request.wait_for_refinement:
+        try:
+            refined = api.wait_for_job(refine_id, _JobBar(progress, "refinement"))
+        except JobFailedError as exc:  # the assist's segmentation stands
+            logger.warning("%s", exc)
+            refined = exc.job
+        outcome = (refined.get("result") or {}).get("outcome")
+        refinement = {
+            "id": refine_id,
+            "status": refined["status"],
+            "outcome": outcome,
+            "validation": (refined.get("result") or {}).get("validation"),
+        }
+        if outcome == "refined":
+            done = refined
     result = done["result"]
     urls = result["predictions"][image["id"]]
     output = api.download(urls["labels"], request.output)
@@ -177,15 +203,31 @@ def run_segment(
         output=output,
         next_slice=(result.get("next_slice") or {}).get(image["id"]),
         method=result.get("method"),
-        validation=result.get("validation"),
+        validation=None if refinement and done["id"] == refine_id else result.get("validation"),
         own_labels={
             key: (result.get(key) or {}).get(image["id"])
             for key in ("propagation", "slice_prior", "components")
             if (result.get(key) or {}).get(image["id"])
         },
+        refinement=refinement,
     )
     if request.clusters is not None:
         png = request.clusters.with_name(_stem(request.clusters) + ".png")
         segment.clusters = api.download(urls["clusters"], request.clusters)
         segment.clusters_png = api.download(urls["clusters_png"], png)
     return segment
+
+
+def refinement_text(refinement: dict[str, Any]) -> str:
+    """``network from scratch replaced the segmentation (held-out slice Dice 0.812 vs
+    propagation 0.703)`` or why it did not."""
+    outcome, validation = refinement.get("outcome"), refinement.get("validation") or {}
+    if outcome not in ("refined", "kept"):
+        return f"job {refinement['id']} {refinement['status']} {outcome or ''}".rstrip()
+    scores = (
+        f"held-out slice Dice {validation['scratch']:.3f} vs propagation "
+        f"{validation['propagation']:.3f}"
+    )
+    if outcome == "refined":
+        return f"a network from scratch replaced the segmentation ({scores})"
+    return f"the propagated segmentation stands (network from scratch: {scores})"

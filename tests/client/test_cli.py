@@ -65,6 +65,7 @@ def segmented(
         json.dumps(TINY_FIT),
         "--label-names",
         "bright,dark",
+        "--no-refinement-wait",
     )
     return Segmented(run, out / "seg.nii.gz", out / "clusters.nii.gz")
 
@@ -76,6 +77,7 @@ def test_segment_writes_a_segmentation_on_the_inputs_grid(
     assert str(segmented.output) in segmented.run.stdout.replace("\n", "")
     assert "method: probe-linear" in segmented.run.stdout  # the server's default head
     assert "from your labelled slices: propagated" in segmented.run.stdout
+    assert "refinement:" not in segmented.run.stdout  # not waited for
     result = load_nifti(segmented.output)
     np.testing.assert_allclose(result.affine, OBLIQUE_AFFINE, atol=1e-6)
     labels = np.asanyarray(result.dataobj)
@@ -232,3 +234,36 @@ def test_demo_slices_are_spread_over_the_structure_and_scored_elsewhere() -> Non
     prediction[:, :, picks] = 0
     (score,) = dice_on_unlabelled(prediction, label, 2, picks, {1: "box"})
     assert score.dice == pytest.approx(1.0)
+
+
+def test_segment_waits_for_the_refinement_and_writes_the_winner(
+    service: Service, volume: Volume, tmp_path: Path
+) -> None:
+    """3 labelled slices: the CLI waits for the background refinement and writes its
+    segmentation if it scored better on the held-out slice, the assist's otherwise."""
+    out = tmp_path / "seg.nii.gz"
+    run = segassist(
+        "segment",
+        str(volume.image),
+        "--labels",
+        str(volume.sparse),
+        "-o",
+        str(out),
+        "--server",
+        service.url,
+        "--fit-config",
+        json.dumps({**TINY_FIT, "steps": 40}),
+    )
+    assert run.returncode == 0, run.stderr
+    said = " ".join(run.stdout.split())  # the console wraps long lines
+    assert "refinement: " in said and "held-out slice Dice" in said
+    if "replaced the segmentation" in said:
+        assert "method: scratch" in said
+    else:
+        assert "the propagated segmentation stands" in said
+        assert "method: probe-linear" in said
+    labels = np.asanyarray(load_nifti(out).dataobj)
+    (bright,) = dice_on_unlabelled(
+        labels, volume.reference, volume.axis, list(volume.labelled), {1: "class 1"}
+    )
+    assert bright.dice > 0.5, bright

@@ -103,6 +103,26 @@ def test_annotate_segment_correct_and_download(
     assert "propagated" in tab.inner_text("#result-own-labels")  # a small labelled volume
     assert "labelled" in tab.inner_text("#image-list")
     page.shot("segmented")
+    # three labelled slices: a network from scratch trains in the background; the page follows
+    # it and swaps its segmentation in if it scores better on the held-out middle slice
+    tab.wait_for_selector("#result-refinement-row:not([hidden])")
+    tab.wait_for_function(
+        """() => {
+          const job = window.segassist.state.refinement;
+          return job && ["succeeded", "failed", "cancelled"].includes(job.status);
+        }""",
+        timeout=600_000,
+    )
+    refinement = tab.evaluate("window.segassist.state.refinement")
+    assert refinement["status"] == "succeeded", refinement
+    if refinement["result"]["outcome"] == "refined":
+        tab.wait_for_function("window.segassist.state.result.job.kind === 'refine'")
+        assert "replaced" in tab.inner_text("#result-refinement")
+        assert tab.inner_text("#result-method") == "scratch"
+    else:
+        assert refinement["result"]["outcome"] == "kept"
+        assert "propagation kept" in tab.inner_text("#result-refinement")
+    page.shot("refinement")
 
     image_id = tab.evaluate("window.segassist.state.image.id")
     with SegAssistClient(web_service.url) as api:
