@@ -106,6 +106,7 @@ from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.objectives import OBJECTIVES
 from segassist.models.pretrain import Encoder, PretrainConfig, pretrain
 from segassist.models.progress import Progress
+from segassist.models.runtime.configs import QUICK_SCRATCH
 from segassist.models.runtime.preprocess import (
     crop_to,
     default_normalisation,
@@ -183,7 +184,7 @@ PROFILES = {
             patience=3,
             unlabelled_batch_size=2,
         ),
-        scratch=FewShotConfig.for_scratch(steps=100, batch_size=2, eval_every=10, patience=3),
+        scratch=FewShotConfig.for_scratch(**QUICK_SCRATCH),
         finetune_all=False,
         extras=("mlp", "single_scale"),
     ),

@@ -23,8 +23,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +45,7 @@ from segassist.models.pretrain import Encoder
 from segassist.models.progress import Progress, ProgressCallback
 from segassist.models.runtime.configs import METHODS, PROBE_HEADS, FewShotConfig, Method, ProbeHead
 from segassist.models.segloss import MaskedDiceCELoss
+from segassist.models.threads import torch_threads
 from segassist.models.volumes import IGNORE_INDEX, SparseLabels, annotated_slices
 
 __all__ = [
@@ -297,16 +297,6 @@ def _pointwise(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return head(x)
 
 
-@contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _select_head_on_slices(
     encoder: Encoder, data: _TrainingSlices, num_classes: int, config: FewShotConfig
 ) -> HeadChoice:
@@ -365,7 +355,7 @@ def _train_head(
     x, y = pixels[pick].T.contiguous().to(device), targets[pick].to(device)
     mean, scale = _channel_statistics(x)
     x = (x - mean[:, None]) / scale[:, None]
-    with _torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+    with torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
         for step in range(config.linear_steps):
             logits = _pointwise(head, x)  # L×N, as a 1×L×N×1 map for the loss
             loss = loss_fn(logits[None, :, :, None], y[None, :, None])

@@ -51,8 +51,7 @@ top-k alone 1.7 s), 23 s with 112 (every map).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from segassist.models.features import FeatureMaps
+from segassist.models.threads import torch_threads
 from segassist.models.volumes import IGNORE_INDEX, annotated_slices
 
 __all__ = [
@@ -229,22 +229,8 @@ def propagate(
     Raises:
         ValueError: if nothing is labelled or a label value is ``≥ num_classes``.
     """
-    with _one_thread():
+    with torch_threads(1):  # small per-slice tensors (models/threads.py)
         return _propagate(features, sparse, axis, num_classes, config or PropagationConfig())
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch's intra-op work on one thread, then restore the setting. A step's tensors are
-    small (one slice), and with two threads on a busy 2-core machine they spin-wait: the demo's
-    73×47×73 spine CT took 20.8 s on 2 threads and 0.9 s on one while a pretraining job ran;
-    TotalSegmentator's 122×101×112 CT 7.2 s vs 3.3 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _propagate(

@@ -39,18 +39,19 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from segassist.models.fewshot import FewShotConfig
+from segassist.models.fewshot import FewShotConfig, fit_segmenter
 from segassist.models.held_out_slice import HeldOutSlice, hold_out_middle_slice
 from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import Encoder
 from segassist.models.propagation import map_features, propagate
+from segassist.models.runtime.configs import QUICK_SCRATCH
 from segassist.models.runtime.predictor import OnnxPredictor, softmax
 from segassist.models.runtime.preprocess import crop_to, normalise, pad_to_multiple
+from segassist.models.threads import torch_threads
 from segassist.server.db import Job, JobKind
 from segassist.worker import pipelines
 from segassist.worker.assist import (
     _cache_features,
-    _fit_network,
     _Phases,
     _predict_targets,
     _Predictors,
@@ -94,6 +95,7 @@ def refine(ctx: JobContext) -> dict[str, Any]:
         images = [image for image, _ in pairs if image.id in held]
         cached = _cache_features(ctx, encoder_id, encoder, images, [], axis)
     scratch = Encoder.random(encoder.config, encoder.normalisation)
+    volumes = [normalise(pipelines._read_image(image), scratch.normalisation) for image, _ in pairs]
     with phase(ctx, "validate"):
         fast = [
             hidden.dice(_corrected_propagation(cached[image_id], hidden, num_classes, config))
@@ -103,24 +105,18 @@ def refine(ctx: JobContext) -> dict[str, Any]:
             held[image.id].labels if image.id in held else label
             for (image, _), label in zip(pairs, labels, strict=True)
         ]
-        network, _ = _fit_network(
-            ctx, scratch, True, pairs, reduced, num_classes, "finetune", config
-        )
-        volumes = {
-            image.id: normalise(pipelines._read_image(image), scratch.normalisation)
-            for image, _ in pairs
-            if image.id in held
-        }
+        network, _ = _fit_scratch(ctx, scratch, volumes, reduced, num_classes, config)
         trained = [
-            hidden.dice(
+            held[image.id].dice(
                 _with_own_labels(
-                    _network_probabilities(network, volumes[image_id], axis),
-                    hidden.labels,
+                    _network_probabilities(network, volume, axis),
+                    held[image.id].labels,
                     axis,
                     config,
                 )[0]
             )
-            for image_id, hidden in held.items()
+            for (image, _), volume in zip(pairs, volumes, strict=True)
+            if image.id in held
         ]
     result["validation"] = {
         "propagation": round(float(np.mean(fast)), 4),
@@ -130,9 +126,7 @@ def refine(ctx: JobContext) -> dict[str, Any]:
     if result["validation"]["scratch"] <= result["validation"]["propagation"]:
         return result | {"outcome": "kept", "timings": phase.seconds}
     with phase(ctx, "fit"):
-        segmenter, losses = _fit_network(
-            ctx, scratch, True, pairs, labels, num_classes, "finetune", config
-        )
+        segmenter, losses = _fit_scratch(ctx, scratch, volumes, labels, num_classes, config)
     model_id = pipelines._model_id(ctx)
     with phase(ctx, "export"):
         if pipelines._registered(ctx) is None:
@@ -190,6 +184,31 @@ def _newer_assist(ctx: JobContext, assist_id: str) -> str | None:
         return newest.id if newest.created_at > refined.created_at else None
 
 
+def _fit_scratch(
+    ctx: JobContext,
+    scratch: Encoder,
+    volumes: list[np.ndarray],
+    labels: list[np.ndarray],
+    num_classes: int,
+    config: FewShotConfig,
+) -> tuple[SegmenterNet, pipelines._LossTracker]:
+    """A network trained from ``scratch`` on the normalised ``volumes`` and their sparse
+    ``labels``: :meth:`FewShotConfig.for_scratch` with :data:`QUICK_SCRATCH` (the settings the
+    benchmark measured), the request's own few-shot settings on top; torch on one thread on the
+    CPU (:mod:`segassist.models.threads`: two spin-wait whenever the other core is busy)."""
+    settings = FewShotConfig.for_scratch(
+        **(
+            QUICK_SCRATCH
+            | (ctx.params.get("config") or {})
+            | {"axis": config.axis, "device": config.device}
+        )
+    )
+    losses = pipelines._LossTracker(ctx)
+    with torch_threads(1 if config.device == "cpu" else torch.get_num_threads()):
+        network = fit_segmenter(scratch, volumes, labels, num_classes, "finetune", settings, losses)
+    return network, losses
+
+
 def _corrected_propagation(
     maps: Any, hidden: HeldOutSlice, num_classes: int, config: FewShotConfig
 ) -> np.ndarray:
@@ -210,10 +229,11 @@ def _network_probabilities(
     segmenter.eval().cpu()
     slices = np.ascontiguousarray(np.moveaxis(volume, axis, 0), dtype=np.float32)
     out = []
-    for start in range(0, len(slices), batch_size):
-        batch, size = pad_to_multiple(
-            slices[start : start + batch_size, None], segmenter.encoder.size_divisor
-        )
-        logits, _ = segmenter(torch.from_numpy(batch))
-        out.append(softmax(crop_to(logits.numpy(), size)))
+    with torch_threads(1):
+        for start in range(0, len(slices), batch_size):
+            batch, size = pad_to_multiple(
+                slices[start : start + batch_size, None], segmenter.encoder.size_divisor
+            )
+            logits, _ = segmenter(torch.from_numpy(batch))
+            out.append(softmax(crop_to(logits.numpy(), size)))
     return np.moveaxis(np.concatenate(out), 0, axis + 1)

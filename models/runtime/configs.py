@@ -19,6 +19,7 @@ __all__ = [
     "METHODS",
     "OBJECTIVES",
     "PROBE_HEADS",
+    "QUICK_SCRATCH",
     "FewShotConfig",
     "Method",
     "Objective",
@@ -142,6 +143,13 @@ class PretrainConfig(BaseModel):
         """
         _check_keys(cls, data, "pretraining")
         return cls.model_validate(dict(data))
+
+
+QUICK_SCRATCH: dict[str, Any] = {"steps": 100, "batch_size": 2, "eval_every": 10, "patience": 3}
+"""Overrides of :meth:`FewShotConfig.for_scratch` for a network from scratch that trains in
+seconds to tens of seconds on 2 cores: the benchmark's default profile (the "random init,
+fine-tune" row of ``bench/results/fewshot.md``) and the background refinement
+(:mod:`segassist.worker.refine`), which that row's numbers justify."""
 
 
 class FewShotConfig(BaseModel):

@@ -15,11 +15,11 @@ from segassist.models.fewshot import (
     _fold_standardisation,
     _pointwise,
     _select_head,
-    _torch_threads,
     _train_head,
 )
 from segassist.models.pretrain import Encoder, PretrainConfig
 from segassist.models.segloss import MaskedDiceCELoss
+from segassist.models.threads import torch_threads
 
 STEPS = 60  # the few-shot benchmark's default probe budget
 
@@ -52,7 +52,7 @@ def _naive_fit(head: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FewSho
     """The probe as it was: full-batch Adam on the raw features."""
     optimiser = torch.optim.Adam(head.parameters(), lr=config.linear_lr)
     columns, loss_fn = x.T.contiguous(), MaskedDiceCELoss()
-    with _torch_threads(1):  # as the probe: tiny products are slower on two threads
+    with torch_threads(1):  # as the probe: tiny products are slower on two threads
         _naive_steps(head, columns, y, optimiser, loss_fn, config.linear_steps)
 
 
