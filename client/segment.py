@@ -85,7 +85,7 @@ class SegmentResult:
         own_labels: what the image's labelled slices changed in its prediction: the job
             result's ``propagation``, ``slice_prior`` and ``components`` entries of the image.
         refinement: the background refinement's job ``id``, ``status`` and its result's
-            ``outcome`` and ``validation`` (None: none was queued, or not waited for). When
+            ``outcome``, ``method`` and ``validation`` (None: none was queued, or not waited for). When
             its outcome is ``refined``, every other field describes its segmentation.
     """
 
@@ -186,6 +186,7 @@ def run_segment(
             "id": refine_id,
             "status": refined["status"],
             "outcome": outcome,
+            "method": (refined.get("result") or {}).get("method"),
             "validation": (refined.get("result") or {}).get("validation"),
         }
         if outcome == "refined":
@@ -219,15 +220,17 @@ def run_segment(
 
 
 def refinement_text(refinement: dict[str, Any]) -> str:
-    """``network from scratch replaced the segmentation (held-out slice Dice 0.812 vs
-    propagation 0.703)`` or why it did not."""
+    """``held-out slice Dice: propagation 0.703, scratch 0.812, blend 0.790 → scratch replaced
+    the segmentation`` or why there is no decision (the job's state)."""
     outcome, validation = refinement.get("outcome"), refinement.get("validation") or {}
     if outcome not in ("refined", "kept"):
         return f"job {refinement['id']} {refinement['status']} {outcome or ''}".rstrip()
-    scores = (
-        f"held-out slice Dice {validation['scratch']:.3f} vs propagation "
-        f"{validation['propagation']:.3f}"
+    scores = ", ".join(
+        f"{name} {value:.3f}" for name, value in validation.items() if isinstance(value, float)
     )
-    if outcome == "refined":
-        return f"a network from scratch replaced the segmentation ({scores})"
-    return f"the propagated segmentation stands (network from scratch: {scores})"
+    decision = (
+        f"{refinement.get('method')} replaced the segmentation"
+        if outcome == "refined"
+        else "the propagated segmentation stands"
+    )
+    return f"held-out slice Dice: {scores} → {decision}"

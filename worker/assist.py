@@ -82,6 +82,7 @@ from segassist.models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
 from segassist.models.pretrain import pretrain as run_pretraining
 from segassist.models.progress import Progress
 from segassist.models.propagation import map_features, propagate
+from segassist.models.refinement import candidates
 from segassist.models.runtime._atomic import link_atomic
 from segassist.models.runtime.configs import DEFAULT_HEAD, IGNORE_INDEX
 from segassist.models.runtime.nifti import read_nifti
@@ -584,12 +585,15 @@ def _fit_auto(
 class _Predictors:
     """What segments the targets: ``predictor`` (the exported network; None for a probe, whose
     ``segmenter`` head reads the ``cached`` maps of each image, ``normalisation`` being the
-    encoder's)."""
+    encoder's). ``blend``: a labelled image with ``cached`` maps gets the mean of the network's
+    probabilities and those propagated from its labelled slices (the refinement's ``"blend"``,
+    :mod:`segassist.models.refinement`)."""
 
     segmenter: SegmenterNet
     predictor: OnnxPredictor | None
     cached: dict[str, FeatureMaps]
     normalisation: Normalisation
+    blend: bool = False
 
 
 def _predict_targets(
@@ -629,7 +633,13 @@ def _predict_targets(
             uncertainty, _, _ = read_nifti(out_dir / "uncertainty.nii.gz")
         elif using.predictor is not None and sparse is not None:
             names, uncertainty, evidence = _predict_network_with_own_labels(
-                using.predictor, image, sparse, config, out_dir, with_probabilities
+                using.predictor,
+                image,
+                sparse,
+                config,
+                out_dir,
+                with_probabilities,
+                using.cached.get(image.id) if using.blend else None,
             )
         else:
             names, uncertainty, evidence = _predict_from_cache(
@@ -744,18 +754,27 @@ def _predict_network_with_own_labels(
     config: FewShotConfig,
     out_dir: Path,
     with_probabilities: bool,
+    blend_with: FeatureMaps | None = None,
 ) -> tuple[list[str], np.ndarray, _OwnLabels]:
     """The fine-tuned network's prediction of ``image`` corrected by its own ``sparse`` labels
     (:func:`_with_own_labels`), written under ``out_dir``; as :func:`_predict_from_cache`
-    returns."""
+    returns. With ``blend_with`` (the image's cached maps), the network's probabilities are first
+    averaged with those propagated from ``sparse`` through the maps
+    (:func:`segassist.models.refinement.candidates`' ``"blend"``)."""
     path = pipelines._existing_file(Path(image.path), f"image {image.id}")
     volume, affine, header = read_nifti(path)
     raw = predictor.predict(np.asarray(volume, dtype=np.float32), with_probabilities=True)
     if raw.probabilities is None:
         raise ValueError("the network returned no probabilities")
     manifest = predictor.manifest
+    probabilities, propagated = raw.probabilities, None
+    if blend_with is not None:
+        began = time.perf_counter()
+        spread = propagate(map_features(blend_with), sparse, manifest.axis, manifest.num_classes)
+        propagated = round(time.perf_counter() - began, 3)
+        probabilities = candidates(spread.probabilities, probabilities)["blend"]
     labels, probabilities, uncertainty, evidence = _with_own_labels(
-        raw.probabilities, sparse, manifest.axis, config
+        probabilities, sparse, manifest.axis, config, propagated
     )
     prediction = Prediction(
         labels, raw.clusters, probabilities if with_probabilities else None, uncertainty

@@ -1,5 +1,6 @@
-"""The background refinement of an assist result: a network trained from scratch replaces the
-fast segmentation when it does better on a labelled slice held out.
+"""The background refinement of an assist result: a network trained from scratch, alone or
+blended with the propagation, replaces the fast segmentation when it does better on a labelled
+slice held out.
 
 The assist job answers in seconds from the encoder's cached maps (propagation of the labelled
 slices, :mod:`segassist.worker.assist`). Where the structure is defined by its position and shape
@@ -13,20 +14,23 @@ queue (``FewShotConfig.refine``; images with at least
 
 1. ``features``: the cached maps of the validated images (normally a cache hit).
 2. ``validate``: the middle labelled slice of each validated image hidden
-   (:func:`~segassist.models.held_out_slice.hold_out_middle_slice`); the assist's chain
-   (propagation → slice prior → seeded components) run from the other slices, and a scratch
-   network trained on them and corrected the same way; each scored by the mean Dice on the
-   hidden slices, averaged over the images.
-3. When the network scores higher: ``fit`` (the network again, on every labelled slice),
-   ``export`` (ONNX, registered), ``predict`` (every target image, corrected by its own labels
-   as the assist does). Otherwise the job ends there and the assist's segmentation stands.
+   (:func:`~segassist.models.held_out_slice.hold_out_middle_slice`); a scratch network trained
+   on the other slices (:data:`~segassist.models.runtime.configs.QUICK_SCRATCH`, one thread);
+   the candidates of :mod:`segassist.models.refinement` (propagation, the network, their blend)
+   made from those slices, each corrected as the assist corrects (slice prior, seeded
+   components) and scored by the mean Dice on the hidden slices, averaged over the images.
+3. When the network or the blend scores highest (ties go to propagation): ``fit`` (the network
+   again, on every labelled slice), ``export`` (ONNX, registered), ``predict`` (every target
+   image; a labelled one corrected by its own labels, and for the blend averaged with its
+   propagation first). Otherwise the job ends there and the assist's segmentation stands.
 
 A job is skipped as ``superseded`` when a newer assist of the dataset exists: the annotator has
-moved on. Result: ``refine_of``, ``outcome`` (``refined``, ``kept`` or ``superseded``),
-``validation`` (``{"propagation": dice, "scratch": dice, "held_out_slices": {image: index}}``),
-``timings``; when refined, also the assist result's keys (``segmenter_id``, ``predictions``,
-``next_slice``, ``uncertainty``, ``slice_prior``, ``components``, ``propagation``) with
-``method: "scratch"`` and ``encoder_id: null``.
+moved on (a new assist also cancels unfinished refinements). Result: ``refine_of``, ``outcome``
+(``refined``, ``kept`` or ``superseded``), ``validation`` (candidate → Dice on the hidden
+slices, and ``held_out_slices``: image → index), ``timings``; when refined, also the assist
+result's keys (``segmenter_id``, ``predictions``, ``next_slice``, ``uncertainty``,
+``slice_prior``, ``components``, ``propagation``) with ``method`` the winner (``scratch`` or
+``blend``) and ``encoder_id: null``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from segassist.models.held_out_slice import HeldOutSlice, hold_out_middle_slice
 from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import Encoder
 from segassist.models.propagation import map_features, propagate
+from segassist.models.refinement import CANDIDATES, candidates, choose
 from segassist.models.runtime.configs import QUICK_SCRATCH
 from segassist.models.runtime.predictor import OnnxPredictor, softmax
 from segassist.models.runtime.preprocess import crop_to, normalise, pad_to_multiple
@@ -97,33 +102,31 @@ def refine(ctx: JobContext) -> dict[str, Any]:
     scratch = Encoder.random(encoder.config, encoder.normalisation)
     volumes = [normalise(pipelines._read_image(image), scratch.normalisation) for image, _ in pairs]
     with phase(ctx, "validate"):
-        fast = [
-            hidden.dice(_corrected_propagation(cached[image_id], hidden, num_classes, config))
-            for image_id, hidden in held.items()
-        ]
         reduced = [
             held[image.id].labels if image.id in held else label
             for (image, _), label in zip(pairs, labels, strict=True)
         ]
         network, _ = _fit_scratch(ctx, scratch, volumes, reduced, num_classes, config)
-        trained = [
-            held[image.id].dice(
-                _with_own_labels(
-                    _network_probabilities(network, volume, axis),
-                    held[image.id].labels,
-                    axis,
-                    config,
-                )[0]
-            )
-            for (image, _), volume in zip(pairs, volumes, strict=True)
-            if image.id in held
-        ]
-    result["validation"] = {
-        "propagation": round(float(np.mean(fast)), 4),
-        "scratch": round(float(np.mean(trained)), 4),
-        "held_out_slices": {image_id: hidden.index for image_id, hidden in held.items()},
+        scores: dict[str, list[float]] = {name: [] for name in CANDIDATES}
+        for (image, _), volume in zip(pairs, volumes, strict=True):
+            if image.id not in held:
+                continue
+            hidden = held[image.id]
+            began = time.perf_counter()
+            spread = propagate(map_features(cached[image.id]), hidden.labels, axis, num_classes)
+            spread_seconds = round(time.perf_counter() - began, 3)
+            made = candidates(spread.probabilities, _network_probabilities(network, volume, axis))
+            for name, probabilities in made.items():
+                # the prior at the strength the assist gives propagated probabilities
+                propagated = None if name == "scratch" else spread_seconds
+                corrected = _with_own_labels(probabilities, hidden.labels, axis, config, propagated)
+                scores[name].append(hidden.dice(corrected[0]))
+    validation = {name: round(float(np.mean(values)), 4) for name, values in scores.items()}
+    winner = choose(validation)
+    result["validation"] = validation | {
+        "held_out_slices": {image_id: hidden.index for image_id, hidden in held.items()}
     }
-    if result["validation"]["scratch"] <= result["validation"]["propagation"]:
+    if winner == "propagation":
         return result | {"outcome": "kept", "timings": phase.seconds}
     with phase(ctx, "fit"):
         segmenter, losses = _fit_scratch(ctx, scratch, volumes, labels, num_classes, config)
@@ -153,14 +156,16 @@ def refine(ctx: JobContext) -> dict[str, Any]:
             ctx,
             model_id,
             targets,
-            _Predictors(segmenter, predictor, {}, scratch.normalisation),
+            _Predictors(
+                segmenter, predictor, cached, scratch.normalisation, blend=winner == "blend"
+            ),
             {image.id: label for (image, _), label in zip(pairs, labels, strict=True)},
             {image.id: set(label.annotated_slices.get(str(axis), [])) for image, label in pairs},
             config,
         )
     return result | {
         "outcome": "refined",
-        "method": "scratch",
+        "method": winner,
         "segmenter_id": model_id,
         "encoder_id": None,
         **outputs,
@@ -207,17 +212,6 @@ def _fit_scratch(
     with torch_threads(1 if config.device == "cpu" else torch.get_num_threads()):
         network = fit_segmenter(scratch, volumes, labels, num_classes, "finetune", settings, losses)
     return network, losses
-
-
-def _corrected_propagation(
-    maps: Any, hidden: HeldOutSlice, num_classes: int, config: FewShotConfig
-) -> np.ndarray:
-    """The assist's chain on the labels without the hidden slice: propagation, then the slice
-    prior and the component filter (``X×Y×Z`` labels)."""
-    began = time.perf_counter()
-    spread = propagate(map_features(maps), hidden.labels, hidden.axis, num_classes)
-    seconds = time.perf_counter() - began
-    return _with_own_labels(spread.probabilities, hidden.labels, hidden.axis, config, seconds)[0]
 
 
 @torch.no_grad()

@@ -472,8 +472,9 @@ async function followRefinement(jobId, token) {
 }
 
 /**
- * "network from scratch: held-out slice Dice 0.812 vs propagation 0.703, replaced" — what the
- * refinement of the result on screen is doing or decided.
+ * "held-out slice Dice: propagation 0.703 · scratch 0.812 · blend 0.790 → scratch replaced it":
+ * what the refinement of the result on screen is doing or decided (candidates of
+ * models/refinement.py: a network from scratch, its blend with the propagation).
  */
 function refinementText(job) {
   if (!job) return "—";
@@ -485,11 +486,12 @@ function refinementText(job) {
   if (job.status !== "succeeded") return `the refinement ${job.status}${job.error ? `: ${job.error}` : ""}`;
   const r = job.result;
   if (r.outcome === "superseded") return "skipped: a newer run replaced this one";
-  const v = r.validation;
-  const scores = `held-out slice Dice ${v.scratch.toFixed(3)} vs propagation ${v.propagation.toFixed(3)}`;
-  return r.outcome === "refined"
-    ? `network from scratch: ${scores}, replaced`
-    : `propagation kept: network from scratch ${scores}`;
+  const scores = Object.entries(r.validation)
+    .filter(([, v]) => typeof v === "number")
+    .map(([name, v]) => `${name} ${v.toFixed(3)}`)
+    .join(" · ");
+  const decision = r.outcome === "refined" ? `${r.method} replaced it` : "propagation kept";
+  return `held-out slice Dice: ${scores} → ${decision}`;
 }
 
 function renderRefinement() {

@@ -117,11 +117,12 @@ def test_annotate_segment_correct_and_download(
     assert refinement["status"] == "succeeded", refinement
     if refinement["result"]["outcome"] == "refined":
         tab.wait_for_function("window.segassist.state.result.job.kind === 'refine'")
-        assert "replaced" in tab.inner_text("#result-refinement")
-        assert tab.inner_text("#result-method") == "scratch"
+        method = tab.inner_text("#result-method")
+        assert method in ("scratch", "blend")
+        assert f"{method} replaced it" in tab.inner_text("#result-refinement")
     else:
         assert refinement["result"]["outcome"] == "kept"
-        assert "propagation kept" in tab.inner_text("#result-refinement")
+        assert "→ propagation kept" in tab.inner_text("#result-refinement")
     page.shot("refinement")
 
     image_id = tab.evaluate("window.segassist.state.image.id")

@@ -71,14 +71,16 @@ def test_refinement_validates_then_keeps_or_replaces(
     assert refine["kind"] == "refine" and refine["params"]["refine_of"] == fast["id"]
     result = refine["result"]
     validation = result["validation"]
-    assert validation["held_out_slices"] == {image_id: 3}  # the middle of 1, 3, 4
-    assert 0.0 <= validation["propagation"] <= 1.0 and 0.0 <= validation["scratch"] <= 1.0
+    assert validation.pop("held_out_slices") == {image_id: 3}  # the middle of 1, 3, 4
+    assert set(validation) == {"propagation", "scratch", "blend"}
+    assert all(0.0 <= v <= 1.0 for v in validation.values())
     assert {"features", "validate"} <= set(result["timings"])
-    if validation["scratch"] > validation["propagation"]:
+    best = max(validation.values())
+    if validation["propagation"] < best:  # ties go to propagation
         assert result["outcome"] == "refined"
-        assert result["method"] == "scratch" and result["encoder_id"] is None
+        assert validation[result["method"]] == best and result["encoder_id"] is None
         model = service.get(f"/models/{result['segmenter_id']}")
-        assert model["method"] == "scratch" and model["parent_id"] is None
+        assert model["method"] == "scratch" and model["parent_id"] is None  # the network alone
         labels = _load(service.client.get(result["predictions"][image_id]["labels"]).content)
         np.testing.assert_array_equal(labels[..., list(LABELLED)], label[..., list(LABELLED)])
         assert result["slice_prior"][image_id]["applied"]
@@ -125,8 +127,12 @@ def test_refinement_replaces_what_propagation_cannot_follow(
     refine = service.finished(fast["result"]["refine_job_id"])
     assert refine["status"] == "succeeded", refine
     result = refine["result"]
-    assert result["validation"]["scratch"] > result["validation"]["propagation"], result
+    validation = result["validation"]
+    assert max(validation["scratch"], validation["blend"]) > validation["propagation"], result
     assert result["outcome"] == "refined"
+    assert result["method"] == max(("scratch", "blend"), key=lambda name: validation[name])
+    # the blend averages the network with the propagation of the labelled slices
+    assert result["propagation"][image_id]["applied"] == (result["method"] == "blend")
     assert set(result["timings"]) == {"features", "validate", "fit", "export", "predict"}
     labels = _load(service.client.get(result["predictions"][image_id]["labels"]).content)
     np.testing.assert_array_equal(labels[..., list(LABELLED)], label[..., list(LABELLED)])

@@ -1,0 +1,87 @@
+"""The refinement's held-out slice and candidates (:mod:`segassist.models.held_out_slice`,
+:mod:`segassist.models.refinement`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segassist.models.held_out_slice import hold_out_middle_slice
+from segassist.models.refinement import CANDIDATES, candidates, choose
+from segassist.models.runtime.configs import IGNORE_INDEX
+
+
+def _sparse(labelled: list[int], axis: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 3, size=(9, 8, 7)).astype(np.uint8)
+    sparse = np.full(truth.shape, IGNORE_INDEX, dtype=np.uint8)
+    index = [slice(None)] * 3
+    index[axis] = labelled  # type: ignore[call-overload]
+    sparse[tuple(index)] = truth[tuple(index)]
+    return sparse
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_the_middle_labelled_slice_is_hidden_and_the_input_kept(axis: int) -> None:
+    sparse = _sparse([0, 2, 5, 6], axis)
+    before = sparse.copy()
+    hidden = hold_out_middle_slice(sparse, axis)
+    assert hidden is not None
+    assert hidden.index == 5  # the (k // 2)-th of 0, 2, 5, 6
+    np.testing.assert_array_equal(sparse, before)
+    np.testing.assert_array_equal(hidden.truth, np.take(before, 5, axis=axis))
+    assert (np.take(hidden.labels, 5, axis=axis) == IGNORE_INDEX).all()
+    for other in (0, 2, 6):
+        np.testing.assert_array_equal(
+            np.take(hidden.labels, other, axis=axis), np.take(before, other, axis=axis)
+        )
+
+
+def test_fewer_than_three_labelled_slices_hold_nothing_out() -> None:
+    assert hold_out_middle_slice(_sparse([1, 4], 2), 2) is None
+    assert hold_out_middle_slice(_sparse([3], 0), 0) is None
+
+
+def test_dice_on_the_hidden_slice_against_a_brute_force() -> None:
+    sparse = _sparse([1, 3, 5], 1, seed=1)
+    sparse[0, 3, :] = IGNORE_INDEX  # a partly drawn slice: only drawn voxels count
+    hidden = hold_out_middle_slice(sparse, 1)
+    assert hidden is not None
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        guess = rng.integers(0, 3, size=sparse.shape).astype(np.uint8)
+        truth, predicted = [], []
+        for x in range(sparse.shape[0]):
+            for z in range(sparse.shape[2]):
+                if sparse[x, 3, z] != IGNORE_INDEX:
+                    truth.append(int(sparse[x, 3, z]))
+                    predicted.append(int(guess[x, 3, z]))
+        scores = []
+        for c in sorted(set(truth) | set(predicted)):
+            both = sum(t == c and p == c for t, p in zip(truth, predicted, strict=True))
+            scores.append(2 * both / (truth.count(c) + predicted.count(c)))
+        assert hidden.dice(guess) == pytest.approx(np.mean(scores))
+    perfect = np.where(sparse == IGNORE_INDEX, 0, sparse)
+    assert hidden.dice(perfect) == 1.0
+
+
+def test_candidates_are_the_two_experts_and_their_mean() -> None:
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(3), size=(4, 5, 6)).transpose(3, 0, 1, 2).astype(np.float32)
+    n = rng.dirichlet(np.ones(3), size=(4, 5, 6)).transpose(3, 0, 1, 2).astype(np.float32)
+    made = candidates(p, n)
+    assert tuple(made) == CANDIDATES
+    assert made["propagation"] is p and made["scratch"] is n
+    np.testing.assert_allclose(made["blend"], (p + n) / 2, rtol=1e-6)
+    np.testing.assert_allclose(made["blend"].sum(axis=0), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="shapes differ"):
+        candidates(p, n[:, :2])
+
+
+def test_the_best_score_wins_and_ties_go_to_the_cheaper() -> None:
+    assert choose({"propagation": 0.7, "scratch": 0.8, "blend": 0.75}) == "scratch"
+    assert choose({"propagation": 0.8, "scratch": 0.8, "blend": 0.8}) == "propagation"
+    assert choose({"propagation": 0.6, "scratch": 0.8, "blend": 0.8}) == "scratch"
+    assert choose({"blend": 0.1}) == "blend"
+    with pytest.raises(ValueError, match="no candidate"):
+        choose({"other": 1.0})
