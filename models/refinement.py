@@ -5,16 +5,21 @@ maps (:mod:`segassist.models.propagation`), and ``N``, the softmax of a network 
 scratch on the same slices:
 
 - ``"propagation"``: ``P`` (what the assist returned);
-- ``"scratch"``: ``N``;
-- ``"blend"``: ``(P + N) / 2``, a mean of the two experts. Their errors differ (propagation drifts
-  with the distance to a labelled slice, the network confuses look-alike tissue far from it),
-  and on the spine and brain volumes of the benchmark the blend beat both at k = 1 and on brain
-  at every k (``bench/results/refine/refine.md``).
+- ``"blend"``: ``(P + N) / 2``, the mean of the two experts. Their errors differ: propagation
+  drifts with the distance to a labelled slice, the network confuses look-alike tissue
+  anywhere.
 
-Each is then corrected by the image's own labels as the assist corrects (prior, components) and
-scored on a held-out labelled slice (:mod:`segassist.models.held_out_slice`); :func:`choose`
-keeps the best, ties going to the earlier candidate (the cheaper one: propagation needs no
-network).
+Each is corrected by the image's own labels as the assist corrects (prior, components), scored
+on a held-out labelled slice (:mod:`segassist.models.held_out_slice`), and :func:`choose` keeps
+the better, a tie going to propagation (no network needed).
+
+The network alone is no candidate, though on the spine it beats the blend: the held-out slice
+cannot judge it against propagation. Hiding the middle of k labelled slices doubles the gap
+propagation must cross, and propagation decays with distance far faster than a network does.
+Measured (``bench/results/refine_candidates/refine.md``, 2 seeds): on abdominal CT at k = 3, propagation
+scored 0.25 on the hidden slice and 0.85 on the unlabelled ones, the network 0.46 and 0.45, so
+the held-out choice would have swapped 0.85 for 0.45; the blend (0.80) costs 0.05 there, and
+gains 0.04 to 0.13 on the spine and brain volumes at k = 3 and 5.
 """
 
 from __future__ import annotations
@@ -22,10 +27,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 
-__all__ = ["CANDIDATES", "candidates", "choose"]
+from segassist.models.networks.segmenter import SegmenterNet
+from segassist.models.runtime.predictor import softmax
+from segassist.models.runtime.preprocess import crop_to, pad_to_multiple
+from segassist.models.threads import torch_threads
 
-CANDIDATES = ("propagation", "scratch", "blend")
+__all__ = ["CANDIDATES", "candidates", "choose", "network_probabilities"]
+
+CANDIDATES = ("propagation", "blend")
 """Every candidate, cheapest first."""
 
 
@@ -34,11 +45,7 @@ def candidates(propagated: np.ndarray, network: np.ndarray) -> dict[str, np.ndar
     (same shape)."""
     if propagated.shape != network.shape:
         raise ValueError(f"shapes differ: {propagated.shape} vs {network.shape}")
-    return {
-        "propagation": propagated,
-        "scratch": network,
-        "blend": (0.5 * (propagated + network)).astype(np.float32),
-    }
+    return {"propagation": propagated, "blend": (0.5 * (propagated + network)).astype(np.float32)}
 
 
 def choose(scores: Mapping[str, float]) -> str:
@@ -47,3 +54,22 @@ def choose(scores: Mapping[str, float]) -> str:
     if not ranked:
         raise ValueError(f"no candidate among {sorted(scores)}")
     return max(ranked, key=lambda name: (scores[name], -ranked.index(name)))
+
+
+@torch.no_grad()
+def network_probabilities(
+    segmenter: SegmenterNet, volume: np.ndarray, axis: int, batch_size: int = 8
+) -> np.ndarray:
+    """``L×X×Y×Z`` softmax of ``segmenter`` over a normalised ``X×Y×Z`` volume, slice by slice
+    along ``axis``."""
+    segmenter.eval().cpu()
+    slices = np.ascontiguousarray(np.moveaxis(volume, axis, 0), dtype=np.float32)
+    out = []
+    with torch_threads(1):
+        for start in range(0, len(slices), batch_size):
+            batch, size = pad_to_multiple(
+                slices[start : start + batch_size, None], segmenter.encoder.size_divisor
+            )
+            logits, _ = segmenter(torch.from_numpy(batch))
+            out.append(softmax(crop_to(logits.numpy(), size)))
+    return np.moveaxis(np.concatenate(out), 0, axis + 1)

@@ -1,6 +1,6 @@
-"""The background refinement of an assist result: a network trained from scratch, alone or
-blended with the propagation, replaces the fast segmentation when it does better on a labelled
-slice held out.
+"""The background refinement of an assist result: a network trained from scratch, blended with
+the propagation, replaces the fast segmentation when it does better on a labelled slice held
+out.
 
 The assist job answers in seconds from the encoder's cached maps (propagation of the labelled
 slices, :mod:`segassist.worker.assist`). Where the structure is defined by its position and shape
@@ -16,21 +16,21 @@ queue (``FewShotConfig.refine``; images with at least
 2. ``validate``: the middle labelled slice of each validated image hidden
    (:func:`~segassist.models.held_out_slice.hold_out_middle_slice`); a scratch network trained
    on the other slices (:data:`~segassist.models.runtime.configs.QUICK_SCRATCH`, one thread);
-   the candidates of :mod:`segassist.models.refinement` (propagation, the network, their blend)
-   made from those slices, each corrected as the assist corrects (slice prior, seeded
+   the candidates of :mod:`segassist.models.refinement` (propagation, its blend with the
+   network) made from those slices, each corrected as the assist corrects (slice prior, seeded
    components) and scored by the mean Dice on the hidden slices, averaged over the images.
-3. When the network or the blend scores highest (ties go to propagation): ``fit`` (the network
-   again, on every labelled slice), ``export`` (ONNX, registered), ``predict`` (every target
-   image; a labelled one corrected by its own labels, and for the blend averaged with its
-   propagation first). Otherwise the job ends there and the assist's segmentation stands.
+3. When the blend scores higher (a tie goes to propagation): ``fit`` (the network again, on
+   every labelled slice), ``export`` (ONNX, registered: the network alone, for images without
+   labels), ``predict`` (every target image; a labelled one with cached maps averaged with its
+   propagation, then corrected by its own labels). Otherwise the job ends there and the assist's segmentation stands.
 
 A job is skipped as ``superseded`` when a newer assist of the dataset exists: the annotator has
 moved on (a new assist also cancels unfinished refinements). Result: ``refine_of``, ``outcome``
 (``refined``, ``kept`` or ``superseded``), ``validation`` (candidate → Dice on the hidden
 slices, and ``held_out_slices``: image → index), ``timings``; when refined, also the assist
 result's keys (``segmenter_id``, ``predictions``, ``next_slice``, ``uncertainty``,
-``slice_prior``, ``components``, ``propagation``) with ``method`` the winner (``scratch`` or
-``blend``) and ``encoder_id: null``.
+``slice_prior``, ``components``, ``propagation``) with ``method: "blend"`` and
+``encoder_id: null``.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ from segassist.models.held_out_slice import HeldOutSlice, hold_out_middle_slice
 from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import Encoder
 from segassist.models.propagation import map_features, propagate
-from segassist.models.refinement import CANDIDATES, candidates, choose
+from segassist.models.refinement import CANDIDATES, candidates, choose, network_probabilities
 from segassist.models.runtime.configs import QUICK_SCRATCH
-from segassist.models.runtime.predictor import OnnxPredictor, softmax
-from segassist.models.runtime.preprocess import crop_to, normalise, pad_to_multiple
+from segassist.models.runtime.predictor import OnnxPredictor
+from segassist.models.runtime.preprocess import normalise
 from segassist.models.threads import torch_threads
 from segassist.server.db import Job, JobKind
 from segassist.worker import pipelines
@@ -115,11 +115,12 @@ def refine(ctx: JobContext) -> dict[str, Any]:
             began = time.perf_counter()
             spread = propagate(map_features(cached[image.id]), hidden.labels, axis, num_classes)
             spread_seconds = round(time.perf_counter() - began, 3)
-            made = candidates(spread.probabilities, _network_probabilities(network, volume, axis))
+            made = candidates(spread.probabilities, network_probabilities(network, volume, axis))
             for name, probabilities in made.items():
-                # the prior at the strength the assist gives propagated probabilities
-                propagated = None if name == "scratch" else spread_seconds
-                corrected = _with_own_labels(probabilities, hidden.labels, axis, config, propagated)
+                # both hold the propagation: the prior at the assist's strength for it
+                corrected = _with_own_labels(
+                    probabilities, hidden.labels, axis, config, spread_seconds
+                )
                 scores[name].append(hidden.dice(corrected[0]))
     validation = {name: round(float(np.mean(values)), 4) for name, values in scores.items()}
     winner = choose(validation)
@@ -156,9 +157,7 @@ def refine(ctx: JobContext) -> dict[str, Any]:
             ctx,
             model_id,
             targets,
-            _Predictors(
-                segmenter, predictor, cached, scratch.normalisation, blend=winner == "blend"
-            ),
+            _Predictors(segmenter, predictor, cached, scratch.normalisation, blend=True),
             {image.id: label for (image, _), label in zip(pairs, labels, strict=True)},
             {image.id: set(label.annotated_slices.get(str(axis), [])) for image, label in pairs},
             config,
@@ -212,22 +211,3 @@ def _fit_scratch(
     with torch_threads(1 if config.device == "cpu" else torch.get_num_threads()):
         network = fit_segmenter(scratch, volumes, labels, num_classes, "finetune", settings, losses)
     return network, losses
-
-
-@torch.no_grad()
-def _network_probabilities(
-    segmenter: SegmenterNet, volume: np.ndarray, axis: int, batch_size: int = 8
-) -> np.ndarray:
-    """``L×X×Y×Z`` softmax of ``segmenter`` over a normalised ``X×Y×Z`` volume, slice by slice
-    along ``axis``."""
-    segmenter.eval().cpu()
-    slices = np.ascontiguousarray(np.moveaxis(volume, axis, 0), dtype=np.float32)
-    out = []
-    with torch_threads(1):
-        for start in range(0, len(slices), batch_size):
-            batch, size = pad_to_multiple(
-                slices[start : start + batch_size, None], segmenter.encoder.size_divisor
-            )
-            logits, _ = segmenter(torch.from_numpy(batch))
-            out.append(softmax(crop_to(logits.numpy(), size)))
-    return np.moveaxis(np.concatenate(out), 0, axis + 1)

@@ -70,8 +70,8 @@ def test_candidates_are_the_two_experts_and_their_mean() -> None:
     p = rng.dirichlet(np.ones(3), size=(4, 5, 6)).transpose(3, 0, 1, 2).astype(np.float32)
     n = rng.dirichlet(np.ones(3), size=(4, 5, 6)).transpose(3, 0, 1, 2).astype(np.float32)
     made = candidates(p, n)
-    assert tuple(made) == CANDIDATES
-    assert made["propagation"] is p and made["scratch"] is n
+    assert tuple(made) == CANDIDATES == ("propagation", "blend")
+    assert made["propagation"] is p
     np.testing.assert_allclose(made["blend"], (p + n) / 2, rtol=1e-6)
     np.testing.assert_allclose(made["blend"].sum(axis=0), 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="shapes differ"):
@@ -79,9 +79,9 @@ def test_candidates_are_the_two_experts_and_their_mean() -> None:
 
 
 def test_the_best_score_wins_and_ties_go_to_the_cheaper() -> None:
-    assert choose({"propagation": 0.7, "scratch": 0.8, "blend": 0.75}) == "scratch"
-    assert choose({"propagation": 0.8, "scratch": 0.8, "blend": 0.8}) == "propagation"
-    assert choose({"propagation": 0.6, "scratch": 0.8, "blend": 0.8}) == "scratch"
+    assert choose({"propagation": 0.7, "blend": 0.75}) == "blend"
+    assert choose({"propagation": 0.8, "blend": 0.8}) == "propagation"
+    assert choose({"propagation": 0.8, "blend": 0.6}) == "propagation"
     assert choose({"blend": 0.1}) == "blend"
     with pytest.raises(ValueError, match="no candidate"):
         choose({"other": 1.0})

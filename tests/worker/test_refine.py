@@ -72,7 +72,7 @@ def test_refinement_validates_then_keeps_or_replaces(
     result = refine["result"]
     validation = result["validation"]
     assert validation.pop("held_out_slices") == {image_id: 3}  # the middle of 1, 3, 4
-    assert set(validation) == {"propagation", "scratch", "blend"}
+    assert set(validation) == {"propagation", "blend"}
     assert all(0.0 <= v <= 1.0 for v in validation.values())
     assert {"features", "validate"} <= set(result["timings"])
     best = max(validation.values())
@@ -81,6 +81,7 @@ def test_refinement_validates_then_keeps_or_replaces(
         assert validation[result["method"]] == best and result["encoder_id"] is None
         model = service.get(f"/models/{result['segmenter_id']}")
         assert model["method"] == "scratch" and model["parent_id"] is None  # the network alone
+        assert result["propagation"][image_id]["applied"]  # blended with the propagation
         labels = _load(service.client.get(result["predictions"][image_id]["labels"]).content)
         np.testing.assert_array_equal(labels[..., list(LABELLED)], label[..., list(LABELLED)])
         assert result["slice_prior"][image_id]["applied"]
@@ -128,11 +129,10 @@ def test_refinement_replaces_what_propagation_cannot_follow(
     assert refine["status"] == "succeeded", refine
     result = refine["result"]
     validation = result["validation"]
-    assert max(validation["scratch"], validation["blend"]) > validation["propagation"], result
-    assert result["outcome"] == "refined"
-    assert result["method"] == max(("scratch", "blend"), key=lambda name: validation[name])
+    assert validation["blend"] > validation["propagation"], result
+    assert result["outcome"] == "refined" and result["method"] == "blend"
     # the blend averages the network with the propagation of the labelled slices
-    assert result["propagation"][image_id]["applied"] == (result["method"] == "blend")
+    assert result["propagation"][image_id]["applied"]
     assert set(result["timings"]) == {"features", "validate", "fit", "export", "predict"}
     labels = _load(service.client.get(result["predictions"][image_id]["labels"]).content)
     np.testing.assert_array_equal(labels[..., list(LABELLED)], label[..., list(LABELLED)])

@@ -1,0 +1,209 @@
+"""What the background refinement (``worker/refine.py``) gives an annotator after the assist.
+
+``python -m segassist.bench.refinement [--sets ...] [--seeds N]`` writes
+``bench/results/refinement/refinement.{md,jsonl}`` (the jsonl row by row).
+
+The protocol of :mod:`segassist.bench.default_path` (slice propagation, k ∈ {3, 5} slices spread
+over the structures, the refinement needing 3; Dice on the unlabelled slices; the modality's
+100-step pool encoder) and the refinement's own steps, with the functions the worker calls:
+hide the middle labelled slice (:func:`~segassist.models.held_out_slice.hold_out_middle_slice`);
+train a scratch network on the others (``FewShotConfig.for_scratch(**QUICK_SCRATCH)``, one
+thread, seed s); build the candidates (:func:`~segassist.models.refinement.candidates`) from the
+propagation and the network, correct each as the assist does (slice prior at the default
+strength for propagated probabilities, by leave-one-out for the network's; seeded components);
+score them on the hidden slice and :func:`~segassist.models.refinement.choose`. Then the same
+from all k slices, each candidate's Dice on the unlabelled slices: ``pick`` is the chosen
+one's, what the annotator ends with. ``refine s``: the refinement's compute (two fits, the
+candidates and their corrections), not counting reading the maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
+from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_labels, spread_slices
+from segassist.bench.report import machine_info
+from segassist.bench.slice_prior import OBJECTIVE_PER_MODALITY
+from segassist.models.datasets import cache_dir, load_set
+from segassist.models.features import compute_feature_maps
+from segassist.models.fewshot import FewShotConfig, fit_segmenter
+from segassist.models.held_out_slice import hold_out_middle_slice
+from segassist.models.pretrain import Encoder
+from segassist.models.propagation import map_features, propagate
+from segassist.models.refinement import CANDIDATES, candidates, choose, network_probabilities
+from segassist.models.runtime.configs import QUICK_SCRATCH
+from segassist.models.seeded_components import keep_seeded_components
+from segassist.models.slice_prior import DEFAULT_SCALE, fuse_with_prior
+from segassist.models.threads import torch_threads
+
+__all__ = ["main"]
+
+OUT = RESULTS / "refinement"
+
+
+def _corrected(name: str, probabilities: np.ndarray, sparse: np.ndarray, axis: int) -> np.ndarray:
+    """The assist's correction of a candidate (``worker/assist.py``'s ``_with_own_labels``)."""
+    scale = None if name == "scratch" else DEFAULT_SCALE
+    fused = fuse_with_prior(probabilities, sparse, axis, scale)
+    return keep_seeded_components(fused.labels, sparse)[0]
+
+
+def _made(
+    encoder: Encoder,
+    maps: Any,
+    volume: _Volume,
+    sparse: np.ndarray,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Each candidate's corrected labels from ``sparse``."""
+    case = volume.case
+    config = FewShotConfig.for_scratch(**QUICK_SCRATCH, axis=case.axis, seed=seed)
+    scratch = Encoder.random(
+        encoder.config.model_copy(update={"seed": seed}), encoder.normalisation
+    )
+    with torch_threads(1):
+        network = fit_segmenter(
+            scratch, [volume.image], [sparse], case.num_classes, "finetune", config
+        )
+    spread = propagate(map_features(maps), sparse, case.axis, case.num_classes)
+    made = candidates(spread.probabilities, network_probabilities(network, volume.image, case.axis))
+    return {name: _corrected(name, p, sparse, case.axis) for name, p in made.items()}
+
+
+def _row(encoder: Encoder, maps: Any, volume: _Volume, k: int, seed: int) -> dict[str, Any]:
+    case = volume.case
+    labelled = spread_slices(volume.label, case.axis, k)
+    sparse = sparse_labels(volume.label, case.axis, labelled)
+    hidden = hold_out_middle_slice(sparse, case.axis)
+    if hidden is None:
+        raise ValueError(f"k = {k}: nothing to hold out")
+    began = time.perf_counter()
+    validation = {
+        name: hidden.dice(labels)
+        for name, labels in _made(encoder, maps, volume, hidden.labels, seed).items()
+    }
+    winner = choose(validation)
+    final = _made(encoder, maps, volume, sparse, seed)
+    seconds = time.perf_counter() - began
+    dice = {
+        name: mean_dice(
+            slice_propagation_dice(labels, volume.label, case.axis, labelled, list(case.classes))
+        )
+        for name, labels in final.items()
+    }
+    return {
+        "volume": case.name,
+        "k": k,
+        "seed": seed,
+        "labelled": labelled,
+        "held_out": hidden.index,
+        "validation": validation,
+        "winner": winner,
+        "dice": dice,
+        "pick": dice[winner],
+        "refine_seconds": seconds,
+    }
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def report(rows: list[dict[str, Any]], command: str) -> str:
+    """The markdown table of ``rows`` (one line per volume and k, seeds pooled)."""
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        cells.setdefault((row["volume"], row["k"]), []).append(row)
+    names = " | ".join(CANDIDATES)
+    lines = [
+        f"| volume | k | {names} | held-out Dice ({', '.join(CANDIDATES)}) | picks | pick "
+        "| best of the three | refine s |",
+        "|---|---|" + "---|" * len(CANDIDATES) + "---|---|---|---|---|",
+    ]
+    for (volume, k), group in cells.items():
+        dice = " | ".join(_mean_std([r["dice"][n] for r in group]) for n in CANDIDATES)
+        held = "/".join(f"{np.mean([r['validation'][n] for r in group]):.2f}" for n in CANDIDATES)
+        picks = " ".join(r["winner"] for r in group)
+        best = _mean_std([max(r["dice"].values()) for r in group])
+        seconds = np.mean([r["refine_seconds"] for r in group])
+        lines.append(
+            f"| {volume} | {k} | {dice} | {held} | {picks} | "
+            f"{_mean_std([r['pick'] for r in group])} | {best} | {seconds:.0f} |"
+        )
+    chosen = [r["pick"] for r in rows]
+    summary = [
+        f"Over {len(rows)} (volume, k, seed) runs: the pick's mean Dice {np.mean(chosen):.3f}; "
+        + ", ".join(f"always {n} {np.mean([r['dice'][n] for r in rows]):.3f}" for n in CANDIDATES)
+        + f"; best in hindsight {np.mean([max(r['dice'].values()) for r in rows]):.3f}. "
+        f"The pick was the best of the three in "
+        f"{sum(r['pick'] == max(r['dice'].values()) for r in rows)}/{len(rows)}.",
+    ]
+    machine = ", ".join(f"{key} {value}" for key, value in machine_info().items())
+    return "\n".join(
+        [
+            "# The background refinement: propagation, a scratch network, or their blend",
+            "",
+            f"Regenerate: `{command}`",
+            "",
+            f"Machine: {machine}. Mean Dice over classes on the unlabelled slices, mean ± std "
+            "over seeds (propagation is deterministic). `pick`: the candidate chosen on the "
+            "held-out middle labelled slice, what the annotator ends with.",
+            "",
+            *lines,
+            "",
+            *summary,
+            "",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m segassist.bench.refinement", description=__doc__
+    )
+    parser.add_argument(
+        "--sets", nargs="*", default=["tptbox-spine", "totalseg-ct", "totalseg-mr", "mni-tissue"]
+    )
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    state = _Run(PROFILES["default"], EncoderCache(cache_dir() / "encoders"), extras=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw = args.out / "refinement.jsonl"
+    raw.write_text("")
+    rows = []
+    for set_name in args.sets:
+        for case in load_set(set_name):
+            volume = _Volume.load(case)
+            encoder = _pool_encoder(state, case.modality, OBJECTIVE_PER_MODALITY[case.modality])
+            with tempfile.TemporaryDirectory() as tmp:
+                maps = compute_feature_maps(encoder, volume.image, case.axis, Path(tmp))
+                for k in (3, 5):
+                    for seed in range(args.seeds):
+                        row = _row(encoder, maps, volume, k, seed)
+                        rows.append(row)
+                        with raw.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        print(json.dumps(row), flush=True)
+    command = shlex.join(
+        ["python", "-m", "segassist.bench.refinement", *(sys.argv[1:] if argv is None else argv)]
+    )
+    (args.out / "refinement.md").write_text(report(rows, command))
+    print(f"wrote {args.out / 'refinement.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
