@@ -1,7 +1,8 @@
 """What the background refinement (``worker/refine.py``) gives an annotator after the assist.
 
-``python -m segassist.bench.refinement [--sets ...] [--seeds N]`` writes
-``bench/results/refinement/refinement.{md,jsonl}`` (the jsonl row by row).
+``python -m segassist.bench.refinement [--sets ...] [--seeds N] [--report-only]`` writes
+``bench/results/refinement/refinement.{md,jsonl}`` (the jsonl row by row; ``--report-only``
+rewrites the table from it).
 
 The protocol of :mod:`segassist.bench.default_path` (slice propagation, k ∈ {3, 5} slices spread
 over the structures, the refinement needing 3; Dice on the unlabelled slices; the modality's
@@ -128,7 +129,7 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
     names = " | ".join(CANDIDATES)
     lines = [
         f"| volume | k | {names} | held-out Dice ({', '.join(CANDIDATES)}) | picks | pick "
-        "| best of the three | refine s |",
+        "| best in hindsight | refine s |",
         "|---|---|" + "---|" * len(CANDIDATES) + "---|---|---|---|---|",
     ]
     for (volume, k), group in cells.items():
@@ -146,7 +147,7 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
         f"Over {len(rows)} (volume, k, seed) runs: the pick's mean Dice {np.mean(chosen):.3f}; "
         + ", ".join(f"always {n} {np.mean([r['dice'][n] for r in rows]):.3f}" for n in CANDIDATES)
         + f"; best in hindsight {np.mean([max(r['dice'].values()) for r in rows]):.3f}. "
-        f"The pick was the best of the three in "
+        f"The pick was the best candidate in "
         f"{sum(r['pick'] == max(r['dice'].values()) for r in rows)}/{len(rows)}.",
     ]
     machine = ", ".join(f"{key} {value}" for key, value in machine_info().items())
@@ -178,12 +179,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the table from the jsonl, run nothing"
+    )
     args = parser.parse_args(argv)
+    command = shlex.join(
+        ["python", "-m", "segassist.bench.refinement", *(sys.argv[1:] if argv is None else argv)]
+    )
+    if args.report_only:
+        lines = (args.out / "refinement.jsonl").read_text().splitlines()
+        done = [json.loads(line) for line in lines if line.strip()]
+        command = command.replace(" --report-only", "")
+        (args.out / "refinement.md").write_text(report(done, command))
+        return 0
     state = _Run(PROFILES["default"], EncoderCache(cache_dir() / "encoders"), extras=False)
     args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / "refinement.jsonl"
     raw.write_text("")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for set_name in args.sets:
         for case in load_set(set_name):
             volume = _Volume.load(case)
@@ -197,9 +210,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         with raw.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         print(json.dumps(row), flush=True)
-    command = shlex.join(
-        ["python", "-m", "segassist.bench.refinement", *(sys.argv[1:] if argv is None else argv)]
-    )
     (args.out / "refinement.md").write_text(report(rows, command))
     print(f"wrote {args.out / 'refinement.md'}")
     return 0

@@ -242,9 +242,10 @@ class FewShotConfig(BaseModel):
             the assist default.
         refine: whether an assist whose labelled images were propagated, each with at least
             three labelled slices, queues a background job that trains a network from scratch
-            on them and replaces the segmentation when that network does better on a held-out
-            labelled slice (:mod:`segassist.worker.refine`). The assist's answer comes first;
-            the refinement's, if any, tens of seconds later.
+            on them and replaces the segmentation with the network's blend with the propagation
+            when that blend does better on a held-out labelled slice
+            (:mod:`segassist.worker.refine`). The assist's answer comes first; the
+            refinement's, if any, seconds to a minute later.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

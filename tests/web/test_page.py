@@ -123,6 +123,7 @@ def test_annotate_segment_correct_and_download(
     else:
         assert refinement["result"]["outcome"] == "kept"
         assert "→ propagation kept" in tab.inner_text("#result-refinement")
+    tab.locator("#result-refinement").scroll_into_view_if_needed()
     page.shot("refinement")
 
     image_id = tab.evaluate("window.segassist.state.image.id")
