@@ -173,10 +173,12 @@ def run_segment(
     body |= {k: v for k, v in optional.items() if v is not None}
     job = api.assist(dataset["id"], body)
     done = api.wait_for_job(job["id"], _JobBar(progress, "assist"))
+    image_id = image["id"]
+    output = api.download(done["result"]["predictions"][image_id]["labels"], request.output)
     refinement = None
     refine_id = done["result"].get("refine_job_id")
     if refine_id is not None and request.wait_for_refinement:
-        try:
+        try:  # the assist's segmentation is written already: an interrupted wait loses nothing
             refined = api.wait_for_job(refine_id, _JobBar(progress, "refinement"))
         except JobFailedError as exc:  # the assist's segmentation stands
             logger.warning("%s", exc)
@@ -191,9 +193,10 @@ def run_segment(
         }
         if outcome == "refined":
             done = refined
+            urls = done["result"]["predictions"][image_id]
+            output = api.download(urls["labels"], request.output)
     result = done["result"]
-    urls = result["predictions"][image["id"]]
-    output = api.download(urls["labels"], request.output)
+    urls = result["predictions"][image_id]
     segment = SegmentResult(
         dataset_id=dataset["id"],
         image_id=image["id"],

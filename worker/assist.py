@@ -250,7 +250,8 @@ def assist(ctx: JobContext) -> dict[str, Any]:
         "fit_loss": losses.last,
         "timings": phase.seconds,
     }
-    if probe and method != "auto" and config.refine and encoder_id is not None:
+    # (not behind a background pretraining: the refit it leads to queues its own refinement)
+    if probe and method != "auto" and config.refine and encoder_id is not None and not background:
         validated = [
             image.id
             for image, label in pairs
@@ -776,11 +777,21 @@ def _predict_network_with_own_labels(
     labels, probabilities, uncertainty, evidence = _with_own_labels(
         probabilities, sparse, manifest.axis, config, propagated
     )
+    clusters, rendered = raw.clusters, None
+    if blend_with is not None:  # the encoder's cluster map, not the scratch network's
+        clusters = np.moveaxis(np.asarray(blend_with.clusters), 0, manifest.axis)
+        rendered = blend_with.folder
     prediction = Prediction(
-        labels, raw.clusters, probabilities if with_probabilities else None, uncertainty
+        labels, clusters, probabilities if with_probabilities else None, uncertainty
     )
     names = write_prediction(
-        prediction, volume, (affine, header), out_dir, manifest.axis, manifest.normalisation
+        prediction,
+        volume,
+        (affine, header),
+        out_dir,
+        manifest.axis,
+        manifest.normalisation,
+        rendered,
     )
     return names, uncertainty, evidence
 

@@ -10,7 +10,9 @@ initialisation on the labelled slices does better once three or more are labelle
 (abdominal CT). Which one an annotator's structure is, only their own slices can say. So after
 an assist whose labelled images were propagated, the assist job queues this job on the training
 queue (``FewShotConfig.refine``; images with at least
-:data:`~segassist.models.held_out_slice.MIN_LABELLED_SLICES` labelled slices); it runs:
+:data:`~segassist.models.held_out_slice.MIN_LABELLED_SLICES` labelled slices; not when the
+assist queued a background pretraining, which would hold the queue for minutes: the refit that
+follows it queues its own refinement); it runs:
 
 1. ``features``: the cached maps of the validated images (normally a cache hit).
 2. ``validate``: the middle labelled slice of each validated image hidden
@@ -20,9 +22,10 @@ queue (``FewShotConfig.refine``; images with at least
    network) made from those slices, each corrected as the assist corrects (slice prior, seeded
    components) and scored by the mean Dice on the hidden slices, averaged over the images.
 3. When the blend scores higher (a tie goes to propagation): ``fit`` (the network again, on
-   every labelled slice), ``export`` (ONNX, registered: the network alone, for images without
-   labels), ``predict`` (every target image; a labelled one with cached maps averaged with its
-   propagation, then corrected by its own labels). Otherwise the job ends there and the assist's segmentation stands.
+   every labelled slice), ``export`` (ONNX, registered: the network alone), ``predict`` (the
+   validated images: the network averaged with their propagation, corrected by their own
+   labels, with the encoder's cluster map). Other target images keep the assist's prediction:
+   nothing validated the network on them. Otherwise the job ends there and the assist's segmentation stands.
 
 A job is skipped as ``superseded`` when a newer assist of the dataset exists: the annotator has
 moved on (a new assist also cancels unfinished refinements). Result: ``refine_of``, ``outcome``
@@ -156,7 +159,7 @@ def refine(ctx: JobContext) -> dict[str, Any]:
         outputs = _predict_targets(
             ctx,
             model_id,
-            targets,
+            [image for image in targets if image.id in held],
             _Predictors(segmenter, predictor, cached, scratch.normalisation, blend=True),
             {image.id: label for (image, _), label in zip(pairs, labels, strict=True)},
             {image.id: set(label.annotated_slices.get(str(axis), [])) for image, label in pairs},
