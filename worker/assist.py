@@ -40,7 +40,9 @@ prediction, 0 = certain, 1 = uniform), ``slice_prior`` (image id → ``{"applied
 and the number of ``held_out`` neighbour slices), ``components`` (image id → ``{"applied":
 false}`` or the removed objects per class, the voxels removed and the classes kept as several
 objects), ``propagation`` (image id → ``{"applied": false}`` or its ``seconds``), ``timings`` (seconds per phase), ``background_job_id`` when a longer
-pretraining was queued.
+pretraining was queued, ``refine_job_id`` when a background refinement was
+(:mod:`segassist.worker.refine`: a propagated image with 3 or more labelled slices, probe methods,
+``config.refine``, no background pretraining queued).
 """
 
 from __future__ import annotations
