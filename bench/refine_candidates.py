@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from segassist.bench.fewshot import (
     PROFILES,
@@ -56,38 +55,17 @@ from segassist.bench.report import RANDOM, machine_info
 from segassist.bench.slice_prior import OBJECTIVE_PER_MODALITY
 from segassist.models.datasets import Case, cache_dir, load_set
 from segassist.models.features import compute_feature_maps
-from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.propagation import map_features, propagate
-from segassist.models.runtime.preprocess import crop_to, pad_to_multiple
+from segassist.models.refinement import network_probabilities
 from segassist.models.seeded_components import keep_seeded_components
 from segassist.models.slice_prior import DEFAULT_SCALE, fuse_with_prior
 from segassist.models.volumes import IGNORE_INDEX
 
-__all__ = ["main", "predict_probabilities"]
+__all__ = ["main"]
 
 PSEUDO_THRESHOLD = 0.9
 OUT = RESULTS / "refine_candidates"
 ORDER = ("tptbox-spine", "mni-tissue", "totalseg-ct", "totalseg-mr")
-
-
-@torch.no_grad()
-def predict_probabilities(
-    segmenter: SegmenterNet, image: np.ndarray, axis: int, batch_size: int = 16
-) -> np.ndarray:
-    """``L×X×Y×Z`` softmax of a normalised image, slice by slice along ``axis``.
-
-    :func:`segassist.bench.fewshot.predict_volume` returns only the argmax; its argmax is this
-    function's (softmax is monotone), so B's labels are taken from here.
-    """
-    segmenter.eval()
-    slices = np.ascontiguousarray(np.moveaxis(image, axis, 0), dtype=np.float32)
-    padded, size = pad_to_multiple(slices, segmenter.encoder.size_divisor)
-    out = []
-    for i in range(0, len(padded), batch_size):
-        logits, _ = segmenter(torch.from_numpy(padded[i : i + batch_size, None]))
-        out.append(logits.softmax(dim=1).numpy())
-    probs = crop_to(np.concatenate(out).transpose(1, 0, 2, 3), size)  # L×S×H×W
-    return np.ascontiguousarray(np.moveaxis(probs, 1, axis + 1))
 
 
 class _Cell:
@@ -127,7 +105,7 @@ class _Cell:
         case = self.case
         images = [self.volume.image]
         segmenter, seconds = _fit(self.fit, seed, case.axis, images, [labels], case.num_classes)
-        return predict_probabilities(segmenter, self.volume.image, case.axis), seconds
+        return network_probabilities(segmenter, self.volume.image, case.axis), seconds
 
     def pseudo(self, sparse: np.ndarray, fused: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """The annotator's labels, plus A's final label where A's fused max ≥ the threshold."""

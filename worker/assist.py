@@ -51,7 +51,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,45 +393,60 @@ def _continue_in_background(
     ctx: JobContext, dataset: Dataset, encoder: Encoder, images: list[Image]
 ) -> str | None:
     """Queue a pretraining that resumes from this job's checkpoint up to the background budget."""
-    from segassist.worker.app import get_app
-
     steps = ctx.settings.background_pretrain_steps
     checkpoint = ctx.workdir / CHECKPOINT_NAME
     if steps <= encoder.config.steps or not checkpoint.exists():
         return None
+
+    def seed_checkpoint(job: Job) -> None:
+        workdir = ctx.storage.job_workdir(job.id)
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(checkpoint, workdir / CHECKPOINT_NAME)
+
+    params = {
+        "objective": encoder.config.objective,
+        "image_ids": [image.id for image in images],
+        "steps": steps,
+        "config": {**_SHORT_PRETRAIN, "axis": encoder.config.axis},
+    }
+    job_id, new = _follow_up(ctx, JobKind.pretrain, "continues", params, seed_checkpoint)
+    if new:
+        logger.info("pretraining continues in the background: job %s (%d steps)", job_id, steps)
+    return job_id
+
+
+def _follow_up(
+    ctx: JobContext,
+    kind: JobKind,
+    link: str,
+    params: dict[str, Any],
+    on_create: Callable[[Job], None] | None = None,
+) -> tuple[str, bool]:
+    """The job of ``kind`` this job queued (``params[link]`` = this job's id), else a new one
+    with ``params`` plus that link, enqueued once its row is committed (``on_create`` runs in
+    the same transaction first). Once per job: a retried attempt finds the first one's.
+    Returns ``(job id, whether it is new)``."""
+    from segassist.worker.app import get_app
+
     with ctx.owned_session() as session:
         job = session.scalar(
             select(Job).where(
-                Job.kind == JobKind.pretrain,
-                Job.dataset_id == dataset.id,
-                Job.params["continues"].as_string() == ctx.job_id,
+                Job.kind == kind,
+                Job.dataset_id == ctx.dataset_id,
+                Job.params[link].as_string() == ctx.job_id,
             )
         )
+        new = job is None
         if job is None:
-            job = Job(
-                kind=JobKind.pretrain,
-                dataset_id=dataset.id,
-                params={
-                    "objective": encoder.config.objective,
-                    "image_ids": [image.id for image in images],
-                    "steps": steps,
-                    "config": {**_SHORT_PRETRAIN, "axis": encoder.config.axis},
-                    "continues": ctx.job_id,
-                },
-            )
+            job = Job(kind=kind, dataset_id=ctx.dataset_id, params={**params, link: ctx.job_id})
             session.add(job)
             session.flush()
-            workdir = ctx.storage.job_workdir(job.id)
-            workdir.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(checkpoint, workdir / CHECKPOINT_NAME)
-            new = True
-        else:
-            new = False
+            if on_create is not None:
+                on_create(job)
         job_id = job.id
     if new:
         enqueue_job(get_app(), job)
-        logger.info("pretraining continues in the background: job %s (%d steps)", job_id, steps)
-    return job_id
+    return job_id, new
 
 
 def _cancel_refinements(ctx: JobContext) -> None:
@@ -449,38 +464,18 @@ def _queue_refinement(
     validated: list[str],
 ) -> str:
     """Queue the background refinement of this assist (:mod:`segassist.worker.refine`) on the
-    training queue, once per assist job (a retried attempt finds the first one's)."""
-    from segassist.worker.app import get_app
-
-    with ctx.owned_session() as session:
-        job = session.scalar(
-            select(Job).where(
-                Job.kind == JobKind.refine,
-                Job.dataset_id == ctx.dataset_id,
-                Job.params["refine_of"].as_string() == ctx.job_id,
-            )
-        )
-        new = job is None
-        if job is None:
-            job = Job(
-                kind=JobKind.refine,
-                dataset_id=ctx.dataset_id,
-                params={
-                    "refine_of": ctx.job_id,
-                    "axis": ctx.params["axis"],
-                    "label_ids": [label.id for _, label in pairs],
-                    "image_ids": [image.id for image in targets],
-                    "encoder_id": encoder_id,
-                    "validated": validated,
-                    "config": ctx.params.get("config") or {},
-                    "probabilities": bool(ctx.params.get("probabilities")),
-                },
-            )
-            session.add(job)
-            session.flush()
-        job_id = job.id
+    training queue, once per assist job."""
+    params = {
+        "axis": ctx.params["axis"],
+        "label_ids": [label.id for _, label in pairs],
+        "image_ids": [image.id for image in targets],
+        "encoder_id": encoder_id,
+        "validated": validated,
+        "config": ctx.params.get("config") or {},
+        "probabilities": bool(ctx.params.get("probabilities")),
+    }
+    job_id, new = _follow_up(ctx, JobKind.refine, "refine_of", params)
     if new:
-        enqueue_job(get_app(), job)
         logger.info("queued refine job %s of assist %s (images %s)", job_id, ctx.job_id, validated)
     return job_id
 
