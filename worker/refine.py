@@ -24,8 +24,11 @@ follows it queues its own refinement); it runs:
 3. When the blend scores higher (a tie goes to propagation): ``fit`` (the network again, on
    every labelled slice), ``export`` (ONNX, registered: the network alone), ``predict`` (the
    validated images: the network averaged with their propagation, corrected by their own
-   labels, with the encoder's cluster map). Other target images keep the assist's prediction:
-   nothing validated the network on them. Otherwise the job ends there and the assist's segmentation stands.
+   labels, with the encoder's cluster map). Other target images keep the assist's prediction
+   (nothing validated the network on them): its files are linked under the new segmenter, so
+   whoever serves "the dataset's newest segmenter" (MONAI Label, DICOMweb) finds, for every
+   image of the assist, the segmentation the page shows. Otherwise the job ends there and the
+   assist's segmentation stands.
 
 A job is skipped as ``superseded`` when a newer assist of the dataset exists: the annotator has
 moved on (a new assist also cancels unfinished refinements). Result: ``refine_of``, ``outcome``
@@ -52,11 +55,13 @@ from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import Encoder
 from segassist.models.propagation import map_features, propagate
 from segassist.models.refinement import CANDIDATES, candidates, choose, network_probabilities
+from segassist.models.runtime._atomic import link_atomic
 from segassist.models.runtime.configs import QUICK_SCRATCH
 from segassist.models.runtime.predictor import OnnxPredictor
 from segassist.models.runtime.preprocess import normalise
 from segassist.models.threads import torch_threads
 from segassist.server.db import Job, JobKind
+from segassist.server.predictions import PREDICTION_FILES, prediction_urls
 from segassist.worker import pipelines
 from segassist.worker.assist import (
     _cache_features,
@@ -64,6 +69,7 @@ from segassist.worker.assist import (
     _predict_targets,
     _Predictors,
     _with_own_labels,
+    propagation_settings,
 )
 from segassist.worker.jobs import JobContext
 
@@ -116,7 +122,13 @@ def refine(ctx: JobContext) -> dict[str, Any]:
                 continue
             hidden = held[image.id]
             began = time.perf_counter()
-            spread = propagate(map_features(cached[image.id]), hidden.labels, axis, num_classes)
+            spread = propagate(
+                map_features(cached[image.id]),
+                hidden.labels,
+                axis,
+                num_classes,
+                propagation_settings(config),
+            )
             spread_seconds = round(time.perf_counter() - began, 3)
             made = candidates(spread.probabilities, network_probabilities(network, volume, axis))
             for name, probabilities in made.items():
@@ -165,6 +177,13 @@ def refine(ctx: JobContext) -> dict[str, Any]:
             {image.id: set(label.annotated_slices.get(str(axis), [])) for image, label in pairs},
             config,
         )
+        _carry_over(
+            ctx,
+            str(params["refine_of"]),
+            model_id,
+            [image.id for image in targets if image.id not in held],
+            outputs,
+        )
     return result | {
         "outcome": "refined",
         "method": winner,
@@ -174,6 +193,36 @@ def refine(ctx: JobContext) -> dict[str, Any]:
         "fit_loss": losses.last,
         "timings": phase.seconds,
     }
+
+
+def _carry_over(
+    ctx: JobContext,
+    assist_id: str,
+    model_id: str,
+    image_ids: list[str],
+    outputs: dict[str, dict[str, Any]],
+) -> None:
+    """Link the assist's prediction files of ``image_ids`` into ``predictions/<model_id>/``
+    (:func:`~segassist.models.runtime._atomic.link_atomic`: no bytes copied) and add the assist
+    result's entries of those images to ``outputs`` (the API paths rewritten to ``model_id``)."""
+    with ctx.sessions() as session:
+        assist = session.get(Job, assist_id)
+        done = dict(assist.result or {}) if assist is not None else {}
+    source = done.get("segmenter_id")
+    for image_id in image_ids:
+        names = list((done.get("predictions") or {}).get(image_id) or {})
+        if source is None or not names:
+            continue
+        out_dir = ctx.storage.prediction_dir(model_id, image_id)
+        for name in names:
+            link_atomic(
+                ctx.storage.prediction_dir(str(source), image_id) / PREDICTION_FILES[name],
+                out_dir / PREDICTION_FILES[name],
+            )
+        outputs["predictions"][image_id] = prediction_urls(model_id, image_id, names)
+        for key in ("next_slice", "uncertainty", "slice_prior", "components", "propagation"):
+            if image_id in (done.get(key) or {}):
+                outputs[key][image_id] = done[key][image_id]
 
 
 def _newer_assist(ctx: JobContext, assist_id: str) -> str | None:

@@ -530,7 +530,6 @@ async function showResult(job) {
   const result = job.result;
   const urls = result.predictions?.[state.image.id];
   if (!urls) return;
-  state.result = { job, urls, segmenter: result.segmenter_id, axis: result.axis };
   viewer.removeOverlay("clusters");
   viewer.removeOverlay("uncertainty");
   const bytes = await request("GET", urls.labels, { as: "arrayBuffer" });
@@ -538,6 +537,8 @@ async function showResult(job) {
   $("show-segmentation").checked = true;
   $("show-clusters").checked = false;
   $("show-uncertainty").checked = false;
+  // the state names the result on screen only once its segmentation and rows are there
+  state.result = { job, urls, segmenter: result.segmenter_id, axis: result.axis };
   renderResult();
 }
 

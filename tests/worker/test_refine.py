@@ -122,6 +122,8 @@ def test_refinement_replaces_what_propagation_cannot_follow(
     image_id = service.post(f"/datasets/{dataset['id']}/images", files=files)["id"]
     files = {"file": ("label.nii.gz", io.BytesIO(nifti_bytes(label)), "x")}
     service.post(f"/images/{image_id}/labels", files=files)
+    files = {"file": ("unlabelled.nii.gz", io.BytesIO(nifti_bytes(image[::-1].copy())), "x")}
+    other_id = service.post(f"/datasets/{dataset['id']}/images", files=files)["id"]
     config = {**FEWSHOT, "steps": 200, "patience": 20}
     fast = service.finished(_assist(service, str(dataset["id"]), config))
     assert fast["status"] == "succeeded", fast
@@ -136,6 +138,16 @@ def test_refinement_replaces_what_propagation_cannot_follow(
     assert set(result["timings"]) == {"features", "validate", "fit", "export", "predict"}
     labels = _load(service.client.get(result["predictions"][image_id]["labels"]).content)
     np.testing.assert_array_equal(labels[..., list(LABELLED)], label[..., list(LABELLED)])
+    # the unlabelled image keeps the assist's segmentation, now also under the new segmenter,
+    # the one a viewer asking for the dataset's newest segmenter gets
+    assert result["segmenter_id"] in result["predictions"][other_id]["labels"]
+    assert fast["result"]["segmenter_id"] in fast["result"]["predictions"][other_id]["labels"]
+    for name in ("labels", "clusters"):
+        served = service.client.get(result["predictions"][other_id][name])
+        assert served.status_code == 200, served.text
+        before = service.client.get(fast["result"]["predictions"][other_id][name]).content
+        assert served.content == before
+    assert result["next_slice"][other_id] == fast["result"]["next_slice"][other_id]
 
 
 @pytest.mark.parametrize("settings", [QUICK_ENCODER], indirect=True)
