@@ -13,8 +13,6 @@ step's Dice is listed, and the wall time of the propagation.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -22,7 +20,7 @@ from pathlib import Path
 
 from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
 from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_labels, spread_slices
-from segassist.bench.report import machine_info
+from segassist.bench.report import machine_text, regenerate_command
 from segassist.bench.slice_prior import OBJECTIVE_PER_MODALITY
 from segassist.models.datasets import cache_dir, load_set
 from segassist.models.features import compute_feature_maps
@@ -79,10 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"| {seconds:.1f} |"
                     )
                     print(lines[-1], flush=True)
-    command = shlex.join(
-        ["python", "-m", "segassist.bench.default_path", *(sys.argv[1:] if argv is None else argv)]
-    )
-    machine = ", ".join(f"{key} {value}" for key, value in machine_info().items())
+    command = regenerate_command("segassist.bench.default_path", argv)
+    machine = machine_text()
     text = "\n".join(
         [
             "# The assist workflow's default for a labelled image within `propagation_max_voxels`",

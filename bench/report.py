@@ -6,6 +6,8 @@ import json
 import math
 import os
 import platform
+import shlex
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,7 +18,15 @@ import numpy as np
 
 from segassist.models.runtime._atomic import atomic_path, atomic_write_bytes
 
-__all__ = ["EncoderRecord", "Row", "machine_info", "summarise", "write_report"]
+__all__ = [
+    "EncoderRecord",
+    "Row",
+    "machine_info",
+    "machine_text",
+    "regenerate_command",
+    "summarise",
+    "write_report",
+]
 
 RANDOM = "random-init"
 ITK = "fill-between-slices (ITK)"
@@ -94,6 +104,17 @@ def machine_info() -> dict[str, Any]:
         "monai": monai.__version__,
         "platform": platform.platform(),
     }
+
+
+def regenerate_command(module: str, argv: Sequence[str] | None) -> str:
+    """The shell command that reran ``python -m module`` with this run's arguments (``argv``,
+    or the process's own when ``None``)."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def machine_text() -> str:
+    """:func:`machine_info` as one line of "key value" pairs."""
+    return ", ".join(f"{key} {value}" for key, value in machine_info().items())
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float]:

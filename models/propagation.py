@@ -42,6 +42,16 @@ The returned weight ``w(z) ∈ {0, 1}`` marks the slices that got propagated lab
 :func:`segassist.models.slice_prior.fuse`). Labelled voxels are returned as drawn (one-hot);
 unannotated pixels of a labelled slice count as background (Slicer's rule, as the prior).
 
+Large volumes are propagated on a coarser in-plane grid (:attr:`PropagationConfig.max_voxels`):
+the features and the drawn one-hot labels are average-pooled in ``f×f`` blocks (a block's labels
+become the shares of its classes), the chains run on the pooled slices, and the probabilities
+are upsampled bilinearly back to ``H×W`` (block centres align: ``align_corners=False``); the
+labelled slices are returned as drawn, at full resolution. The cost falls by ``f²``; boundaries
+are placed to about a block, then the slice prior and the components filter of the assist
+(:mod:`segassist.worker.assist`) act at full resolution. A 512×512×300 CT under the 4 M voxel
+default is propagated on 103×103 slices (``f = 5``): about the in-plane size of the
+benchmark's volumes.
+
 Cost per step: ``(2r+1)²·C·H·W`` multiply-adds for the affinity and ``(2r+1)²·L·H·W`` for the
 labels, plus a top-k over ``(2r+1)²`` per pixel; memory ``O(((2r+1)² + C + L)·H·W)`` floats
 (85 MB of affinities for 512×512, r = 4); about two steps per unlabelled slice. Measured on one
@@ -66,6 +76,7 @@ __all__ = [
     "FLOOR",
     "Propagation",
     "PropagationConfig",
+    "grid_factor",
     "map_features",
     "propagate",
     "propagate_step",
@@ -89,12 +100,17 @@ class PropagationConfig:
         temperature: softmax temperature ``τ`` of the cosine affinity (Jabri et al.'s 0.05).
         max_distance: slices beyond this distance from every labelled slice get nothing
             (``None``: no limit).
+        max_voxels: the voxel budget of the propagation grid: a volume of ``S`` slices of
+            ``H×W`` is propagated on slices pooled by the smallest integer factor ``f`` with
+            ``S·⌈H/f⌉·⌈W/f⌉ ≤ max_voxels`` (:func:`grid_factor`), then brought back to ``H×W``
+            (module docstring); ``None``: always at full resolution.
     """
 
     radius: int = 4
     topk: int = 10
     temperature: float = 0.05
     max_distance: int | None = None
+    max_voxels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +201,42 @@ def propagate_step(
     return out.numpy()
 
 
+def grid_factor(num_slices: int, size: tuple[int, int], max_voxels: int | None) -> int:
+    """The smallest integer ``f ≥ 1`` with ``num_slices·⌈H/f⌉·⌈W/f⌉ ≤ max_voxels`` (1 without
+    a budget; at most ``max(H, W)``, one pixel per slice)."""
+    h, w = size
+    factor = 1
+    while (
+        max_voxels is not None
+        and factor < max(h, w)
+        and num_slices * -(-h // factor) * -(-w // factor) > max_voxels
+    ):
+        factor += 1
+    return factor
+
+
+def _pooled(array: np.ndarray, factor: int) -> np.ndarray:
+    """``C×H×W`` → ``C×⌈H/f⌉×⌈W/f⌉`` block means (partial edge blocks: the mean of their
+    pixels)."""
+    if factor == 1:
+        return array
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    return F.avg_pool2d(tensor, factor, ceil_mode=True)[0].numpy()
+
+
+def _upsampled(coarse: np.ndarray, factor: int, size: tuple[int, int]) -> np.ndarray:
+    """``S×L×h×w`` → ``S×L×H×W``: bilinear by ``factor`` (pixel centres aligned with the
+    blocks :func:`_pooled` averaged), cropped to ``size``; a few slices at a time."""
+    out = np.empty((*coarse.shape[:2], *size), dtype=np.float32)
+    for start in range(0, coarse.shape[0], 8):
+        chunk = torch.from_numpy(coarse[start : start + 8])
+        fine = F.interpolate(
+            chunk, scale_factor=float(factor), mode="bilinear", align_corners=False
+        )
+        out[start : start + 8] = fine[:, :, : size[0], : size[1]].numpy()
+    return out
+
+
 def _one_hot(drawn: np.ndarray, num_classes: int) -> np.ndarray:
     """``L×H×W`` float32 one-hot of a labelled slice (unannotated pixels: background)."""
     labels = np.where(drawn == IGNORE_INDEX, 0, drawn)
@@ -246,17 +298,19 @@ def _propagate(
     if not known:
         raise ValueError("no labelled slice: nothing to propagate")
     slices = np.moveaxis(sparse, axis, 0)
-    count = slices.shape[0]
-    out = np.zeros((count, num_classes, *slices.shape[1:]), dtype=np.float32)
+    count, size = slices.shape[0], (slices.shape[1], slices.shape[2])
+    factor = grid_factor(count, size, config.max_voxels)
+    grid = (-(-size[0] // factor), -(-size[1] // factor))
+    out = np.zeros((count, num_classes, *grid), dtype=np.float32)
     total = np.zeros(count, dtype=np.float32)  # Σ of the blend's shares per slice
     reach = count if config.max_distance is None else config.max_distance
     neighbours = [None, *known, None]
     for i, (j, below, above) in enumerate(_chains(known, count, reach), start=1):
-        drawn = _one_hot(slices[j], num_classes)
+        drawn = _pooled(_one_hot(slices[j], num_classes), factor)
         for chain, other in ((below, neighbours[i - 1]), (above, neighbours[i + 1])):
-            labels, source = drawn, features(j)
+            labels, source = drawn, _pooled(features(j), factor)
             for z in chain:
-                target = features(z)
+                target = _pooled(features(z), factor)
                 labels = propagate_step(target, source, labels, config)
                 # between labelled slices j and other: (distance to other) / gap
                 share = np.float32(1.0 if other is None else abs(other - z) / abs(other - j))
@@ -267,6 +321,8 @@ def _propagate(
     out[reached] /= total[reached, None, None, None]
     out[reached] = out[reached] * np.float32(1.0 - FLOOR) + np.float32(FLOOR / num_classes)
     out[~reached] = 1.0 / num_classes
+    if factor > 1:
+        out = _upsampled(out, factor, size)
     weight = reached.astype(np.float32)
     for j in known:
         out[j], weight[j] = _one_hot(slices[j], num_classes), 1.0

@@ -18,9 +18,10 @@ retry works on exactly what the user submitted. Phases, as the job's progress re
    pixels kept (:func:`segassist.models.method_selection.select_method`).
 4. ``export``: the segmenter to ONNX (registered, reusable for new images by ``predict`` jobs).
 5. ``predict``: the head over the cached maps of every target image (probe), or ONNX Runtime
-   (fine-tuned encoders); an image with its own sparse labels and at most
-   ``config.propagation_max_voxels`` voxels is predicted (probe methods) by propagating its
-   labelled slices through the cached decoder maps (:mod:`segassist.models.propagation`);
+   (fine-tuned encoders); an image with its own sparse labels is predicted (probe methods) by
+   propagating its labelled slices through the cached decoder maps
+   (:mod:`segassist.models.propagation`; larger images than ``config.propagation_max_voxels``
+   on a coarser in-plane grid: :func:`propagation_settings`; 0 turns it off);
    an image with its own sparse labels has its probabilities fused with
    the interpolation of its labelled slices before the argmax (:mod:`segassist.models.slice_prior`;
    off with ``config.slice_prior = false``), its labelled voxels returned as drawn, and the
@@ -48,6 +49,7 @@ pretraining was queued, ``refine_job_id`` when a background refinement was
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 import uuid
@@ -83,7 +85,7 @@ from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
 from segassist.models.pretrain import pretrain as run_pretraining
 from segassist.models.progress import Progress
-from segassist.models.propagation import map_features, propagate
+from segassist.models.propagation import PropagationConfig, map_features, propagate
 from segassist.models.refinement import candidates
 from segassist.models.runtime._atomic import link_atomic
 from segassist.models.runtime.configs import DEFAULT_HEAD, IGNORE_INDEX
@@ -113,7 +115,7 @@ from segassist.server.queue import enqueue_job
 from segassist.worker import pipelines
 from segassist.worker.jobs import JobContext
 
-__all__ = ["assist", "features", "refit_after_pretraining"]
+__all__ = ["assist", "features", "propagation_settings", "refit_after_pretraining"]
 
 logger = logging.getLogger(__name__)
 
@@ -252,12 +254,15 @@ def assist(ctx: JobContext) -> dict[str, Any]:
         "fit_loss": losses.last,
         "timings": phase.seconds,
     }
-    # (not behind a background pretraining: the refit it leads to queues its own refinement)
+    # (not behind a background pretraining: the refit it leads to queues its own refinement;
+    # only images propagated at full resolution: the refinement's network trains and predicts
+    # on full-size slices, and on larger images it was not measured)
     if probe and method != "auto" and config.refine and encoder_id is not None and not background:
         validated = [
             image.id
             for image, label in pairs
             if outputs["propagation"].get(image.id, {}).get("applied")
+            and math.prod(image.shape) <= config.propagation_max_voxels
             and len(label.annotated_slices.get(str(axis), [])) >= MIN_LABELLED_SLICES
         ]
         if validated:
@@ -674,8 +679,8 @@ def _predict_from_cache(
 ) -> tuple[list[str], np.ndarray, _OwnLabels]:
     """Apply the head to the cached maps of ``image`` and write its outputs; with the image's own
     ``sparse`` labels, corrected by them first (:func:`_with_own_labels`, as ``config`` says):
-    an image within ``config.propagation_max_voxels`` is propagated from those labels instead,
-    and the head is not applied to it. Returns the names written, the ``X×Y×Z`` uncertainty
+    the image is propagated from those labels instead (:func:`propagation_settings`; unless
+    ``config.propagation_max_voxels`` is 0), and the head is not applied to it. Returns the names written, the ``X×Y×Z`` uncertainty
     (normalised entropy) and what the labels changed."""
     path = pipelines._existing_file(Path(image.path), f"image {image.id} ({image.name})")
     volume, affine, header = read_nifti(path)
@@ -688,10 +693,14 @@ def _predict_from_cache(
         )
     else:
         propagated = None
-        if 0 < volume.size <= config.propagation_max_voxels:
+        if config.propagation_max_voxels > 0:
             began = time.perf_counter()
             probabilities = propagate(
-                map_features(cached), sparse, axis, segmenter.num_classes
+                map_features(cached),
+                sparse,
+                axis,
+                segmenter.num_classes,
+                propagation_settings(config),
             ).probabilities
             propagated = round(time.perf_counter() - began, 3)
         else:
@@ -714,6 +723,13 @@ def _predict_from_cache(
         if not (cached.folder / name).exists():
             link_atomic(out_dir / name, cached.folder / name)
     return names, uncertainty, evidence
+
+
+def propagation_settings(config: FewShotConfig) -> PropagationConfig:
+    """The propagation of ``config``: the default affinity on a grid of at most
+    ``config.propagation_max_voxels`` voxels (a large image's slices pooled in-plane,
+    :func:`segassist.models.propagation.grid_factor`)."""
+    return PropagationConfig(max_voxels=config.propagation_max_voxels)
 
 
 def _apply_head(
@@ -768,7 +784,13 @@ def _predict_network_with_own_labels(
     probabilities, propagated = raw.probabilities, None
     if blend_with is not None:
         began = time.perf_counter()
-        spread = propagate(map_features(blend_with), sparse, manifest.axis, manifest.num_classes)
+        spread = propagate(
+            map_features(blend_with),
+            sparse,
+            manifest.axis,
+            manifest.num_classes,
+            propagation_settings(config),
+        )
         propagated = round(time.perf_counter() - began, 3)
         probabilities = candidates(spread.probabilities, probabilities)["blend"]
     labels, probabilities, uncertainty, evidence = _with_own_labels(

@@ -218,17 +218,20 @@ class FewShotConfig(BaseModel):
             labelled slices show the class as one connected object
             (:mod:`segassist.models.seeded_components`; classes the labelled slices show as
             several objects keep them all). Labelled images only, like ``slice_prior``.
-        propagation_max_voxels: a labelled image of at most this many voxels is predicted by
-            propagating its labelled slices through the affinity of adjacent slices' decoder
-            map 0 (Sli2Vol-style, :mod:`segassist.models.propagation`; probe methods, whose
-            maps are cached) instead of by the probe, then fused with the slice prior at the
-            default strength and filtered like the probe's prediction; larger images, and
-            images without labels, get the probe. 0 turns it off. Measured
-            (``bench/results/propagation/fewshot.md``, 4 volumes, pretrained encoders):
-            propagation alone 0.69/0.75/0.83 mean Dice at k = 1/3/5 where the MLP probe +
-            prior scored 0.43/0.64/0.74. Its cost grows with the voxels (about two slice-to-
-            slice steps per unlabelled slice): 2.5–3.9 s for 122×101×112 on 2 CPU cores, so
-            the 4 M voxel default keeps it to about 10 s; a 512×512×300 CT would take minutes.
+        propagation_max_voxels: a labelled image is predicted by propagating its labelled
+            slices through the affinity of adjacent slices' decoder map 0 (Sli2Vol-style,
+            :mod:`segassist.models.propagation`; probe methods, whose maps are cached) instead
+            of by the probe, then fused with the slice prior at the default strength and
+            filtered like the probe's prediction, on a grid of at most this many voxels: a
+            larger image's slices are pooled in-plane by the smallest integer factor that fits
+            (:attr:`segassist.models.propagation.PropagationConfig.max_voxels`) and the
+            probabilities brought back to full resolution. Images without labels get the
+            probe; 0 turns propagation off. Measured (``bench/results/propagation/fewshot.md``,
+            4 volumes, pretrained encoders): propagation alone 0.69/0.75/0.83 mean Dice at
+            k = 1/3/5 where the MLP probe + prior scored 0.43/0.64/0.74. Its cost grows with
+            the grid's voxels (about two slice-to-slice steps per unlabelled slice): 2.5–3.9 s
+            for 122×101×112 on 2 CPU cores, so the 4 M voxel default keeps it to about 10 s
+            (a 512×512×300 CT at full resolution would take about 25 min).
         auto_budget_seconds: time budget of ``method="auto"``'s candidate fits
             (:mod:`segassist.models.method_selection`): the probe heads always run; fine-tuning
             and scratch only when their estimated cost fits in what is left. 5 s, the

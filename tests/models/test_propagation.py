@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from segassist.models.features import compute_feature_maps, head_input
 from segassist.models.networks.segmenter import SegmenterNet
@@ -14,6 +15,7 @@ from segassist.models.pretrain import Encoder, PretrainConfig
 from segassist.models.propagation import (
     FLOOR,
     PropagationConfig,
+    grid_factor,
     map_features,
     propagate,
     propagate_step,
@@ -101,13 +103,16 @@ def test_propagate_chains_both_ways_and_blends_by_distance() -> None:
 SIZE, SLICES, STEP, CHANNELS = 48, 15, 2, 16
 
 
-def _moving_disc() -> tuple[np.ndarray, np.ndarray]:
+def _moving_disc(smoothing: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """A disc of radius 7 moving ``STEP`` pixels per slice along x, in a noise texture that
     moves with it (a tilted stack of slices): no feature value tells the disc from its
-    surroundings, only matching does. Returns the labels ``SIZE×SIZE×SLICES`` and the features
-    ``SLICES×CHANNELS×SIZE×SIZE``."""
+    surroundings, only matching does. ``smoothing``: σ in pixels of a Gaussian filter of the
+    texture (white noise by default; real features vary smoothly). Returns the labels
+    ``SIZE×SIZE×SLICES`` and the features ``SLICES×CHANNELS×SIZE×SIZE``."""
     rng = np.random.default_rng(2)
     texture = rng.normal(size=(CHANNELS, SIZE + STEP * SLICES, SIZE))
+    if smoothing:
+        texture = ndimage.gaussian_filter(texture, (0, smoothing, smoothing))
     x, y = np.mgrid[:SIZE, :SIZE]
     truth, feats = [], []
     for z in range(SLICES):
@@ -145,6 +150,37 @@ def test_max_distance_stops_the_chains_and_labelled_slices_stay_as_drawn() -> No
     np.testing.assert_array_equal(result.probabilities[1, :, :, 7], truth[:, :, 7])
     propagated = result.probabilities[:, :, :, [4, 5, 6, 8, 9, 10]]
     assert propagated.min() >= FLOOR / 2 - 1e-7  # the floor keeps every class possible
+
+
+def test_grid_factor_is_the_smallest_that_fits_the_budget() -> None:
+    assert grid_factor(300, (512, 512), None) == 1
+    assert grid_factor(300, (512, 512), 300 * 512 * 512) == 1
+    assert grid_factor(300, (512, 512), 4_000_000) == 5  # 300·103·103 = 3.18 M; f = 4: 4.9 M
+    assert grid_factor(10, (5, 7), 10 * 3 * 4) == 2  # partial edge blocks count as blocks
+    assert grid_factor(10, (5, 7), 1) == 7  # never below one pixel per slice
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_a_large_volume_is_propagated_on_a_pooled_grid(factor: int) -> None:
+    """The disc's slices pooled ``factor``-fold in-plane (a smooth texture: pooled white noise
+    would change with the disc's 2-pixel shift): the disc is still followed, the output is on
+    the full grid, a distribution, the labelled slice as drawn."""
+    truth, feats = _moving_disc(smoothing=3.0)
+    sparse = sparse_on(truth, [7])
+    coarse = -(-SIZE // factor)
+    config = PropagationConfig(max_voxels=SLICES * coarse * coarse)
+    assert grid_factor(SLICES, (SIZE, SIZE), config.max_voxels) == factor
+    result = propagate(lambda z: feats[z], sparse, 2, 2, config)
+    assert result.probabilities.shape == (2, SIZE, SIZE, SLICES)
+    np.testing.assert_allclose(result.probabilities.sum(axis=0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(result.labels[:, :, 7], truth[:, :, 7])
+    unlabelled = [z for z in range(SLICES) if z != 7]
+    pooled = dice(result.labels[:, :, unlabelled] == 1, truth[:, :, unlabelled] == 1)
+    copied = dice(truth[:, :, [7] * len(unlabelled)] == 1, truth[:, :, unlabelled] == 1)
+    assert pooled > 0.75 > copied + 0.2  # full resolution: 0.93; subpixel shifts blur a little
+    full = propagate(lambda z: feats[z], sparse, 2, 2, PropagationConfig(max_voxels=truth.size))
+    exact = propagate(lambda z: feats[z], sparse, 2, 2)
+    np.testing.assert_array_equal(full.probabilities, exact.probabilities)  # within budget
 
 
 def test_errors() -> None:

@@ -111,8 +111,12 @@ def test_assist_reuses_encoder_and_caches_features(
     prior = again["result"]["slice_prior"][image_id]
     assert prior["applied"] and (prior["source"], prior["held_out"]) == ("leave-one-out", 1)
     assert prior["scale"] in {float(s) for s in prior["scores"]}
-    off = _assist(service, dataset_id, config={**TINY_FEWSHOT, "slice_prior": False})
+    # a budget a quarter of the image: propagated on slices pooled 2×2, back on the full grid
+    pooled = {**TINY_FEWSHOT, "slice_prior": False, "propagation_max_voxels": label.size // 4}
+    off = _assist(service, dataset_id, config=pooled)
     assert off["status"] == "succeeded", off
+    assert off["result"]["propagation"][image_id]["applied"]
+    assert "refine_job_id" not in off["result"]  # the refinement: full-resolution images only
     assert off["result"]["slice_prior"][image_id] == {"applied": False}
     assert off["result"]["components"][image_id]["applied"]  # each step has its own switch
     off_labels = _load(service.client.get(off["result"]["predictions"][image_id]["labels"]).content)
@@ -123,6 +127,7 @@ def test_assist_reuses_encoder_and_caches_features(
         config={**TINY_FEWSHOT, "slice_prior": False, "seeded_components": False},
     )
     assert both["result"]["components"][image_id] == {"applied": False}
+    assert "refine_job_id" in both["result"]  # at full resolution, 3 labelled slices: refined
     wrong = {"config": {**TINY_FEWSHOT, "slice_prior": "sometimes"}}
     assert (
         service.client.post(f"/api/v1/datasets/{dataset_id}/assist", json=wrong).status_code == 422
