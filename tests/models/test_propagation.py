@@ -98,6 +98,10 @@ def test_propagate_chains_both_ways_and_blends_by_distance() -> None:
     np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
     np.testing.assert_array_equal(result.weight, np.ones(slices))
     np.testing.assert_array_equal(result.labels, expected.argmax(axis=0))
+    # the four chains ran in threads (one per core); one at a time gives the same bits
+    serial = PropagationConfig(radius=1, topk=4, temperature=0.5, workers=1)
+    one = propagate(lambda z: feats[z], sparse_on(truth, known), 2, classes, serial)
+    np.testing.assert_array_equal(one.probabilities, result.probabilities)
 
 
 SIZE, SLICES, STEP, CHANNELS = 48, 15, 2, 16
