@@ -255,14 +255,13 @@ def assist(ctx: JobContext) -> dict[str, Any]:
         "timings": phase.seconds,
     }
     # (not behind a background pretraining: the refit it leads to queues its own refinement;
-    # only images propagated at full resolution: the refinement's network trains and predicts
-    # on full-size slices, and on larger images it was not measured)
+    # the refinement's network trains and predicts on full-size slices: refine_max_voxels)
     if probe and method != "auto" and config.refine and encoder_id is not None and not background:
         validated = [
             image.id
             for image, label in pairs
             if outputs["propagation"].get(image.id, {}).get("applied")
-            and math.prod(image.shape) <= config.propagation_max_voxels
+            and math.prod(image.shape) <= config.refine_max_voxels
             and len(label.annotated_slices.get(str(axis), [])) >= MIN_LABELLED_SLICES
         ]
         if validated:

@@ -9,8 +9,8 @@ initialisation on the labelled slices does better once three or more are labelle
 (``bench/results/fewshot.md``), and much worse on organs that look like their neighbours
 (abdominal CT). Which one an annotator's structure is, only their own slices can say. So after
 an assist whose labelled images were propagated, the assist job queues this job on the training
-queue (``FewShotConfig.refine``; images propagated at full resolution, within
-``FewShotConfig.propagation_max_voxels``, with at least
+queue (``FewShotConfig.refine``; images of at most ``FewShotConfig.refine_max_voxels``, with
+at least
 :data:`~segassist.models.held_out_slice.MIN_LABELLED_SLICES` labelled slices; not when the
 assist queued a background pretraining, which would hold the queue for minutes: the refit that
 follows it queues its own refinement); it runs:

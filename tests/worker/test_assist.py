@@ -112,11 +112,16 @@ def test_assist_reuses_encoder_and_caches_features(
     assert prior["applied"] and (prior["source"], prior["held_out"]) == ("leave-one-out", 1)
     assert prior["scale"] in {float(s) for s in prior["scores"]}
     # a budget a quarter of the image: propagated on slices pooled 2×2, back on the full grid
-    pooled = {**TINY_FEWSHOT, "slice_prior": False, "propagation_max_voxels": label.size // 4}
+    pooled = {
+        **TINY_FEWSHOT,
+        "slice_prior": False,
+        "propagation_max_voxels": label.size // 4,
+        "refine_max_voxels": label.size - 1,
+    }
     off = _assist(service, dataset_id, config=pooled)
     assert off["status"] == "succeeded", off
     assert off["result"]["propagation"][image_id]["applied"]
-    assert "refine_job_id" not in off["result"]  # the refinement: full-resolution images only
+    assert "refine_job_id" not in off["result"]  # above refine_max_voxels
     assert off["result"]["slice_prior"][image_id] == {"applied": False}
     assert off["result"]["components"][image_id]["applied"]  # each step has its own switch
     off_labels = _load(service.client.get(off["result"]["predictions"][image_id]["labels"]).content)
