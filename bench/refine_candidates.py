@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -51,7 +49,7 @@ from segassist.bench.protocol import (
     sparse_labels,
     spread_slices,
 )
-from segassist.bench.report import RANDOM, machine_info
+from segassist.bench.report import RANDOM, machine_text, regenerate_command
 from segassist.bench.slice_prior import OBJECTIVE_PER_MODALITY
 from segassist.models.datasets import Case, cache_dir, load_set
 from segassist.models.features import compute_feature_maps
@@ -251,25 +249,9 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
         "C+c_val",
         "pick_AC_dice",
     )
-    head = (
-        "volume",
-        "k",
-        "A",
-        "B",
-        "B+pc",
-        "C",
-        "C+c",
-        "D",
-        "A_val",
-        "B_val",
-        "pick(A/B)",
-        "picks",
-        "C+c_val",
-        "pick(A/C)",
-        "fit B s",
-        "fit C s",
-        "seeds",
-    )
+    headings = [{"pick_AB_dice": "pick(A/B)", "pick_AC_dice": "pick(A/C)"}.get(c, c) for c in cols]
+    headings.insert(9, "picks")  # the choice per seed, after pick(A/B)
+    head = ("volume", "k", *headings, "fit B s", "fit C s", "seeds")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for volume, k in keys:
         sel = [r for r in rows if r["volume"] == volume and r["k"] == k]
@@ -305,7 +287,7 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
             f"- mean Dice of B+pc {mean('B+pc'):.3f}, D {mean('D'):.3f} (all {len(val)} rows).",
             "",
         ]
-    machine = ", ".join(f"{key} {value}" for key, value in machine_info().items())
+    machine = machine_text()
     return "\n".join(
         [
             "# Refining the default path with a scratch network (k labelled slices)",
@@ -343,14 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="skip cells already in the jsonl")
     parser.add_argument("--report-only", action="store_true", help="rewrite the md from the jsonl")
     args = parser.parse_args(argv)
-    command = shlex.join(
-        [
-            "python",
-            "-m",
-            "segassist.bench.refine_candidates",
-            *(sys.argv[1:] if argv is None else argv),
-        ]
-    )
+    command = regenerate_command("segassist.bench.refine_candidates", argv)
     args.out.mkdir(parents=True, exist_ok=True)
     jsonl, md = args.out / "refine.jsonl", args.out / "refine.md"
     done: set[tuple[str, int, int]] = set()

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -34,7 +32,7 @@ import numpy as np
 
 from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
 from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_labels, spread_slices
-from segassist.bench.report import machine_info
+from segassist.bench.report import machine_text, regenerate_command
 from segassist.bench.slice_prior import OBJECTIVE_PER_MODALITY
 from segassist.models.datasets import cache_dir, load_set
 from segassist.models.features import compute_feature_maps
@@ -150,7 +148,7 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
         f"The pick was the best candidate in "
         f"{sum(r['pick'] == max(r['dice'].values()) for r in rows)}/{len(rows)}.",
     ]
-    machine = ", ".join(f"{key} {value}" for key, value in machine_info().items())
+    machine = machine_text()
     return "\n".join(
         [
             "# The background refinement: propagation, a scratch network, or their blend",
@@ -183,9 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--report-only", action="store_true", help="rewrite the table from the jsonl, run nothing"
     )
     args = parser.parse_args(argv)
-    command = shlex.join(
-        ["python", "-m", "segassist.bench.refinement", *(sys.argv[1:] if argv is None else argv)]
-    )
+    command = regenerate_command("segassist.bench.refinement", argv)
     if args.report_only:
         lines = (args.out / "refinement.jsonl").read_text().splitlines()
         done = [json.loads(line) for line in lines if line.strip()]

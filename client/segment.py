@@ -85,8 +85,8 @@ class SegmentResult:
         own_labels: what the image's labelled slices changed in its prediction: the job
             result's ``propagation``, ``slice_prior`` and ``components`` entries of the image.
         refinement: the background refinement's job ``id``, ``status`` and its result's
-            ``outcome``, ``method`` and ``validation`` (None: none was queued, or not waited for). When
-            its outcome is ``refined``, every other field describes its segmentation.
+            ``outcome``, ``method`` and ``validation`` (None: none was queued, or not waited
+            for). When its outcome is ``refined``, every other field describes its segmentation.
     """
 
     dataset_id: str
@@ -223,8 +223,8 @@ def run_segment(
 
 
 def refinement_text(refinement: dict[str, Any]) -> str:
-    """``held-out slice Dice: propagation 0.703, scratch 0.812, blend 0.790 → scratch replaced
-    the segmentation`` or why there is no decision (the job's state)."""
+    """``held-out slice Dice: propagation 0.703, blend 0.790 → blend replaced the
+    segmentation`` or why there is no decision (the job's state)."""
     outcome, validation = refinement.get("outcome"), refinement.get("validation") or {}
     if outcome not in ("refined", "kept"):
         return f"job {refinement['id']} {refinement['status']} {outcome or ''}".rstrip()

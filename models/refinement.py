@@ -16,8 +16,8 @@ the better, a tie going to propagation (no network needed).
 The network alone is no candidate, though on the spine it beats the blend: the held-out slice
 cannot judge it against propagation. Hiding the middle of k labelled slices doubles the gap
 propagation must cross, and propagation decays with distance far faster than a network does.
-Measured (``bench/results/refine_candidates/refine.md``, 2 seeds): on abdominal CT at k = 3, propagation
-scored 0.25 on the hidden slice and 0.85 on the unlabelled ones, the network 0.46 and 0.45, so
+Measured (``bench/results/refine_candidates/refine.md``, 2 seeds): on abdominal CT at k = 3,
+propagation scored 0.25 on the hidden slice and 0.85 on the unlabelled ones, the network 0.46 and 0.45, so
 the held-out choice would have swapped 0.85 for 0.45; the blend (0.80) costs 0.05 there, and
 gains 0.04 to 0.13 on the spine and brain volumes at k = 3 and 5.
 """

@@ -679,8 +679,9 @@ def _predict_from_cache(
     """Apply the head to the cached maps of ``image`` and write its outputs; with the image's own
     ``sparse`` labels, corrected by them first (:func:`_with_own_labels`, as ``config`` says):
     the image is propagated from those labels instead (:func:`propagation_settings`; unless
-    ``config.propagation_max_voxels`` is 0), and the head is not applied to it. Returns the names written, the ``X×Y×Z`` uncertainty
-    (normalised entropy) and what the labels changed."""
+    ``config.propagation_max_voxels`` is 0), and the head is not applied to it. Returns the
+    names written, the ``X×Y×Z`` uncertainty (normalised entropy) and what the labels
+    changed."""
     path = pipelines._existing_file(Path(image.path), f"image {image.id} ({image.name})")
     volume, affine, header = read_nifti(path)
     axis = cached.axis

@@ -472,9 +472,9 @@ async function followRefinement(jobId, token) {
 }
 
 /**
- * "held-out slice Dice: propagation 0.703 · scratch 0.812 · blend 0.790 → scratch replaced it":
- * what the refinement of the result on screen is doing or decided (candidates of
- * models/refinement.py: a network from scratch, its blend with the propagation).
+ * "held-out slice Dice: propagation 0.703 · blend 0.790 → blend replaced it": what the
+ * refinement of the result on screen is doing or decided (candidates of models/refinement.py:
+ * the propagation, its blend with a network from scratch).
  */
 function refinementText(job) {
   if (!job) return "—";
