@@ -53,10 +53,11 @@ default is propagated on 103×103 slices (``f = 5``): about the in-plane size of
 benchmark's volumes.
 
 Cost per step: ``(2r+1)²·C·H·W`` multiply-adds for the affinity and ``(2r+1)²·L·H·W`` for the
-labels, plus a top-k over ``(2r+1)²`` per pixel; memory ``O(((2r+1)² + C + L)·H·W)`` floats
-(85 MB of affinities for 512×512, r = 4); about two steps per unlabelled slice. Measured on one
-CPU thread of a shared 2-core machine, 512×512: 2.6 s per step with 16 channels (map 0; the
-top-k alone 1.7 s), 23 s with 112 (every map).
+labels, plus a selection of the ``k``-th largest of ``(2r+1)²`` per pixel; memory
+``O(((2r+1)² + C + L)·H·W)`` floats (85 MB of affinities for 512×512, r = 4), kept per chain
+and reused from step to step; about two steps per unlabelled slice. Measured on one CPU thread
+of a 2-core machine with 16 channels (map 0): 23 ms per step at 128×128 (35–47 ms with
+``torch.topk`` and fresh buffers), 0.09–0.12 s at 256×256, 0.7 s at 512×512.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ import torch.nn.functional as F
 
 from segassist.models.features import FeatureMaps
 from segassist.models.threads import torch_threads
-from segassist.models.volumes import IGNORE_INDEX, annotated_slices
+from segassist.models.volumes import IGNORE_INDEX, annotated_slices, class_argmax
 
 __all__ = [
     "FLOOR",
@@ -163,47 +164,112 @@ def map_features(features: FeatureMaps, which: str = "fine") -> SliceArray:
 
 
 def _normalised(target: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre both ``C×H×W`` maps on the pair's channel means, L2-normalise each pixel."""
+    """Centre both ``C×H×W`` maps on the pair's channel means, L2-normalise each pixel (norms
+    summed over the channel planes: a reduction along the strided axis 0 is several times
+    slower)."""
     mean = (target.mean(dim=(1, 2), keepdim=True) + source.mean(dim=(1, 2), keepdim=True)) / 2
-    return (
-        F.normalize(target - mean, dim=0, eps=1e-6),
-        F.normalize(source - mean, dim=0, eps=1e-6),
-    )
+    out = []
+    for features in (target, source):
+        centred = features - mean
+        norm = (centred * centred).sum(dim=0).sqrt_().clamp_min_(1e-6)
+        out.append(centred.div_(norm))
+    return out[0], out[1]
+
+
+class _Workspace:
+    """The ``K×H×W`` buffers of one chain's steps, reused from step to step: allocated afresh,
+    each is new memory the kernel must fault in page by page, which took a third of a
+    128×128 step (27.9 vs 35.7 ms with the allocator told to keep freed memory)."""
+
+    def __init__(self, count: int, size: tuple[int, int]) -> None:
+        self.affinity = torch.empty(count, *size)
+        self.by_pixel = torch.empty(*size, count)  # the affinities, offsets last
+        self.weights = torch.empty(count, *size)
+        self.below = torch.empty(count, *size, dtype=torch.bool)
+
+    def fits(self, count: int, size: tuple[int, int]) -> bool:
+        return tuple(self.affinity.shape) == (count, *size)
+
+
+def _window_affinity(
+    target: torch.Tensor, source: torch.Tensor, radius: int, out: torch.Tensor
+) -> torch.Tensor:
+    """``a(p, q)`` of each target pixel with the source pixels of its window into ``out``:
+    ``K×H×W`` for the ``K = (2r+1)²`` offsets (offset ``o = dx·(2r+1) + dy`` reads source pixel
+    ``(x + dx − r, y + dy − r)``), ``−∞`` where that pixel lies outside the slice."""
+    r, n = radius, 2 * radius + 1
+    h, w = target.shape[1:]
+    padded = F.pad(source, (r, r, r, r))
+    for dx in range(n):
+        for dy in range(n):
+            o = dx * n + dy
+            torch.sum(target * padded[:, dx : dx + h, dy : dy + w], dim=0, out=out[o])
+            if dx < r:
+                out[o, : r - dx] = -torch.inf
+            if dx > r:
+                out[o, h + r - dx :] = -torch.inf
+            if dy < r:
+                out[o, :, : r - dy] = -torch.inf
+            if dy > r:
+                out[o, :, w + r - dy :] = -torch.inf
+    return out
+
+
+def _kth_largest(affinity: torch.Tensor, k: int, by_pixel: torch.Tensor) -> torch.Tensor:
+    """``H×W``: each pixel's ``k``-th largest of its ``K`` affinities (``K×H×W``), through the
+    ``H×W×K`` buffer ``by_pixel`` (a view of it: valid until the buffer is reused).
+
+    NumPy's introselect along a contiguous last axis: 3 ms for 128×128 pixels of 81 where
+    ``torch.topk`` over the same took 16–19 ms (one CPU thread).
+    """
+    count = affinity.shape[0]
+    by_pixel.copy_(affinity.permute(1, 2, 0))
+    values = by_pixel.numpy()
+    values.partition(count - k, axis=-1)
+    return torch.from_numpy(values[..., count - k])
 
 
 @torch.inference_mode()
 def propagate_step(
-    target: np.ndarray, source: np.ndarray, labels: np.ndarray, config: PropagationConfig
+    target: np.ndarray,
+    source: np.ndarray,
+    labels: np.ndarray,
+    config: PropagationConfig,
+    workspace: _Workspace | None = None,
 ) -> np.ndarray:
     """Carry ``labels`` (``L×H×W`` probabilities of the source slice) to the target slice.
+
+    The :attr:`PropagationConfig.topk` largest affinities of a pixel are those at or above its
+    ``k``-th largest value (so a tie at that value keeps every tied pixel: in a uniform region
+    the window's pixels share the weight equally instead of ``k`` of them chosen arbitrarily).
 
     Args:
         target: ``C×H×W`` features of the target slice.
         source: ``C×H×W`` features of the source slice.
         labels: ``L×H×W`` class probabilities of the source slice.
         config: window, top-k and temperature.
+        workspace: buffers of earlier steps of the same size to reuse (:func:`propagate`'s
+            chains); ``None``: new ones.
 
     Returns:
         ``L×H×W`` float32 probabilities of the target slice (module docstring).
     """
-    r = config.radius
+    r, n = config.radius, 2 * config.radius + 1
     t, s = _normalised(torch.from_numpy(target).float(), torch.from_numpy(source).float())
     h, w = t.shape[1:]
-    s = F.pad(s, (r, r, r, r))
+    if workspace is None or not workspace.fits(n * n, (h, w)):
+        workspace = _Workspace(n * n, (h, w))
+    affinity = _window_affinity(t, s, r, workspace.affinity)
+    kth = _kth_largest(affinity, min(config.topk, n * n), workspace.by_pixel)
+    weights = torch.sub(affinity, affinity.amax(dim=0), out=workspace.weights)
+    weights.div_(config.temperature).exp_()
+    weights.masked_fill_(torch.lt(affinity, kth, out=workspace.below), 0.0)
+    weights /= weights.sum(dim=0)
     p = F.pad(torch.from_numpy(labels).float(), (r, r, r, r))
-    valid = F.pad(torch.ones(h, w, dtype=torch.bool), (r, r, r, r))
-    offsets = [(dx, dy) for dx in range(2 * r + 1) for dy in range(2 * r + 1)]
-    affinity = torch.empty(len(offsets), h, w)
-    for o, (dx, dy) in enumerate(offsets):
-        torch.sum(t * s[:, dx : dx + h, dy : dy + w], dim=0, out=affinity[o])
-        affinity[o].masked_fill_(~valid[dx : dx + h, dy : dy + w], -torch.inf)
-    top, index = affinity.topk(min(config.topk, len(offsets)), dim=0)
-    weights = torch.zeros_like(affinity).scatter_(
-        0, index, torch.softmax(top / config.temperature, 0)
-    )
     out = torch.zeros(p.shape[0], h, w)
-    for o, (dx, dy) in enumerate(offsets):
-        out.addcmul_(weights[o], p[:, dx : dx + h, dy : dy + w])
+    for dx in range(n):
+        for dy in range(n):
+            out.addcmul_(weights[dx * n + dy], p[:, dx : dx + h, dy : dy + w])
     return out.numpy()
 
 
@@ -322,11 +388,13 @@ def _propagate(
     def run(j: int, chain: range, other: int | None) -> list[tuple[int, np.float32, np.ndarray]]:
         """One chain from labelled slice ``j``: (slice, blend share, labels) per step."""
         steps = []
+        n = 2 * config.radius + 1
+        workspace = _Workspace(n * n, grid)
         labels = _pooled(_one_hot(slices[j], num_classes), factor)
         source = _pooled(features(j), factor)
         for z in chain:
             target = _pooled(features(z), factor)
-            labels = propagate_step(target, source, labels, config)
+            labels = propagate_step(target, source, labels, config, workspace)
             # between labelled slices j and other: (distance to other) / gap
             share = np.float32(1.0 if other is None else abs(other - z) / abs(other - j))
             steps.append((z, share, labels))
@@ -348,7 +416,7 @@ def _propagate(
     weight = reached.astype(np.float32)
     for j in known:
         out[j], weight[j] = _one_hot(slices[j], num_classes), 1.0
-    labels_out = out.argmax(axis=1).astype(np.uint8)
+    labels_out = class_argmax(out, axis=1)
     return Propagation(
         np.moveaxis(out, 0, axis + 1),
         weight,

@@ -72,7 +72,7 @@ from itertools import pairwise
 import numpy as np
 from scipy import ndimage
 
-from segassist.models.volumes import IGNORE_INDEX, annotated_slices
+from segassist.models.volumes import IGNORE_INDEX, annotated_slices, class_argmax
 
 __all__ = [
     "DEFAULT_SCALE",
@@ -313,18 +313,6 @@ def _scores(log_model: np.ndarray, log_prior: np.ndarray, weight: float) -> np.n
     return scores
 
 
-def _argmax(scores: np.ndarray) -> np.ndarray:
-    """``scores.argmax(0)`` of an ``L×H×W`` array, as ``uint8`` (a loop over ``L`` is several
-    times faster than numpy's argmax along the first axis)."""
-    best = scores[0].copy()
-    labels = np.zeros(best.shape, dtype=np.uint8)
-    for c in range(1, scores.shape[0]):
-        better = scores[c] > best
-        labels[better] = c
-        np.maximum(best, scores[c], out=best)
-    return labels
-
-
 def fuse(log_model: np.ndarray, log_prior: np.ndarray, weight: float) -> np.ndarray:
     """Product of experts of one slice: ``log p_model + weight·log p_prior``, renormalised.
 
@@ -409,7 +397,9 @@ def choose_scale(
             log_prior = reduced.log_probabilities(n)
             held_out += 1
             for i, scale in enumerate(grid):
-                fused = _argmax(_scores(log_model, log_prior, scale * float(reduced.weight[n])))
+                fused = class_argmax(
+                    _scores(log_model, log_prior, scale * float(reduced.weight[n]))
+                )
                 for c in range(1, num_classes):
                     p, t = (fused == c) & annotated, (truth == c) & annotated
                     hits[i, c] += 2 * np.count_nonzero(p & t)
@@ -479,7 +469,7 @@ def fuse_with_prior(
             annotated = drawn != IGNORE_INDEX
             for c in range(num_classes):
                 fused[z, c][annotated] = drawn[annotated] == c
-        labels[z] = _argmax(fused[z])
+        labels[z] = class_argmax(fused[z])
     return FusedPrediction(
         np.moveaxis(fused, 0, axis + 1), np.ascontiguousarray(np.moveaxis(labels, 0, axis)), choice
     )

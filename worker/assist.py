@@ -99,6 +99,7 @@ from segassist.models.runtime.predictor import (
 from segassist.models.runtime.preprocess import Normalisation, default_normalisation, normalise
 from segassist.models.seeded_components import ComponentFilter, keep_seeded_components
 from segassist.models.slice_prior import DEFAULT_SCALE, ScaleChoice, fuse_with_prior
+from segassist.models.volumes import class_argmax
 from segassist.server.db import (
     Dataset,
     Image,
@@ -862,7 +863,7 @@ def _with_own_labels(
         fused = fuse_with_prior(probabilities, sparse, axis, scale)
         labels, probabilities, choice = fused.labels, fused.probabilities, fused.choice
     else:
-        labels = probabilities.argmax(axis=0).astype(np.uint8)
+        labels = class_argmax(probabilities)
         drawn = sparse != IGNORE_INDEX
         labels[drawn] = sparse[drawn]
     components = None

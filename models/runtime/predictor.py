@@ -61,8 +61,15 @@ def normalised_entropy(probs: np.ndarray) -> np.ndarray:
     num_classes = probs.shape[1]
     if num_classes < 2:
         return np.zeros((probs.shape[0], *probs.shape[2:]), dtype=np.float32)
-    entropy = -np.sum(probs * np.log(np.clip(probs, 1e-12, 1.0)), axis=1)
-    return np.clip(entropy / np.log(num_classes), 0.0, 1.0).astype(np.float32)
+    entropy = np.zeros((probs.shape[0], *probs.shape[2:]), dtype=np.float32)
+    term = np.empty_like(entropy)
+    for c in range(num_classes):  # a class at a time: no B×L×H×W temporaries
+        share = probs[:, c]
+        np.log(np.clip(share, 1e-12, 1.0, out=term), out=term)
+        term *= share
+        entropy -= term
+    entropy /= np.float32(np.log(num_classes))
+    return np.clip(entropy, 0.0, 1.0, out=entropy)
 
 
 def providers(device: Device) -> list[str]:

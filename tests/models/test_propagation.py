@@ -27,8 +27,8 @@ from tests.models.sparse_slices import dice, sparse_on
 def _naive_step(
     target: np.ndarray, source: np.ndarray, labels: np.ndarray, config: PropagationConfig
 ) -> np.ndarray:
-    """Brute force, pixel by pixel: centred cosine affinity to the in-slice window, top-k,
-    softmax, weighted mean of the source labels."""
+    """Brute force, pixel by pixel: centred cosine affinity to the in-slice window, top-k (every
+    pixel tied with the k-th largest kept), softmax, weighted mean of the source labels."""
     mean = (target.mean(axis=(1, 2)) + source.mean(axis=(1, 2)))[:, None, None] / 2
     t, s = target - mean, source - mean
     t = t / np.maximum(np.linalg.norm(t, axis=0), 1e-6)
@@ -45,7 +45,7 @@ def _naive_step(
                 if 0 <= i < h and 0 <= j < w
             ]
             affinity = np.array([t[:, x, y] @ s[:, i, j] for i, j in window])
-            keep = np.argsort(-affinity)[: config.topk]
+            keep = np.flatnonzero(affinity >= np.sort(affinity)[-config.topk])
             weights = np.exp((affinity[keep] - affinity[keep].max()) / config.temperature)
             weights /= weights.sum()
             for weight, q in zip(weights, keep, strict=True):
@@ -61,6 +61,22 @@ def test_step_matches_a_brute_force_reference() -> None:
     out = propagate_step(target, source, labels, config)
     np.testing.assert_allclose(out, _naive_step(target, source, labels, config), atol=1e-5)
     np.testing.assert_allclose(out.sum(axis=0), 1.0, atol=1e-5)
+
+
+def test_a_tie_at_the_kth_affinity_keeps_every_tied_pixel() -> None:
+    """Features equal everywhere: every window pixel ties, so each target pixel takes the mean
+    of its whole window's labels (cut at the slice edge), not that of ``k`` arbitrary ones."""
+    features = np.ones((2, 6, 7), dtype=np.float32)
+    labels = np.zeros((2, 6, 7), dtype=np.float32)
+    labels[1, :, :3] = 1.0
+    labels[0] = 1.0 - labels[1]
+    config = PropagationConfig(radius=1, topk=2, temperature=0.1)
+    out = propagate_step(features, features, labels, config)
+    window_mean = ndimage.uniform_filter(
+        labels[1], size=3, mode="constant"
+    ) / ndimage.uniform_filter(np.ones((6, 7)), size=3, mode="constant")
+    np.testing.assert_allclose(out[1], window_mean, atol=1e-6)
+    np.testing.assert_allclose(out, _naive_step(features, features, labels, config), atol=1e-6)
 
 
 def test_propagate_chains_both_ways_and_blends_by_distance() -> None:
