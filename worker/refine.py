@@ -24,7 +24,8 @@ follows it queues its own refinement); it runs:
    components) and scored by the mean Dice on the hidden slices, averaged over the images.
 3. When the blend scores higher (a tie goes to propagation): ``fit`` (the network again, on
    every labelled slice), ``export`` (ONNX, registered: the network alone), ``predict`` (the
-   validated images: the network averaged with their propagation, corrected by their own
+   validated images: the network pooled with their propagation (normalised geometric mean),
+   corrected by their own
    labels, with the encoder's cluster map). Other target images keep the assist's prediction
    (nothing validated the network on them): its files are linked under the new segmenter, so
    whoever serves "the dataset's newest segmenter" (MONAI Label, DICOMweb) finds, for every

@@ -65,15 +65,25 @@ def test_dice_on_the_hidden_slice_against_a_brute_force() -> None:
     assert hidden.dice(perfect) == 1.0
 
 
-def test_candidates_are_the_two_experts_and_their_mean() -> None:
+def test_candidates_are_propagation_and_the_experts_geometric_mean() -> None:
     rng = np.random.default_rng(0)
     p = rng.dirichlet(np.ones(3), size=(4, 5, 6)).transpose(3, 0, 1, 2).astype(np.float32)
     n = rng.dirichlet(np.ones(3), size=(4, 5, 6)).transpose(3, 0, 1, 2).astype(np.float32)
     made = candidates(p, n)
     assert tuple(made) == CANDIDATES == ("propagation", "blend")
     assert made["propagation"] is p
-    np.testing.assert_allclose(made["blend"], (p + n) / 2, rtol=1e-6)
+    product = np.sqrt(p.astype(np.float64) * n)
+    np.testing.assert_allclose(made["blend"], product / product.sum(axis=0), rtol=1e-5)
     np.testing.assert_allclose(made["blend"].sum(axis=0), 1.0, rtol=1e-5)
+    assert made["blend"].dtype == np.float32
+    # a class needs both experts: one sure of it (0.9) while the other nearly rules it out
+    # (0.05) loses to the class both find possible (0.1 and 0.6); the mean picks the first
+    sure = np.array([0.9, 0.1, 0.0], dtype=np.float32)[:, None, None, None]
+    doubt = np.array([0.05, 0.6, 0.35], dtype=np.float32)[:, None, None, None]
+    assert candidates(sure, doubt)["blend"].argmax() == 1
+    assert ((sure + doubt) / 2).argmax() == 0
+    # a softmax that underflowed to 0 leaves a distribution, not NaN
+    assert np.isfinite(candidates(sure, sure)["blend"]).all()
     with pytest.raises(ValueError, match="shapes differ"):
         candidates(p, n[:, :2])
 
