@@ -8,7 +8,7 @@ The protocol of :mod:`segassist.bench.default_path` (slice propagation, k ∈ {3
 over the structures, the refinement needing 3; Dice on the unlabelled slices; the modality's
 100-step pool encoder) and the refinement's own steps, with the functions the worker calls:
 hide the middle labelled slice (:func:`~segassist.models.held_out_slice.hold_out_middle_slice`);
-train a scratch network on the others (``FewShotConfig.for_scratch(**QUICK_SCRATCH)``, one
+train a scratch network on the others (``FewShotConfig.for_scratch(**REFINE_SCRATCH)``, one
 thread, seed s); build the candidates (:func:`~segassist.models.refinement.candidates`) from the
 propagation and the network, correct each as the assist does (slice prior at the default
 strength for propagated probabilities, by leave-one-out for the network's; seeded components);
@@ -41,7 +41,7 @@ from segassist.models.held_out_slice import hold_out_middle_slice
 from segassist.models.pretrain import Encoder
 from segassist.models.propagation import map_features, propagate
 from segassist.models.refinement import CANDIDATES, candidates, choose, network_probabilities
-from segassist.models.runtime.configs import QUICK_SCRATCH
+from segassist.models.runtime.configs import REFINE_SCRATCH
 from segassist.models.seeded_components import keep_seeded_components
 from segassist.models.slice_prior import DEFAULT_SCALE, fuse_with_prior
 from segassist.models.threads import torch_threads
@@ -67,7 +67,7 @@ def _made(
 ) -> dict[str, np.ndarray]:
     """Each candidate's corrected labels from ``sparse``."""
     case = volume.case
-    config = FewShotConfig.for_scratch(**QUICK_SCRATCH, axis=case.axis, seed=seed)
+    config = FewShotConfig.for_scratch(**REFINE_SCRATCH, axis=case.axis, seed=seed)
     scratch = Encoder.random(
         encoder.config.model_copy(update={"seed": seed}), encoder.normalisation
     )

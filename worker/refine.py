@@ -18,7 +18,7 @@ follows it queues its own refinement); it runs:
 1. ``features``: the cached maps of the validated images (normally a cache hit).
 2. ``validate``: the middle labelled slice of each validated image hidden
    (:func:`~segassist.models.held_out_slice.hold_out_middle_slice`); a scratch network trained
-   on the other slices (:data:`~segassist.models.runtime.configs.QUICK_SCRATCH`, one thread);
+   on the other slices (:data:`~segassist.models.runtime.configs.REFINE_SCRATCH`, one thread);
    the candidates of :mod:`segassist.models.refinement` (propagation, its blend with the
    network) made from those slices, each corrected as the assist corrects (slice prior, seeded
    components) and scored by the mean Dice on the hidden slices, averaged over the images.
@@ -58,7 +58,7 @@ from segassist.models.pretrain import Encoder
 from segassist.models.propagation import map_features, propagate
 from segassist.models.refinement import CANDIDATES, candidates, choose, network_probabilities
 from segassist.models.runtime._atomic import link_atomic
-from segassist.models.runtime.configs import QUICK_SCRATCH
+from segassist.models.runtime.configs import REFINE_SCRATCH
 from segassist.models.runtime.predictor import OnnxPredictor
 from segassist.models.runtime.preprocess import normalise
 from segassist.models.threads import torch_threads
@@ -251,12 +251,12 @@ def _fit_scratch(
     config: FewShotConfig,
 ) -> tuple[SegmenterNet, pipelines._LossTracker]:
     """A network trained from ``scratch`` on the normalised ``volumes`` and their sparse
-    ``labels``: :meth:`FewShotConfig.for_scratch` with :data:`QUICK_SCRATCH` (the settings the
+    ``labels``: :meth:`FewShotConfig.for_scratch` with :data:`REFINE_SCRATCH` (the settings the
     benchmark measured), the request's own few-shot settings on top; torch on one thread on the
     CPU (:mod:`segassist.models.threads`: two spin-wait whenever the other core is busy)."""
     settings = FewShotConfig.for_scratch(
         **(
-            QUICK_SCRATCH
+            REFINE_SCRATCH
             | (ctx.params.get("config") or {})
             | {"axis": config.axis, "device": config.device}
         )
