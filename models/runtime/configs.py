@@ -154,9 +154,11 @@ fine-tune" row of ``bench/results/fewshot.md``)."""
 REFINE_SCRATCH: dict[str, Any] = QUICK_SCRATCH | {"steps": 300, "patience": 6}
 """Overrides of :meth:`FewShotConfig.for_scratch` for the background refinement's network
 (:mod:`segassist.worker.refine`): :data:`QUICK_SCRATCH` trained up to three times longer.
-Measured (its blend with propagation, 2 seeds, k = 3/5): spine CT 0.753/0.833 → 0.774/0.856,
-spine MR 0.681/0.773 → 0.685/0.806, abdominal CT 0.798/0.855 → 0.838/0.91, brain MR
-0.854/0.833 → 0.881/0.845; each fit 13–46 s instead of 7–19 s on one thread."""
+Measured (``bench/results/refinement/refinement.md``, what the annotator ends with, 3 seeds,
+k = 3/5, against the same with :data:`QUICK_SCRATCH`): spine CT 0.746/0.817 → 0.760/0.832,
+spine MR 0.674/0.778 → 0.677/0.812, abdominal CT 0.807/0.870 → 0.840/0.909, brain MR
+0.856/0.834 → 0.874/0.857; mean over 30 runs 0.828 → 0.846; a refinement (two fits on one
+thread) 19–86 s instead of 13–36 s."""
 
 
 class FewShotConfig(BaseModel):
