@@ -13,7 +13,9 @@ httpx only where the wire itself is timed: the uploads and the concurrent metada
    /datasets/{id}/assist`` → poll → ``GET …/labels.nii.gz``, (a) on an image whose decoder maps
    are not cached yet, (b) after uploading a corrected label of the same image (one more slice,
    the one the first run's ``next_slice`` pointed at: maps cached, the interactive case); broken
-   down with the job row's timestamps and the job's ``result.timings``;
+   down with the job row's timestamps and the job's ``result.timings``; the background
+   refinement the last run queued is cancelled (each new assist cancels the earlier ones'):
+   it would train on the two cores while the next phases are measured;
 3. 4 concurrent ``POST /models/{id}/predict`` jobs on 4 images, and meanwhile
 4. p50/p99 latency of metadata calls under 50 concurrent ``httpx.AsyncClient`` clients (also
    measured idle, before);
@@ -813,6 +815,20 @@ def assist_run(
     return t.stages(), job
 
 
+def _cancel_refinement(api: SegAssistClient, job: Mapping[str, Any]) -> None:
+    """Cancel (best effort) the background refinement the assist ``job`` queued: it would train
+    on the two cores while the next phases are measured (each new assist of the dataset cancels
+    the earlier ones' itself)."""
+    refine_id = (job.get("result") or {}).get("refine_job_id")
+    if refine_id is None:
+        return
+    try:
+        api.cancel_job(refine_id)
+        logger.info("refinement job %s cancelled by the benchmark", refine_id)
+    except SegAssistAPIError as exc:
+        logger.info("refinement job %s not cancelled (%s)", refine_id, exc.detail)
+
+
 def _medians(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """Per-column medians (they need not sum to the median total)."""
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
@@ -861,6 +877,7 @@ def bench_assist(
         runs["(b)"].append(stages)
         table.add(f"(b) run {i}", **stages)
         segmenter = str(job["result"]["segmenter_id"])
+    _cancel_refinement(api, job)
     summary = {key: _medians(values) for key, values in runs.items()}
     if len(volumes) > 1:
         for key, values in summary.items():
