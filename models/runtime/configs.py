@@ -260,8 +260,10 @@ class FewShotConfig(BaseModel):
             refinement's, if any, seconds to a minute later.
         refine_max_voxels: the refinement's network trains and predicts at full resolution,
             so only labelled images of at most this many voxels are refined (the
-            propagation's grid may be pooled). Measured on 2 CPU cores: 14–41 s for the
-            benchmark's volumes (≤ 1.4 M voxels), 143 s for a 197×233×189 brain MR (8.7 M).
+            propagation's grid may be pooled). Measured on 2 CPU cores with the 100-step
+            network: 14–41 s for the benchmark's volumes (≤ 1.4 M voxels), 143 s for a
+            197×233×189 brain MR (8.7 M); with :data:`REFINE_SCRATCH`'s up to 300 steps, 19–86 s
+            for the benchmark's volumes.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
