@@ -235,8 +235,13 @@ def publish_segmenter(
     config: FewShotConfig,
     pairs: list[tuple[Image, Label]],
     fit_loss: float | None,
+    refines: str | None = None,
 ) -> None:
-    """Export ``segmenter`` to ONNX in ``models/<model_id>/`` (atomically) and register it."""
+    """Export ``segmenter`` to ONNX in ``models/<model_id>/`` (atomically) and register it.
+
+    ``refines``: the segmenter of the assist a refinement replaced on the images it refined
+    (``lineage["refines"]``; the MONAI Label app serves that one on every other image).
+    """
     lineage = {
         "dataset_id": dataset.id,
         "encoder_id": encoder_id,
@@ -246,7 +251,7 @@ def publish_segmenter(
         "method": method,
         "config": config.to_dict(),
         "job_id": ctx.job_id,
-    }
+    } | ({"refines": refines} if refines is not None else {})
     with _publishing(ctx, model_id) as folder:
         manifest = export_segmenter(
             segmenter,

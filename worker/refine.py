@@ -29,8 +29,10 @@ follows it queues its own refinement); it runs:
    labels, with the encoder's cluster map). Other target images keep the assist's prediction
    (nothing validated the network on them): its files are linked under the new segmenter, so
    whoever serves "the dataset's newest segmenter" (MONAI Label, DICOMweb) finds, for every
-   image of the assist, the segmentation the page shows. Otherwise the job ends there and the
-   assist's segmentation stands.
+   image of the assist, the segmentation the page shows. The segmenter's lineage names the
+   assist's (``refines``): an image it has no prediction of gets that one from MONAI Label's
+   ``infer`` (:func:`~segassist.server.monailabel.apps.serving_segmenter`), not the network
+   alone. Otherwise the job ends there and the assist's segmentation stands.
 
 A job is skipped as ``superseded`` when a newer assist of the dataset exists: the annotator has
 moved on (a new assist also cancels unfinished refinements). Result: ``refine_of``, ``outcome``
@@ -55,6 +57,7 @@ from segassist.models.fewshot import FewShotConfig, fit_segmenter
 from segassist.models.held_out_slice import HeldOutSlice, hold_out_middle_slice
 from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import Encoder
+from segassist.models.progress import Progress
 from segassist.models.propagation import map_features, propagate
 from segassist.models.refinement import CANDIDATES, candidates, choose, network_probabilities
 from segassist.models.runtime._atomic import link_atomic
@@ -75,9 +78,14 @@ from segassist.worker.assist import (
 )
 from segassist.worker.jobs import JobContext
 
-__all__ = ["refine"]
+__all__ = ["CANCEL_POLL_SECONDS", "refine"]
 
 logger = logging.getLogger(__name__)
+
+CANCEL_POLL_SECONDS = 0.2
+"""Least time between two reads of the job's cancellation while the network trains. A newer
+assist cancels the refinement; until the refinement notices, it holds a core that the assist's
+own fit needs (progress writes alone read it once a second)."""
 
 
 def refine(ctx: JobContext) -> dict[str, Any]:
@@ -122,6 +130,7 @@ def refine(ctx: JobContext) -> dict[str, Any]:
         for (image, _), volume in zip(pairs, volumes, strict=True):
             if image.id not in held:
                 continue
+            ctx.check_cancelled()
             hidden = held[image.id]
             began = time.perf_counter()
             spread = propagate(
@@ -149,6 +158,7 @@ def refine(ctx: JobContext) -> dict[str, Any]:
     with phase(ctx, "fit"):
         segmenter, losses = _fit_scratch(ctx, scratch, volumes, labels, num_classes, config)
     model_id = pipelines._model_id(ctx)
+    assist = _assist_result(ctx, str(params["refine_of"]))
     with phase(ctx, "export"):
         if pipelines._registered(ctx) is None:
             pipelines.publish_segmenter(
@@ -165,6 +175,7 @@ def refine(ctx: JobContext) -> dict[str, Any]:
                 config=config,
                 pairs=pairs,
                 fit_loss=losses.last,
+                refines=assist.get("segmenter_id"),
             )
     with phase(ctx, "predict"):
         predictor = OnnxPredictor.from_folder(
@@ -181,7 +192,7 @@ def refine(ctx: JobContext) -> dict[str, Any]:
         )
         _carry_over(
             ctx,
-            str(params["refine_of"]),
+            assist,
             model_id,
             [image.id for image in targets if image.id not in held],
             outputs,
@@ -197,19 +208,24 @@ def refine(ctx: JobContext) -> dict[str, Any]:
     }
 
 
+def _assist_result(ctx: JobContext, assist_id: str) -> dict[str, Any]:
+    """The result of the refined assist job (empty if the job is gone)."""
+    with ctx.sessions() as session:
+        assist = session.get(Job, assist_id)
+        return dict(assist.result or {}) if assist is not None else {}
+
+
 def _carry_over(
     ctx: JobContext,
-    assist_id: str,
+    done: dict[str, Any],
     model_id: str,
     image_ids: list[str],
     outputs: dict[str, dict[str, Any]],
 ) -> None:
-    """Link the assist's prediction files of ``image_ids`` into ``predictions/<model_id>/``
+    """Link the prediction files of ``image_ids`` that the refined assist (its result ``done``)
+    made into ``predictions/<model_id>/``
     (:func:`~segassist.models.runtime._atomic.link_atomic`: no bytes copied) and add the assist
     result's entries of those images to ``outputs`` (the API paths rewritten to ``model_id``)."""
-    with ctx.sessions() as session:
-        assist = session.get(Job, assist_id)
-        done = dict(assist.result or {}) if assist is not None else {}
     source = done.get("segmenter_id")
     for image_id in image_ids:
         names = list((done.get("predictions") or {}).get(image_id) or {})
@@ -261,7 +277,24 @@ def _fit_scratch(
             | {"axis": config.axis, "device": config.device}
         )
     )
-    losses = pipelines._LossTracker(ctx)
+    losses = _CancellableLosses(ctx)
     with torch_threads(1 if config.device == "cpu" else torch.get_num_threads()):
         network = fit_segmenter(scratch, volumes, labels, num_classes, "finetune", settings, losses)
     return network, losses
+
+
+class _CancellableLosses(pipelines._LossTracker):
+    """The loss tracker, also reading the job's cancellation every
+    :data:`CANCEL_POLL_SECONDS` (one row read; raises
+    :class:`~segassist.worker.jobs.JobCancelled`)."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        super().__init__(ctx)
+        self._checked = time.monotonic()
+
+    def __call__(self, progress: Progress) -> None:
+        super().__call__(progress)
+        now = time.monotonic()
+        if now - self._checked >= CANCEL_POLL_SECONDS:
+            self._checked = now
+            self.ctx.check_cancelled()

@@ -48,6 +48,7 @@ __all__ = [
     "image_entry",
     "latest_segmenter",
     "monailabel_dir",
+    "serving_segmenter",
     "unknown",
 ]
 
@@ -193,6 +194,20 @@ def latest_segmenter(session: Session, dataset: Dataset | None) -> ModelRecord |
         .order_by(ModelRecord.created_at.desc())
         .limit(1)
     )
+
+
+def serving_segmenter(
+    session: Session, storage: Storage, dataset: Dataset | None, image: Image
+) -> ModelRecord | None:
+    """The segmenter that serves ``image``: the dataset's newest, unless that is a background
+    refinement's network (``lineage["refines"]``) with no prediction of ``image``. A refinement
+    validated its network only blended with the propagation of the images it refined; any other
+    image gets the segmenter of the assist it refined (if still registered)."""
+    newest = latest_segmenter(session, dataset)
+    if newest is None or (storage.prediction_dir(newest.id, image.id) / "labels.nii.gz").is_file():
+        return newest
+    refined = newest.lineage.get("refines")
+    return (session.get(ModelRecord, refined) if refined else None) or newest
 
 
 def cluster_count(session: Session, dataset: Dataset | None) -> int:

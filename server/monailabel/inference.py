@@ -2,8 +2,9 @@
 
 The API never runs a model. ``segmentation`` serves ``labels.nii.gz`` and ``clusters`` serves
 ``clusters.nii.gz`` (values shifted to 1…K: viewers treat 0 as "no segment") of the dataset's
-newest segmenter on the image, written by the assist job that trained it or by an earlier
-``infer``. When that file does not exist yet, a ``predict`` job (with probabilities, so the
+newest segmenter on the image (:func:`~segassist.server.monailabel.apps.serving_segmenter`: a
+background refinement's network serves only the images it refined), written by the assist job
+that trained it or by an earlier ``infer``. When that file does not exist yet, a ``predict`` job (with probabilities, so the
 ``uncertainty`` strategy can rank the image) is queued, or an identical queued one reused, and the
 request waits for it without holding a thread. Before any training there is no segmenter: 409,
 "train first".
@@ -48,7 +49,7 @@ from segassist.server.monailabel.apps import (
     App,
     file_name,
     find_image,
-    latest_segmenter,
+    serving_segmenter,
     unknown,
 )
 from segassist.server.monailabel.volumes import RESULT_DTYPES, RESULT_EXTENSIONS, encode_result
@@ -133,7 +134,7 @@ def plan(
         raise unknown("model", model, MODELS)
     image = _image(session, storage, app, image_ref, session_id)
     dataset = app.require()
-    segmenter = latest_segmenter(session, dataset)
+    segmenter = serving_segmenter(session, storage, dataset, image)
     if segmenter is None:
         raise HTTPException(
             status.HTTP_409_CONFLICT,

@@ -148,6 +148,29 @@ def test_refinement_replaces_what_propagation_cannot_follow(
         before = service.client.get(fast["result"]["predictions"][other_id][name]).content
         assert served.content == before
     assert result["next_slice"][other_id] == fast["result"]["next_slice"][other_id]
+    model = service.get(f"/models/{result['segmenter_id']}")
+    assert model["lineage"]["refines"] == fast["result"]["segmenter_id"]
+
+    # an image uploaded after the refinement: MONAI Label's infer runs the assist's segmenter
+    # on it (the network was validated only blended with the refined image's propagation)
+    files = {"file": ("later.nii.gz", io.BytesIO(nifti_bytes(image[:, ::-1].copy())), "x")}
+    later_id = service.post(f"/datasets/{dataset['id']}/images", files=files)["id"]
+    answer = service.client.post(
+        f"/monailabel/{dataset['id']}/infer/segmentation", params={"image": later_id}
+    )
+    assert answer.status_code == 200, answer.text
+    jobs = service.get(f"/jobs?dataset_id={dataset['id']}")
+    (predict,) = [job for job in jobs if job["kind"] == "predict"]
+    assert predict["params"]["model_id"] == fast["result"]["segmenter_id"]
+    assert predict["params"]["image_ids"] == [later_id]
+    # the refined image is still served by the refinement's segmenter (its file exists)
+    answer = service.client.post(
+        f"/monailabel/{dataset['id']}/infer/segmentation", params={"image": image_id}
+    )
+    assert answer.status_code == 200, answer.text
+    assert [job["kind"] for job in service.get(f"/jobs?dataset_id={dataset['id']}")].count(
+        "predict"
+    ) == 1
 
 
 @pytest.mark.parametrize("settings", [QUICK_ENCODER], indirect=True)
