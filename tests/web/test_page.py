@@ -189,7 +189,9 @@ def test_cluster_overlay_deep_link_and_api_errors(
         )
         image = api.upload_image(dataset["id"], spine_ct.image)
         api.upload_label(image["id"], sparse_path)
-        job = api.assist(dataset["id"], {"image_ids": [image["id"]], "probabilities": True})
+        # no background refinement: this test is about the overlays of the assist's result
+        body = {"image_ids": [image["id"]], "probabilities": True, "config": {"refine": False}}
+        job = api.assist(dataset["id"], body)
         api.wait_for_job(job["id"], timeout=600)
 
     tab = page.tab
