@@ -223,9 +223,9 @@ def _carry_over(
     outputs: dict[str, dict[str, Any]],
 ) -> None:
     """Link the prediction files of ``image_ids`` that the refined assist (its result ``done``)
-    made into ``predictions/<model_id>/``
-    (:func:`~segassist.models.runtime._atomic.link_atomic`: no bytes copied) and add the assist
-    result's entries of those images to ``outputs`` (the API paths rewritten to ``model_id``)."""
+    made into ``predictions/<model_id>/`` (:func:`~segassist.models.runtime._atomic.link_atomic`:
+    no bytes copied) and add the assist result's entries of those images to ``outputs`` (the API
+    paths rewritten to ``model_id``)."""
     source = done.get("segmenter_id")
     for image_id in image_ids:
         names = list((done.get("predictions") or {}).get(image_id) or {})

@@ -4,9 +4,9 @@ The API never runs a model. ``segmentation`` serves ``labels.nii.gz`` and ``clus
 ``clusters.nii.gz`` (values shifted to 1…K: viewers treat 0 as "no segment") of the dataset's
 newest segmenter on the image (:func:`~segassist.server.monailabel.apps.serving_segmenter`: a
 background refinement's network serves only the images it refined), written by the assist job
-that trained it or by an earlier ``infer``. When that file does not exist yet, a ``predict`` job (with probabilities, so the
-``uncertainty`` strategy can rank the image) is queued, or an identical queued one reused, and the
-request waits for it without holding a thread. Before any training there is no segmenter: 409,
+that trained it or by an earlier ``infer``. When that file does not exist yet, a ``predict`` job
+(with probabilities, so the ``uncertainty`` strategy can rank the image) is queued, or an
+identical queued one reused, and the request waits for it without holding a thread. Before any training there is no segmenter: 409,
 "train first".
 
 The answer is what 3D Slicer parses (``cgi.FieldStorage`` on the raw socket): a
