@@ -42,7 +42,7 @@ cost abdominal CT 0.17/0.10 and TotalSegmentator MR 0.07 at k = 1 (mean over the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -91,15 +91,22 @@ def choose(scores: Mapping[str, float]) -> str:
 
 @torch.no_grad()
 def network_probabilities(
-    segmenter: SegmenterNet, volume: np.ndarray, axis: int, batch_size: int = 8
+    segmenter: SegmenterNet,
+    volume: np.ndarray,
+    axis: int,
+    batch_size: int = 8,
+    before_batch: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """``L×X×Y×Z`` softmax of ``segmenter`` over a normalised ``X×Y×Z`` volume, slice by slice
-    along ``axis``."""
+    along ``axis``, ``batch_size`` slices at a time; ``before_batch`` is called before each
+    batch (the worker's cancellation check: a volume takes seconds on one thread)."""
     segmenter.eval().cpu()
     slices = np.ascontiguousarray(np.moveaxis(volume, axis, 0), dtype=np.float32)
     out = []
     with torch_threads(1):
         for start in range(0, len(slices), batch_size):
+            if before_batch is not None:
+                before_batch()
             batch, size = pad_to_multiple(
                 slices[start : start + batch_size, None], segmenter.encoder.size_divisor
             )

@@ -141,7 +141,10 @@ def refine(ctx: JobContext) -> dict[str, Any]:
                 propagation_settings(config),
             )
             spread_seconds = round(time.perf_counter() - began, 3)
-            made = candidates(spread.probabilities, network_probabilities(network, volume, axis))
+            network_says = network_probabilities(
+                network, volume, axis, before_batch=ctx.check_cancelled
+            )
+            made = candidates(spread.probabilities, network_says)
             for name, probabilities in made.items():
                 # both hold the propagation: the prior at the assist's strength for it
                 corrected = _with_own_labels(

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from segassist.models.held_out_slice import hold_out_middle_slice
-from segassist.models.refinement import CANDIDATES, candidates, choose
+from segassist.models.networks.segmenter import SegmenterNet
+from segassist.models.pretrain import Encoder, PretrainConfig
+from segassist.models.refinement import CANDIDATES, candidates, choose, network_probabilities
 from segassist.models.runtime.configs import IGNORE_INDEX
 
 
@@ -95,3 +97,28 @@ def test_the_best_score_wins_and_ties_go_to_the_cheaper() -> None:
     assert choose({"blend": 0.1}) == "blend"
     with pytest.raises(ValueError, match="no candidate"):
         choose({"other": 1.0})
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_network_probabilities_slice_by_slice_with_a_hook_before_each_batch() -> None:
+    encoder = Encoder.random(PretrainConfig(channels=(4, 8), num_clusters=3, seed=0))
+    segmenter = SegmenterNet(encoder.network, 2, 3)
+    volume = np.random.default_rng(0).normal(size=(12, 10, 7)).astype(np.float32)
+    calls: list[int] = []
+    probabilities = network_probabilities(
+        segmenter, volume, 2, batch_size=3, before_batch=lambda: calls.append(1)
+    )
+    assert probabilities.shape == (2, 12, 10, 7) and len(calls) == 3  # 7 slices, 3 at a time
+    np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, rtol=1e-5)
+    # each slice on its own gives the same: the network sees one slice at a time
+    one = network_probabilities(segmenter, volume[..., 4:5], 2)
+    np.testing.assert_allclose(probabilities[..., 4:5], one, atol=1e-5)
+
+    def stop() -> None:  # a cancellation check that fires raises out of the loop
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        network_probabilities(segmenter, volume, 2, before_batch=stop)
