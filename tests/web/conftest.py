@@ -73,6 +73,7 @@ class Page:
     folder: Path
     errors: list[str] = field(default_factory=list)
     shots: int = 0
+    timed_out: str | None = None
 
     def shot(self, step: str) -> None:
         """Save a screenshot of the page as ``<nn>-<step>.png`` for people to look at.
@@ -80,12 +81,18 @@ class Page:
         A screenshot waits for a frame of the software-rendered canvas, which on a starved
         machine took over 120 s; the steps' checks are the assertions, so a screenshot that
         times out is written down (``<nn>-<step>.missing``, and a warning) instead of failing.
+        Once one has timed out, the tab's later screenshots are written down as skipped: a
+        renderer that stopped producing frames did so for every step of a test (9 × 30 s).
         """
         self.shots += 1
         path = self.folder / f"{self.shots:02d}-{step}.png"
+        if self.timed_out is not None:
+            path.with_suffix(".missing").write_text(f"skipped: {self.timed_out} timed out\n")
+            return
         try:
             self.tab.screenshot(path=str(path), timeout=SCREENSHOT_TIMEOUT_MS)
         except PlaywrightTimeoutError as exc:
+            self.timed_out = path.name
             path.with_suffix(".missing").write_text(f"{exc}\n")
             warnings.warn(f"screenshot {path.name} timed out", stacklevel=2)
 
