@@ -28,9 +28,9 @@ propagation scored 0.25 on the hidden slice and 0.85 on the unlabelled ones, the
 the held-out choice would have swapped 0.85 for 0.45; the blend costs 0.05 there, and
 gains 0.04 to 0.13 on the spine and brain volumes at k = 3 and 5. With the 300-step network
 the held-out slice still favours it wrongly: offered as a third candidate (corrected like the
-network path, 5 volumes, k = 3/5, 2 seeds), it won 15 of 20 choices, on abdominal CT, TotalSegmentator
-MR and the brain as on the spine, and the pick's mean Dice fell from 0.850 to 0.822 (it gained
-only on spine MR at k = 3, 0.685 → 0.746). Trusting propagation less
+network path, 5 volumes, k = 3/5, 2 seeds), it won 15 of 20 choices, on abdominal CT,
+TotalSegmentator MR and the brain as on the spine, and the pick's mean Dice fell from 0.850 to
+0.822 (it gained only on spine MR at k = 3, 0.685 → 0.746). Trusting propagation less
 with the distance to the nearest labelled slice (weight ``exp(−d/2)``, the network the rest)
 helped the spine more (CT 0.774/0.837) but cost abdominal CT 0.16/0.12: not used.
 

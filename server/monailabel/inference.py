@@ -6,8 +6,8 @@ newest segmenter on the image (:func:`~segassist.server.monailabel.apps.serving_
 background refinement's network serves only the images it refined), written by the assist job
 that trained it or by an earlier ``infer``. When that file does not exist yet, a ``predict`` job
 (with probabilities, so the ``uncertainty`` strategy can rank the image) is queued, or an
-identical queued one reused, and the request waits for it without holding a thread. Before any training there is no segmenter: 409,
-"train first".
+identical queued one reused, and the request waits for it without holding a thread. Before any
+training there is no segmenter: 409, "train first".
 
 The answer is what 3D Slicer parses (``cgi.FieldStorage`` on the raw socket): a
 ``multipart/form-data`` body with a fixed ``Content-Length``, a ``params`` part (JSON, no file
