@@ -30,6 +30,7 @@ __all__ = [
     "AuditMiddleware",
     "keep_audit_retention",
     "prune_events",
+    "prune_for_retention",
     "query_events",
     "record_event",
     "route_template",
@@ -83,16 +84,22 @@ def prune_events(factory: sessionmaker[Session], before: datetime, by: str) -> i
 
 
 async def keep_audit_retention(factory: sessionmaker[Session], days: int) -> None:
-    """Forever: prune events older than ``days`` days, then again a day later (the API's
-    lifespan runs it as a task and cancels it at shutdown)."""
+    """Forever: a day after the last pruning, prune events older than ``days`` days again (the
+    API's lifespan prunes once before it serves, then runs this as a task and cancels it at
+    shutdown)."""
     while True:
-        before = datetime.now(UTC) - timedelta(days=days)
-        try:
-            deleted = await run_in_threadpool(prune_events, factory, before, "retention")
-            logger.info("audit retention: deleted %d events before %s", deleted, before)
-        except Exception:
-            logger.exception("audit retention: could not prune events before %s", before)
         await asyncio.sleep(_DAY_SECONDS)
+        await prune_for_retention(factory, days)
+
+
+async def prune_for_retention(factory: sessionmaker[Session], days: int) -> None:
+    """Prune events older than ``days`` days as ``retention``; a failure is logged, not raised."""
+    before = datetime.now(UTC) - timedelta(days=days)
+    try:
+        deleted = await run_in_threadpool(prune_events, factory, before, "retention")
+        logger.info("audit retention: deleted %d events before %s", deleted, before)
+    except Exception:
+        logger.exception("audit retention: could not prune events before %s", before)
 
 
 def route_template(path: str, params: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 
 from segassist.models.runtime._atomic import set_file_modes
-from segassist.server.audit import AuditMiddleware, keep_audit_retention
+from segassist.server.audit import AuditMiddleware, keep_audit_retention, prune_for_retention
 from segassist.server.auth import require_role
 from segassist.server.db.session import migrate, session_factory
 from segassist.server.db.tables import Role
@@ -60,6 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.audit_retention_days is None:
             yield
             return
+        # pruned before the first request is served, then daily
+        await prune_for_retention(app.state.session_factory, settings.audit_retention_days)
         retention = asyncio.create_task(
             keep_audit_retention(app.state.session_factory, settings.audit_retention_days)
         )
