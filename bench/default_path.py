@@ -18,10 +18,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from segassist.bench.default_answer import OBJECTIVE_PER_MODALITY
 from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
 from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_labels, spread_slices
 from segassist.bench.report import machine_text, regenerate_command
-from segassist.bench.slice_prior import OBJECTIVE_PER_MODALITY
 from segassist.models.datasets import cache_dir, load_set
 from segassist.models.features import compute_feature_maps
 from segassist.models.propagation import map_features, propagate

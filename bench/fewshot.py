@@ -71,6 +71,7 @@ import json
 import logging
 import shlex
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -83,6 +84,11 @@ import psutil
 import torch
 
 from segassist.bench.baselines import fill_between_slices, warm_up
+from segassist.bench.default_answer import (
+    DEFAULT_OBJECTIVE,
+    OBJECTIVE_PER_MODALITY,
+    default_answer,
+)
 from segassist.bench.protocol import (
     cross_volume_splits,
     dice_per_class,
@@ -91,7 +97,16 @@ from segassist.bench.protocol import (
     sparse_labels,
     spread_slices,
 )
-from segassist.bench.report import ITK, RANDOM, EncoderRecord, Row, machine_info, write_report
+from segassist.bench.report import (
+    DEFAULT,
+    FINETUNE,
+    ITK,
+    RANDOM,
+    EncoderRecord,
+    Row,
+    machine_info,
+    write_report,
+)
 from segassist.models.datasets import (
     SETS,
     Case,
@@ -101,6 +116,7 @@ from segassist.models.datasets import (
     load_set,
     slice_axis,
 )
+from segassist.models.features import compute_feature_maps
 from segassist.models.fewshot import FewShotConfig, Method, fit_segmenter
 from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.objectives import OBJECTIVES
@@ -443,6 +459,40 @@ def _propagate(
             record(fit.method, seed, predict_volume(segmenter, volume.image, case.axis), seconds)
 
 
+def _default_rows(run: _Run, set_name: str, volume: _Volume, encoder: Encoder) -> None:
+    """The product's answer (:func:`~segassist.bench.default_answer.default_answer`) per k and
+    seed; its time is the assist's plus the refinement's."""
+    case = volume.case
+    names = case.classes
+    group = f"{set_name} · {case.name} · slice propagation"
+    with tempfile.TemporaryDirectory() as tmp:
+        maps = compute_feature_maps(encoder, volume.image, case.axis, Path(tmp))
+        for k in run.profile.ks:
+            labelled = spread_slices(volume.label, case.axis, k)
+            sparse = sparse_labels(volume.label, case.axis, labelled)
+            for seed in range(run.profile.seeds):
+                answer = default_answer(encoder, maps, volume.image, sparse, case, seed)
+                dice = slice_propagation_dice(
+                    answer.labels, volume.label, case.axis, labelled, list(names)
+                )
+                seconds = answer.assist_seconds + answer.refine_seconds
+                by_name = {names[c]: v for c, v in dice.items()}
+                row = Row(
+                    set_name,
+                    group,
+                    "slice propagation",
+                    DEFAULT,
+                    k,
+                    seed,
+                    by_name,
+                    mean_dice(dice),
+                    seconds,
+                    labelled,
+                )
+                run.record(row)
+                logger.info("%s k=%d seed=%d: default picked %s", case.name, k, seed, answer.method)
+
+
 def _cross_volume(run: _Run, set_name: str, volumes: list[_Volume], fits: list[_Fit]) -> None:
     case = volumes[0].case
     names = case.classes
@@ -546,9 +596,7 @@ def _run_set(run: _Run, set_name: str, cases: list[Case], registry: bool) -> Non
     def second_fits(modality: str, cross: bool) -> list[_Fit]:
         enc = encoder(modality, best)
         ft = profile.finetune
-        fits = [
-            _Fit(f"{RANDOM} · finetune", run.random_encoder(modality), "finetune", profile.scratch)
-        ]
+        fits = [_Fit(FINETUNE, run.random_encoder(modality), "finetune", profile.scratch)]
         if not profile.finetune_all:
             fits.append(_Fit(f"{best} · finetune", enc, "finetune", ft))
         fits.append(_Fit(f"{best} · mean teacher", enc, "mean_teacher", ft))
@@ -572,6 +620,9 @@ def _run_set(run: _Run, set_name: str, cases: list[Case], registry: bool) -> Non
 
     for v in volumes:
         _slice_propagation(run, set_name, v, second_fits(v.case.modality, False), with_itk=False)
+    for v in volumes:
+        objective = OBJECTIVE_PER_MODALITY.get(v.case.modality, DEFAULT_OBJECTIVE)
+        _default_rows(run, set_name, v, encoder(v.case.modality, objective)(0))
     for members in groups:
         _cross_volume(run, set_name, members, second_fits(members[0].case.modality, True))
 

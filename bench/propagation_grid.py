@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from segassist.bench.default_answer import OBJECTIVE_PER_MODALITY
 from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
 from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_labels, spread_slices
 from segassist.bench.report import machine_text, regenerate_command
-from segassist.bench.slice_prior import OBJECTIVE_PER_MODALITY
 from segassist.models.datasets import Case, cache_dir, load_set
 from segassist.models.features import FeatureMaps, compute_feature_maps
 from segassist.models.pretrain import Encoder

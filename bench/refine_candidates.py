@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from segassist.bench.default_answer import OBJECTIVE_PER_MODALITY
 from segassist.bench.fewshot import (
     PROFILES,
     RESULTS,
@@ -50,7 +51,6 @@ from segassist.bench.protocol import (
     spread_slices,
 )
 from segassist.bench.report import RANDOM, machine_text, regenerate_command
-from segassist.bench.slice_prior import OBJECTIVE_PER_MODALITY
 from segassist.models.datasets import Case, cache_dir, load_set
 from segassist.models.features import compute_feature_maps
 from segassist.models.propagation import map_features, propagate

@@ -23,95 +23,50 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from segassist.bench.default_answer import OBJECTIVE_PER_MODALITY, default_answer
 from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
 from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_labels, spread_slices
 from segassist.bench.report import machine_text, regenerate_command
-from segassist.bench.slice_prior import OBJECTIVE_PER_MODALITY
 from segassist.models.datasets import cache_dir, load_set
 from segassist.models.features import compute_feature_maps
-from segassist.models.fewshot import FewShotConfig, fit_segmenter
-from segassist.models.held_out_slice import hold_out_middle_slice
 from segassist.models.pretrain import Encoder
-from segassist.models.propagation import map_features, propagate
-from segassist.models.refinement import CANDIDATES, candidates, choose, network_probabilities
-from segassist.models.runtime.configs import REFINE_SCRATCH
-from segassist.models.seeded_components import keep_seeded_components
-from segassist.models.slice_prior import DEFAULT_SCALE, fuse_with_prior
-from segassist.models.threads import torch_threads
+from segassist.models.refinement import CANDIDATES
 
 __all__ = ["main"]
 
 OUT = RESULTS / "refinement"
 
 
-def _corrected(name: str, probabilities: np.ndarray, sparse: np.ndarray, axis: int) -> np.ndarray:
-    """The assist's correction of a candidate (``worker/assist.py``'s ``_with_own_labels``)."""
-    scale = None if name == "scratch" else DEFAULT_SCALE
-    fused = fuse_with_prior(probabilities, sparse, axis, scale)
-    return keep_seeded_components(fused.labels, sparse)[0]
-
-
-def _made(
-    encoder: Encoder,
-    maps: Any,
-    volume: _Volume,
-    sparse: np.ndarray,
-    seed: int,
-) -> dict[str, np.ndarray]:
-    """Each candidate's corrected labels from ``sparse``."""
-    case = volume.case
-    config = FewShotConfig.for_scratch(**REFINE_SCRATCH, axis=case.axis, seed=seed)
-    scratch = Encoder.random(
-        encoder.config.model_copy(update={"seed": seed}), encoder.normalisation
-    )
-    with torch_threads(1):
-        network = fit_segmenter(
-            scratch, [volume.image], [sparse], case.num_classes, "finetune", config
-        )
-    spread = propagate(map_features(maps), sparse, case.axis, case.num_classes)
-    made = candidates(spread.probabilities, network_probabilities(network, volume.image, case.axis))
-    return {name: _corrected(name, p, sparse, case.axis) for name, p in made.items()}
-
-
 def _row(encoder: Encoder, maps: Any, volume: _Volume, k: int, seed: int) -> dict[str, Any]:
     case = volume.case
     labelled = spread_slices(volume.label, case.axis, k)
     sparse = sparse_labels(volume.label, case.axis, labelled)
-    hidden = hold_out_middle_slice(sparse, case.axis)
-    if hidden is None:
+    answer = default_answer(encoder, maps, volume.image, sparse, case, seed)
+    if answer.held_out is None:
         raise ValueError(f"k = {k}: nothing to hold out")
-    began = time.perf_counter()
-    validation = {
-        name: hidden.dice(labels)
-        for name, labels in _made(encoder, maps, volume, hidden.labels, seed).items()
-    }
-    winner = choose(validation)
-    final = _made(encoder, maps, volume, sparse, seed)
-    seconds = time.perf_counter() - began
     dice = {
         name: mean_dice(
             slice_propagation_dice(labels, volume.label, case.axis, labelled, list(case.classes))
         )
-        for name, labels in final.items()
+        for name, labels in answer.candidates.items()
     }
     return {
         "volume": case.name,
         "k": k,
         "seed": seed,
         "labelled": labelled,
-        "held_out": hidden.index,
-        "validation": validation,
-        "winner": winner,
+        "held_out": answer.held_out,
+        "validation": answer.validation,
+        "winner": answer.method,
         "dice": dice,
-        "pick": dice[winner],
-        "refine_seconds": seconds,
+        "pick": dice[answer.method],
+        "refine_seconds": answer.refine_seconds,
     }
 
 

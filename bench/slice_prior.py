@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from segassist.bench.baselines import fill_between_slices, warm_up
+from segassist.bench.default_answer import OBJECTIVE_PER_MODALITY
 from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
 from segassist.bench.fewshot_heads import HEAD_ROWS, _Cell
 from segassist.bench.protocol import sparse_labels, spread_slices
@@ -55,10 +56,6 @@ from segassist.models.slice_prior import DEFAULT_SCALE, fuse_with_prior
 __all__ = ["OBJECTIVE_PER_MODALITY", "encoders_of", "main"]
 
 logger = logging.getLogger(__name__)
-
-OBJECTIVE_PER_MODALITY = {"CT": "iic_boundary", "MR": "pix2rep"}
-"""Pool encoder per modality: the objectives of the last probe-head run
-(``bench/results/heads/fewshot.md``: iic_boundary on both CT sets, pix2rep on MNI)."""
 
 PRIOR_ALONE = "interpolation prior alone"
 

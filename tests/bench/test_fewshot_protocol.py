@@ -155,6 +155,7 @@ def test_quick_profile_runs_every_row_and_writes_the_report(tmp_path: Path) -> N
         f"{best} · finetune, last block only",
         f"{best} (own volumes) · linear",
         f"{best} (own volumes) · finetune",
+        "default (assist, then refinement)",
     }
     assert expected <= methods, expected - methods
     settings = {(r["set"], r["setting"]) for r in report["rows"]}

@@ -1,0 +1,139 @@
+"""What the assist workflow leaves an annotator with, computed with the worker's own functions.
+
+For a labelled image within ``propagation_max_voxels`` the assist (``worker/assist.py``)
+propagates the labelled slices through the encoder's maps
+(:func:`~segassist.models.propagation.propagate`), fuses the result with the interpolation
+prior (:func:`~segassist.models.slice_prior.fuse_with_prior`) and keeps the seeded components
+(:func:`~segassist.models.seeded_components.keep_seeded_components`). With at least 3 labelled
+slices (:data:`~segassist.models.held_out_slice.MIN_LABELLED_SLICES`) the background refinement (``worker/refine.py``) then trains a scratch network
+(``REFINE_SCRATCH``, one thread) with the middle labelled slice hidden, scores each candidate of
+:func:`~segassist.models.refinement.candidates` on it, :func:`~segassist.models.refinement.choose`
+s, and rebuilds the winner from every labelled slice: that is the annotator's final answer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from segassist.models.datasets import Case
+from segassist.models.features import FeatureMaps
+from segassist.models.fewshot import FewShotConfig, fit_segmenter
+from segassist.models.held_out_slice import hold_out_middle_slice
+from segassist.models.pretrain import Encoder
+from segassist.models.propagation import map_features, propagate
+from segassist.models.refinement import candidates, choose, network_probabilities
+from segassist.models.runtime.configs import REFINE_SCRATCH
+from segassist.models.seeded_components import keep_seeded_components
+from segassist.models.slice_prior import DEFAULT_SCALE, fuse_with_prior
+from segassist.models.threads import torch_threads
+
+__all__ = [
+    "DEFAULT_OBJECTIVE",
+    "OBJECTIVE_PER_MODALITY",
+    "DefaultAnswer",
+    "assist_labels",
+    "candidate_labels",
+    "default_answer",
+]
+
+OBJECTIVE_PER_MODALITY = {"CT": "iic_boundary", "MR": "pix2rep"}
+"""Pool encoder per modality of the benchmarks of the default path: the objectives of the last
+probe-head run (``bench/results/heads/fewshot.md``: iic_boundary on both CT sets, pix2rep on
+MNI). The service itself pretrains :data:`DEFAULT_OBJECTIVE` unless a job names another."""
+
+DEFAULT_OBJECTIVE = "pix2rep"
+"""The service's pretraining objective (``worker/pipelines.py``), for other modalities."""
+
+
+def _corrected(probabilities: np.ndarray, sparse: np.ndarray, axis: int) -> np.ndarray:
+    """The assist's correction of propagated or blended probabilities (``X×Y×Z`` labels)."""
+    fused = fuse_with_prior(probabilities, sparse, axis, DEFAULT_SCALE)
+    return keep_seeded_components(fused.labels, sparse)[0]
+
+
+def assist_labels(maps: FeatureMaps, sparse: np.ndarray, case: Case) -> np.ndarray:
+    """The assist's answer from ``sparse`` (``X×Y×Z``, 255 = unlabelled): propagation, prior,
+    components."""
+    spread = propagate(map_features(maps), sparse, case.axis, case.num_classes)
+    return _corrected(spread.probabilities, sparse, case.axis)
+
+
+def candidate_labels(
+    encoder: Encoder,
+    maps: FeatureMaps,
+    image: np.ndarray,
+    sparse: np.ndarray,
+    case: Case,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Each refinement candidate's corrected labels from ``sparse``, the network being a scratch
+    fit (``REFINE_SCRATCH``, seed ``seed``, one thread) on the normalised ``image``."""
+    config = FewShotConfig.for_scratch(**REFINE_SCRATCH, axis=case.axis, seed=seed)
+    scratch = Encoder.random(
+        encoder.config.model_copy(update={"seed": seed}), encoder.normalisation
+    )
+    with torch_threads(1):
+        network = fit_segmenter(scratch, [image], [sparse], case.num_classes, "finetune", config)
+    spread = propagate(map_features(maps), sparse, case.axis, case.num_classes)
+    made = candidates(spread.probabilities, network_probabilities(network, image, case.axis))
+    return {name: _corrected(p, sparse, case.axis) for name, p in made.items()}
+
+
+@dataclass(frozen=True)
+class DefaultAnswer:
+    """The annotator's final labels and how they were reached.
+
+    Attributes:
+        labels: ``X×Y×Z`` class indices.
+        method: ``"propagation"`` (the assist's answer stands) or ``"blend"``.
+        held_out: the hidden labelled slice's index (None below
+            :data:`~segassist.models.held_out_slice.MIN_LABELLED_SLICES`).
+        validation: candidate → Dice on the hidden labelled slice (empty below
+            :data:`~segassist.models.held_out_slice.MIN_LABELLED_SLICES`).
+        candidates: candidate → its labels from every labelled slice (empty below
+            :data:`~segassist.models.held_out_slice.MIN_LABELLED_SLICES`).
+        assist_seconds: wall time of the assist's propagation and corrections.
+        refine_seconds: wall time of the refinement (two fits, candidates, corrections); 0 when
+            none runs.
+    """
+
+    labels: np.ndarray
+    method: str
+    held_out: int | None
+    validation: dict[str, float]
+    candidates: dict[str, np.ndarray]
+    assist_seconds: float
+    refine_seconds: float
+
+
+def default_answer(
+    encoder: Encoder,
+    maps: FeatureMaps,
+    image: np.ndarray,
+    sparse: np.ndarray,
+    case: Case,
+    seed: int,
+) -> DefaultAnswer:
+    """The assist's answer for ``sparse``, replaced by the refinement's pick when it runs."""
+    began = time.perf_counter()
+    assisted = assist_labels(maps, sparse, case)
+    assist_seconds = time.perf_counter() - began
+    hidden = hold_out_middle_slice(sparse, case.axis)
+    if hidden is None:  # fewer than MIN_LABELLED_SLICES: no refinement
+        return DefaultAnswer(assisted, "propagation", None, {}, {}, assist_seconds, 0.0)
+    began = time.perf_counter()
+    validation = {
+        name: hidden.dice(labels)
+        for name, labels in candidate_labels(
+            encoder, maps, image, hidden.labels, case, seed
+        ).items()
+    }
+    winner = choose(validation)
+    final = candidate_labels(encoder, maps, image, sparse, case, seed)
+    refine_seconds = time.perf_counter() - began
+    return DefaultAnswer(
+        final[winner], winner, hidden.index, validation, final, assist_seconds, refine_seconds
+    )
