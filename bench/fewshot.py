@@ -1,7 +1,8 @@
 """Few-shot segmentation benchmark: does dense self-supervised pretraining save annotation?
 
 ``python -m segassist.bench.fewshot [--profile quick|default|full] [--sets ...] [--dataset DIR ...]``
-(also ``segassist bench fewshot ...``) writes ``bench/results/fewshot.{md,json,png}``.
+(also ``segassist bench fewshot ...``) writes ``bench/results/fewshot.{md,json,png}``;
+``--report-only`` rewrites the report from the JSON.
 
 Protocol (DESIGN.md, :mod:`segassist.bench.protocol`):
 
@@ -131,7 +132,7 @@ from segassist.models.runtime.preprocess import (
 )
 from segassist.models.volumes import load_volume
 
-__all__ = ["PROFILES", "Profile", "main", "predict_volume", "run"]
+__all__ = ["PROFILES", "Profile", "main", "predict_volume", "rewrite_report", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -696,16 +697,37 @@ def _write(
         "wall_seconds": wall_seconds,
         "selected": state.selected,
     }
-    notes = [
+    return write_report(out_dir, state.rows, state.cache.records, context, _notes(state.selected))
+
+
+def _notes(selected: dict[str, str]) -> list[str]:
+    """The report's notes: the choices and caveats of a run that picked ``selected``."""
+    return [
         f"- Best objective per set (used by Mean Teacher and the extra rows; chosen on these test "
-        f"slices): {', '.join(f'{s}: {o}' for s, o in state.selected.items()) or 'none'}.",
+        f"slices): {', '.join(f'{s}: {o}' for s, o in selected.items()) or 'none'}.",
         "- Fill-between-slices only interpolates between the outermost labelled slices; beyond "
         "them it predicts background. It is deterministic (one run, ± 0).",
+        f"- `{DEFAULT}`: what the assist workflow leaves the annotator with "
+        "(`bench/default_answer.py`, the worker's functions): propagation, slice prior and "
+        "seeded components on the modality pool's encoder (iic_boundary on CT, pix2rep on MR), "
+        "replaced from k = 3 by the background refinement's pick (propagation or its blend "
+        "with a scratch network, chosen on the held-out middle labelled slice). Its `fit s` is "
+        "the assist's chain plus, from k = 3, the refinement (two network fits on one thread), "
+        "which runs after the assist's answer is shown. At k = 1 it is deterministic (± 0).",
         "- ± is over few-shot seeds; every encoder was pretrained once (seed 0).",
         "- Slices are spread at the quantile mid-points of the union of the classes' extents; see "
         "`bench/protocol.py`.",
     ]
-    return write_report(out_dir, state.rows, state.cache.records, context, notes)
+
+
+def rewrite_report(out_dir: Path) -> dict[str, Path]:
+    """Rewrite ``fewshot.{md,png}`` (and the JSON) from ``out_dir/fewshot.json``: a run's rows
+    and encoders as they were, the report as the code now writes it."""
+    saved = json.loads((out_dir / "fewshot.json").read_text())
+    rows = [Row(**row) for row in saved.pop("rows")]
+    encoders = [EncoderRecord(**record) for record in saved.pop("encoders")]
+    saved.pop("summary")
+    return write_report(out_dir, rows, encoders, saved, _notes(saved.get("selected", {})))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -726,6 +748,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--encoder-cache", type=Path, help="pretrained encoder cache (default <cache>/encoders)"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the report from OUT/fewshot.json, run nothing",
+    )
     return parser
 
 
@@ -735,6 +762,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.report_only:
+        for path in rewrite_report(args.out).values():
+            logger.info("wrote %s", path)
+        return 0
     profile = PROFILES["full" if args.full else args.profile]
     if args.seeds:
         profile = replace(profile, seeds=args.seeds)

@@ -166,14 +166,14 @@ def _table(entries: list[dict[str, Any]]) -> list[str]:
     ks = sorted({e["k"] for e in entries})
     methods = list(dict.fromkeys(e["method"] for e in entries))
     by = {(e["method"], e["k"]): e for e in entries}
-    head = ["method", *(f"k = {k}" for k in ks), "fit s (mean)"]
+    head = ["method", *(f"k = {k}" for k in ks), f"fit s (k = {'/'.join(map(str, ks))})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         cells = [
             _fmt(by[m, k]["mean_dice"], by[m, k]["std_dice"]) if (m, k) in by else "n/a" for k in ks
         ]
-        times = [by[m, k]["fit_seconds"] for k in ks if (m, k) in by]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.mean(times):.1f} |")
+        times = " / ".join(f"{by[m, k]['fit_seconds']:.1f}" if (m, k) in by else "–" for k in ks)
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {times} |")
     return lines
 
 
@@ -315,7 +315,7 @@ def write_report(
         "",
         "Cells: mean Dice over classes on the *unlabelled* slices (slice propagation) or the "
         "held-out volumes (cross-volume), mean ± std over seeds. `fit s`: mean wall time of "
-        "fitting one segmenter (pretraining excluded; see the encoder table).",
+        "fitting one segmenter at each k (pretraining excluded; see the encoder table).",
         "",
     ]
     for group in dict.fromkeys(e["group"] for e in summary):

@@ -69,3 +69,22 @@ def test_a_missed_target_says_so_and_the_default_is_no_self_supervised_row(
     assert "best self-supervised row (iic_boundary · finetune) 0.550" in checks[3]
     assert checks[4].endswith("(target: reach it: missed)")
     assert checks[5] == "- abdominal CT, k = 3: default 0.700 (target ≥ 0.75: missed)"
+
+
+def test_report_only_rewrites_the_same_report_from_the_json(tmp_path: Path) -> None:
+    from segassist.bench.fewshot import main
+
+    rows = _rows({FINETUNE: {1: [0.5, 0.6], 3: [0.8]}, DEFAULT: {1: [0.7], 3: [0.9]}})
+    context = {"command": "python -m segassist.bench.fewshot", "selected": {"totalseg-ct": "x"}}
+    write_report(tmp_path, rows, [], context, [])
+    first = (tmp_path / "fewshot.md").read_text()
+    assert main(["--report-only", "--out", str(tmp_path)]) == 0
+    again = (tmp_path / "fewshot.md").read_text()
+    assert again.split("## Notes")[0] == first.split("## Notes")[0]
+    assert (
+        "Best objective per set (used by Mean Teacher and the extra rows; chosen on these "
+        "test slices): totalseg-ct: x." in again
+    )
+    assert (
+        "| default (assist, then refinement) | 0.700 ± 0.000 | 0.900 ± 0.000 | 1.0 / 1.0 |" in again
+    )
