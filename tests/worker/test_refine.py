@@ -196,3 +196,33 @@ def test_refinement_of_an_older_assist_is_superseded(
         assert refine["result"]["outcome"] == "superseded"
         assert refine["result"]["superseded_by"] == second
         assert "validation" not in refine["result"]
+
+
+class _CancelledJob:
+    """The two calls a refinement's loss tracker makes on its job context; the job was
+    cancelled before the fit's first step."""
+
+    def __init__(self) -> None:
+        self.reports = 0
+
+    def progress(self, progress: object) -> None:
+        self.reports += 1
+
+    def check_cancelled(self) -> None:
+        from segassist.worker.jobs import JobCancelled
+
+        raise JobCancelled("cancellation requested")
+
+
+def test_the_refinements_fit_reads_its_cancellation_at_its_first_step() -> None:
+    """A correction submitted while the refinement starts up cancels it: the fit's first step
+    reads the cancellation instead of waiting for the poll interval to pass."""
+    from segassist.models.progress import Progress
+    from segassist.worker.jobs import JobCancelled
+    from segassist.worker.refine import _CancellableLosses
+
+    job = _CancelledJob()
+    losses = _CancellableLosses(job)  # type: ignore[arg-type]
+    with pytest.raises(JobCancelled):
+        losses(Progress(1, 300, 0.5, 0.0, "fit"))
+    assert job.reports == 1 and losses.last == 0.5
