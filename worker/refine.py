@@ -89,7 +89,7 @@ assist cancels the refinement; until the refinement notices, it holds a core tha
 own fit needs (progress writes alone read it once a second). The first step reads it too, and
 so does each step of the start-up (features, image): an annotator's quick correction arrives
 while the refinement is still starting. Measured through the service bench's loop (a corrected
-label resubmitted at once, 5 runs each): the correction's answer took 5.16–6.05 s (median 5.62)
+label resubmitted at once, 5 runs before and after, 2 with it off): the correction's answer took 5.16–6.05 s (median 5.62)
 before, 4.62–5.49 s (median 5.34) after, 4.70–4.79 s with the refinement off: a gain within the
 spread. What is left is the step under way when the cancellation comes (reading the image, up
 to about 0.6 s)."""
