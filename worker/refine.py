@@ -86,13 +86,13 @@ logger = logging.getLogger(__name__)
 CANCEL_POLL_SECONDS = 0.2
 """Least time between two reads of the job's cancellation while the network trains. A newer
 assist cancels the refinement; until the refinement notices, it holds a core that the assist's
-own fit needs (progress writes alone read it once a second). The first step reads it too, and
-so does each step of the start-up (features, image): an annotator's quick correction arrives
-while the refinement is still starting. Measured through the service bench's loop (a corrected
-label resubmitted at once, 5 runs before and after, 2 with it off): the correction's answer took 5.16–6.05 s (median 5.62)
-before, 4.62–5.49 s (median 5.34) after, 4.70–4.79 s with the refinement off: a gain within the
-spread. What is left is the step under way when the cancellation comes (reading the image, up
-to about 0.6 s)."""
+own fit needs (progress writes alone read it once a second). The first step reads it too, and so
+does each step of the start-up (features, image): an annotator's quick correction arrives while
+the refinement is still starting. Measured through the service bench's loop (a corrected label
+resubmitted at once, 5 runs before and after, 2 with it off): the correction's answer took
+5.16–6.05 s (median 5.62) before, 4.62–5.49 s (median 5.34) after, 4.70–4.79 s with the
+refinement off: a gain within the spread. What is left is the step under way when the
+cancellation comes (reading the image, up to about 0.6 s)."""
 
 
 def refine(ctx: JobContext) -> dict[str, Any]:
