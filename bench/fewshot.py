@@ -15,7 +15,10 @@ Protocol (DESIGN.md, :mod:`segassist.bench.protocol`):
   :meth:`FewShotConfig.for_scratch`) and ``random-init · linear`` (a probe on random features,
   the control of what pretraining adds to the probe); each objective × {linear probe,
   fine-tune} (the default profile fine-tunes only the best objective, see below); Mean Teacher on
-  the best objective; ITK's fill-between-slices for ``k ≥ 2``.
+  the best objective; ITK's fill-between-slices for ``k ≥ 2``; and the product's ``default``
+  (:mod:`segassist.bench.default_answer`: the assist's propagation chain, then from k = 3 the
+  background refinement's pick), on the modality's encoder of
+  :data:`~segassist.bench.default_answer.OBJECTIVE_PER_MODALITY`.
 - Encoders: for the registry sets, one encoder per (modality, objective) pretrained on the
   modality's whole pool — every registry volume of that modality, the evaluated one included,
   unlabelled (:func:`segassist.models.datasets.load_pool`): the product's "pretrain once per modality and
