@@ -159,3 +159,33 @@ def test_a_killed_service_leaves_no_worker_behind(
     process.kill()
     process.wait()
     _until(lambda: not any(_alive(pid) for pid in workers), "the orphaned workers to stop")
+
+
+def test_a_second_signal_while_stopping_kills_the_workers(
+    embedded: tuple[subprocess.Popen[bytes], httpx.Client, Path], tmp_path: Path
+) -> None:
+    """Ctrl-C twice: the first starts the warm shutdown, which waits for a running pretraining;
+    the second kills the workers, and the service exits without leaving one behind."""
+    process, client, _ = embedded
+    dataset = client.post(
+        "/datasets", json={"name": "box", "modality": "CT", "labels": LABEL_SCHEMA}
+    ).json()
+    client.post(
+        f"/datasets/{dataset['id']}/images",
+        files={"file": ("ct.nii.gz", io.BytesIO(nifti_bytes(synthetic_volume())), "x")},
+    ).raise_for_status()
+    config = {"channels": [4, 8], "batch_size": 1, "image_size": 16, "num_clusters": 3}
+    params = {"objective": "pix2rep", "steps": 100_000, "config": config | {"kmeans_slices": 1}}
+    job = client.post(
+        "/jobs", json={"kind": "pretrain", "dataset_id": dataset["id"], "params": params}
+    ).json()
+    _until(lambda: client.get(f"/jobs/{job['id']}").json()["status"] == "running", "pretraining")
+    workers = _children(process.pid)
+    assert len(workers) == 2
+
+    process.send_signal(signal.SIGTERM)
+    log = tmp_path / "serve.log"
+    _until(lambda: "a second signal kills them" in log.read_text(), "the workers' stop")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=JOB_DEADLINE_SECONDS) == 0
+    _until(lambda: not any(_alive(pid) for pid in workers), "the workers to be killed")
