@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -19,6 +20,7 @@ from segassist.bench.protocol import (
     sparse_labels,
     spread_slices,
 )
+from segassist.bench.report import DEFAULT
 from segassist.models.volumes import IGNORE_INDEX
 
 
@@ -175,6 +177,30 @@ def test_quick_profile_runs_every_row_and_writes_the_report(tmp_path: Path) -> N
     assert "tptbox-spine · tptbox-ct · slice propagation" in markdown
     assert "| random-init · finetune |" in markdown
     assert (out / "fewshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the product's rows again, after a change to it: the baselines are kept as they were
+    assert (
+        main(["--default-only", "--out", str(out), "--encoder-cache", str(tmp_path / "enc")]) == 0
+    )
+    again = json.loads((out / "fewshot.json").read_text())
+
+    def default_rows(rows: list[dict[str, Any]], registry: bool) -> list[dict[str, Any]]:
+        return [
+            r for r in rows if (r["method"] == DEFAULT) and (r["set"] == "tptbox-spine") == registry
+        ]
+
+    def others(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in rows if r not in default_rows(rows, True)]
+
+    assert others(again["rows"]) == others(report["rows"])
+    redone, before = default_rows(again["rows"], True), default_rows(report["rows"], True)
+    assert [(r["group"], r["k"], r["seed"]) for r in redone] == [
+        (r["group"], r["k"], r["seed"]) for r in before
+    ]
+    assert all(0.0 <= r["mean_dice"] <= 1.0 for r in redone)
+    assert default_rows(again["rows"], False) == default_rows(report["rows"], False) != []
+    assert "segassist.bench.fewshot --default-only" in again["default_rerun"]["command"]
+    assert "rows were recomputed on" in (out / "fewshot.md").read_text()
 
 
 def test_encoder_cache_reuses_a_pretrained_encoder(tmp_path: Path) -> None:
