@@ -13,11 +13,14 @@ s, and rebuilds the winner from every labelled slice: that is the annotator's fi
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from segassist.models.chain_cache import ChainCache
 from segassist.models.datasets import Case
 from segassist.models.features import FeatureMaps
 from segassist.models.fewshot import FewShotConfig, fit_segmenter
@@ -52,9 +55,13 @@ def _corrected(probabilities: np.ndarray, sparse: np.ndarray, axis: int) -> np.n
     return keep_seeded_components(fused.labels, sparse)[0]
 
 
-def _propagated(maps: FeatureMaps, sparse: np.ndarray, case: Case) -> np.ndarray:
-    """``L×X×Y×Z`` probabilities propagated from ``sparse`` (``X×Y×Z``, 255 = unlabelled)."""
-    return propagate(map_features(maps), sparse, case.axis, case.num_classes).probabilities
+def _propagated(
+    maps: FeatureMaps, sparse: np.ndarray, case: Case, chains: ChainCache
+) -> np.ndarray:
+    """``L×X×Y×Z`` probabilities propagated from ``sparse`` (``X×Y×Z``, 255 = unlabelled),
+    reading and storing ``chains`` as the worker does."""
+    propagated = propagate(map_features(maps), sparse, case.axis, case.num_classes, chains=chains)
+    return propagated.probabilities
 
 
 def _candidate_labels(
@@ -117,26 +124,30 @@ def default_answer(
 ) -> DefaultAnswer:
     """The assist's answer for ``sparse``, replaced by the refinement's pick when it runs. The
     propagation from every labelled slice is computed once, for the assist and the refinement's
-    final candidates (the worker computes it in each job), so ``refine_seconds`` leaves it out.
-    """
-    began = time.perf_counter()
-    propagated = _propagated(maps, sparse, case)
-    assisted = _corrected(propagated, sparse, case.axis)
-    assist_seconds = time.perf_counter() - began
-    hidden = hold_out_middle_slice(sparse, case.axis)
-    if hidden is None:  # fewer than MIN_LABELLED_SLICES: no refinement
-        return DefaultAnswer(assisted, "propagation", None, {}, {}, assist_seconds, 0.0)
-    began = time.perf_counter()
-    reduced = _propagated(maps, hidden.labels, case)
-    validation = {
-        name: hidden.dice(labels)
-        for name, labels in _candidate_labels(
-            encoder, image, hidden.labels, reduced, case, seed
-        ).items()
-    }
-    winner = choose(validation)
-    final = _candidate_labels(encoder, image, sparse, propagated, case, seed)
-    refine_seconds = time.perf_counter() - began
-    return DefaultAnswer(
-        final[winner], winner, hidden.index, validation, final, assist_seconds, refine_seconds
-    )
+    final candidates (the worker reads it back from the assist's stored chains), so
+    ``refine_seconds`` leaves it out; the refinement's propagation without the hidden slice
+    reads the assist's chains that do not cross it (:mod:`segassist.models.chain_cache`), as
+    in the worker. Each call starts with no stored chains: labels the worker sees first."""
+    with tempfile.TemporaryDirectory() as stored:  # these labels are new to the worker
+        chains = ChainCache(Path(stored))
+        began = time.perf_counter()
+        propagated = _propagated(maps, sparse, case, chains)
+        assisted = _corrected(propagated, sparse, case.axis)
+        assist_seconds = time.perf_counter() - began
+        hidden = hold_out_middle_slice(sparse, case.axis)
+        if hidden is None:  # fewer than MIN_LABELLED_SLICES: no refinement
+            return DefaultAnswer(assisted, "propagation", None, {}, {}, assist_seconds, 0.0)
+        began = time.perf_counter()
+        reduced = _propagated(maps, hidden.labels, case, chains)
+        validation = {
+            name: hidden.dice(labels)
+            for name, labels in _candidate_labels(
+                encoder, image, hidden.labels, reduced, case, seed
+            ).items()
+        }
+        winner = choose(validation)
+        final = _candidate_labels(encoder, image, sparse, propagated, case, seed)
+        refine_seconds = time.perf_counter() - began
+        return DefaultAnswer(
+            final[winner], winner, hidden.index, validation, final, assist_seconds, refine_seconds
+        )

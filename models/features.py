@@ -315,7 +315,7 @@ class FeatureCache:
         entries = []
         for meta in self.root.glob(f"*/*/{_META}"):
             folder = meta.parent
-            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+            size = _folder_bytes(folder)  # its propagation chains included
             entries.append((meta.stat().st_mtime, folder, size))
         total = sum(size for _, _, size in entries)
         removed = []
@@ -329,3 +329,15 @@ class FeatureCache:
             removed.append(folder)
             logger.info("evicted cached features %s (%d MB)", folder, size >> 20)
         return removed
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Total size of the files under ``folder`` (those removed meanwhile count 0)."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except FileNotFoundError:
+            continue
+    return total

@@ -71,6 +71,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segassist.models.chain_cache import ChainCache
 from segassist.models.features import FeatureMaps
 from segassist.models.threads import torch_threads
 from segassist.models.volumes import IGNORE_INDEX, annotated_slices, class_argmax
@@ -336,6 +337,7 @@ def propagate(
     axis: int,
     num_classes: int,
     config: PropagationConfig | None = None,
+    chains: ChainCache | None = None,
 ) -> Propagation:
     """Propagate the labelled slices of ``sparse`` through the volume (module docstring).
 
@@ -346,6 +348,9 @@ def propagate(
         axis: slice axis of the annotation.
         num_classes: ``L``, background included.
         config: settings (defaults: :class:`PropagationConfig`).
+        chains: the chains of earlier propagations through the same ``features``, to read back
+            and extend (:mod:`segassist.models.chain_cache`; the same result, bit for bit);
+            None: compute every chain.
 
     Returns:
         The propagated probabilities, the per-slice weight, the argmax.
@@ -354,7 +359,9 @@ def propagate(
         ValueError: if nothing is labelled or a label value is ``≥ num_classes``.
     """
     with torch_threads(1):  # small per-slice tensors (models/threads.py)
-        return _propagate(features, sparse, axis, num_classes, config or PropagationConfig())
+        return _propagate(
+            features, sparse, axis, num_classes, config or PropagationConfig(), chains
+        )
 
 
 def _propagate(
@@ -363,6 +370,7 @@ def _propagate(
     axis: int,
     num_classes: int,
     config: PropagationConfig,
+    chains: ChainCache | None,
 ) -> Propagation:
     """:func:`propagate`'s work: the chains in :attr:`PropagationConfig.workers` threads,
     each op on one thread."""
@@ -385,20 +393,40 @@ def _propagate(
         if len(chain)
     ]
 
+    settings = f"{factor}|{grid}|{config.radius}|{config.topk}|{config.temperature}"
+
     def run(j: int, chain: range, other: int | None) -> list[tuple[int, np.float32, np.ndarray]]:
-        """One chain from labelled slice ``j``: (slice, blend share, labels) per step."""
-        steps = []
+        """One chain from labelled slice ``j``: (slice, blend share, labels) per step; its
+        stored steps read back, the rest computed (and the longer chain stored)."""
+
+        def share(z: int) -> np.float32:  # between labelled slices j and other: (z to other)/gap
+            return np.float32(1.0 if other is None else abs(other - z) / abs(other - j))
+
+        key = (
+            None if chains is None else chains.key(j, chain.step, slices[j], num_classes, settings)
+        )
+        stored = None if chains is None or key is None else chains.load(key)
+        if stored is not None and stored.shape[1:] != (num_classes, *grid):
+            stored = None
+        reusable = [] if stored is None else zip(chain, stored, strict=False)  # the shorter
+        steps = [(z, share(z), labels) for z, labels in reusable]
+        reused = len(steps)
+        if reused == len(chain):
+            return steps
         n = 2 * config.radius + 1
         workspace = _Workspace(n * n, grid)
-        labels = _pooled(_one_hot(slices[j], num_classes), factor)
-        source = _pooled(features(j), factor)
-        for z in chain:
+        if reused:  # resume from the last stored step
+            labels, source = steps[-1][2], _pooled(features(chain[reused - 1]), factor)
+        else:
+            labels = _pooled(_one_hot(slices[j], num_classes), factor)
+            source = _pooled(features(j), factor)
+        for z in chain[reused:]:
             target = _pooled(features(z), factor)
             labels = propagate_step(target, source, labels, config, workspace)
-            # between labelled slices j and other: (distance to other) / gap
-            share = np.float32(1.0 if other is None else abs(other - z) / abs(other - j))
-            steps.append((z, share, labels))
+            steps.append((z, share(z), labels))
             source = target  # each slice's features read once per chain
+        if chains is not None and key is not None:
+            chains.save(key, np.stack([labels for _, _, labels in steps]))
         return steps
 
     workers = min(config.workers or os.cpu_count() or 1, max(len(runs), 1))

@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
+from segassist.models.chain_cache import chains_of
 from segassist.models.export import export_feature_extractor
 from segassist.models.features import (
     FeatureCache,
@@ -702,6 +703,7 @@ def _predict_from_cache(
                 axis,
                 segmenter.num_classes,
                 propagation_settings(config),
+                chains_of(cached.folder),
             ).probabilities
             propagated = round(time.perf_counter() - began, 3)
         else:
@@ -792,6 +794,7 @@ def _predict_network_with_own_labels(
             manifest.axis,
             manifest.num_classes,
             propagation_settings(config),
+            chains_of(blend_with.folder),
         )
         propagated = round(time.perf_counter() - began, 3)
         probabilities = candidates(spread.probabilities, probabilities, sparse, manifest.axis)[

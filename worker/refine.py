@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
+from segassist.models.chain_cache import chains_of
 from segassist.models.fewshot import FewShotConfig, fit_segmenter
 from segassist.models.held_out_slice import HeldOutSlice, hold_out_middle_slice
 from segassist.models.networks.segmenter import SegmenterNet
@@ -150,6 +151,7 @@ def refine(ctx: JobContext) -> dict[str, Any]:
                 axis,
                 num_classes,
                 propagation_settings(config),
+                chains_of(cached[image.id].folder),
             )
             spread_seconds = round(time.perf_counter() - began, 3)
             network_says = network_probabilities(

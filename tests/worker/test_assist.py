@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from segassist.models.chain_cache import CHAINS_FOLDER
 from segassist.models.runtime.configs import DEFAULT_HEAD
 from tests.worker.conftest import (
     ANNOTATED,
@@ -83,8 +84,11 @@ def test_assist_reuses_encoder_and_caches_features(
     for c in np.unique(labels[labels > 0]):
         assert ndimage.label(labels == c, structure=np.ones((3, 3, 3)))[1] == 1
 
-    # The interactive loop: a corrected label, resubmitted, reuses the cached decoder maps.
+    # the propagation's chains are kept with the image's maps, for the next correction
     cached = Path(service.settings.data_dir) / "features" / encoder_id / image_id
+    assert len(list((cached / CHAINS_FOLDER).glob("*.npy"))) >= 2  # ≥ 1 per labelled slice
+
+    # The interactive loop: a corrected label, resubmitted, reuses the cached decoder maps.
     stamps = {p.name: p.stat().st_mtime_ns for p in cached.glob("map*.npy")}
     assert stamps
     label = sparse_label()
