@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,8 @@ class FeatureMaps:
         size: unpadded slice size ``(H, W)``.
         maps: decoder maps, ``S×C_i×(Hp/2^i)×(Wp/2^i)`` float16, fine to coarse.
         clusters: ``S×H×W`` uint8 cluster map of the encoder's cluster head.
+        entry: random id of this computation of the maps: an entry replaced in the same folder
+            has another ("" for entries written before it was recorded).
     """
 
     folder: Path
@@ -113,6 +116,7 @@ class FeatureMaps:
     size: tuple[int, int]
     maps: list[np.ndarray]
     clusters: np.ndarray
+    entry: str = ""
 
     @property
     def num_slices(self) -> int:
@@ -132,9 +136,8 @@ class FeatureMaps:
             raise FileNotFoundError(f"{folder}: feature cache format {meta.get('format')}")
         maps = [np.load(folder / f"map{i}.npy", mmap_mode="r") for i in range(meta["num_maps"])]
         clusters = np.load(folder / "clusters.npy", mmap_mode="r")
-        return cls(
-            folder, int(meta["axis"]), (int(meta["size"][0]), int(meta["size"][1])), maps, clusters
-        )
+        size = (int(meta["size"][0]), int(meta["size"][1]))
+        return cls(folder, int(meta["axis"]), size, maps, clusters, str(meta.get("entry", "")))
 
 
 def compute_feature_maps(
@@ -197,6 +200,7 @@ def compute_feature_maps(
             "padded_size": [hp, wp],
             "num_maps": len(channels),
             "channels": channels,
+            "entry": uuid.uuid4().hex,
         }
         (staging / _META).write_text(json.dumps(meta))
     return FeatureMaps.load(folder)

@@ -703,7 +703,7 @@ def _predict_from_cache(
                 axis,
                 segmenter.num_classes,
                 propagation_settings(config),
-                chains_of(cached.folder),
+                chains_of(cached),
             ).probabilities
             propagated = round(time.perf_counter() - began, 3)
         else:
@@ -794,7 +794,7 @@ def _predict_network_with_own_labels(
             manifest.axis,
             manifest.num_classes,
             propagation_settings(config),
-            chains_of(blend_with.folder),
+            chains_of(blend_with),
         )
         propagated = round(time.perf_counter() - began, 3)
         probabilities = candidates(spread.probabilities, probabilities, sparse, manifest.axis)[

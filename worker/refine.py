@@ -151,7 +151,7 @@ def refine(ctx: JobContext) -> dict[str, Any]:
                 axis,
                 num_classes,
                 propagation_settings(config),
-                chains_of(cached[image.id].folder),
+                chains_of(cached[image.id]),
             )
             spread_seconds = round(time.perf_counter() - began, 3)
             network_says = network_probabilities(

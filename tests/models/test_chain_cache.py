@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segassist.models.chain_cache import ChainCache
+from segassist.models.chain_cache import ChainCache, chains_of
+from segassist.models.features import compute_feature_maps
+from segassist.models.pretrain import Encoder, PretrainConfig
 from segassist.models.propagation import PropagationConfig, propagate
 from tests.models.sparse_slices import sparse_on
 from tests.models.test_propagation import SLICES, _moving_disc
@@ -115,3 +117,26 @@ def test_unreadable_chains_are_computed_and_the_oldest_go_beyond_the_budget(
     tiny = ChainCache(tmp_path / "tiny", max_bytes=one_chain)  # a chain above half: not stored
     propagate(lambda z: feats[z], sparse, 2, 2, chains=tiny)
     assert not list(tiny.folder.glob("*.npy"))
+
+
+def test_chains_through_other_features_are_never_read(tmp_path: Path) -> None:
+    truth, feats = _moving_disc()
+    sparse = sparse_on(truth, [7])
+    propagate(lambda z: feats[z], sparse, 2, 2, chains=ChainCache(tmp_path, source="maps a"))
+    replaced = ChainCache(tmp_path, source="maps b")  # the entry recomputed in the same folder
+    counted = _Counted(feats[::-1].copy())
+    result = propagate(counted, sparse, 2, 2, chains=replaced)
+    assert counted.reads == SLICES - 1 + 2
+    exact = propagate(lambda z: feats[::-1][z], sparse, 2, 2)
+    np.testing.assert_array_equal(result.probabilities, exact.probabilities)
+
+
+def test_a_feature_entry_recomputed_in_place_gets_other_chains(tmp_path: Path) -> None:
+    encoder = Encoder.random(PretrainConfig(channels=(4, 8), num_clusters=3, seed=0))
+    volume = np.random.default_rng(0).random((16, 16, 6)).astype(np.float32)
+    first = compute_feature_maps(encoder, volume, 2, tmp_path / "entry")
+    again = compute_feature_maps(encoder, volume, 2, tmp_path / "entry")
+    assert first.folder == again.folder and first.entry != again.entry != ""
+    assert chains_of(first).folder == chains_of(again).folder == tmp_path / "entry" / "chains"
+    drawn = np.zeros((16, 16), dtype=np.uint8)
+    assert chains_of(first).key(3, 1, drawn, 2, "") != chains_of(again).key(3, 1, drawn, 2, "")
