@@ -81,9 +81,7 @@ def _candidate_labels(
     )
     with torch_threads(1):
         network = fit_segmenter(scratch, [image], [sparse], case.num_classes, "finetune", config)
-    made = candidates(
-        propagated, network_probabilities(network, image, case.axis), sparse, case.axis
-    )
+    made = candidates(propagated, network_probabilities(network, image, case.axis))
     return {name: _corrected(p, sparse, case.axis) for name, p in made.items()}
 
 

@@ -589,9 +589,9 @@ def _fit_auto(
 class _Predictors:
     """What segments the targets: ``predictor`` (the exported network; None for a probe, whose
     ``segmenter`` head reads the ``cached`` maps of each image, ``normalisation`` being the
-    encoder's). ``blend``: a labelled image with ``cached`` maps gets the network's
-    probabilities pooled with those propagated from its labelled slices (the refinement's
-    ``"blend"``, :func:`segassist.models.refinement.span_blend`)."""
+    encoder's). ``blend``: a labelled image with ``cached`` maps gets the normalised geometric
+    mean of the network's probabilities and those propagated from its labelled slices (the
+    refinement's ``"blend"``, :mod:`segassist.models.refinement`)."""
 
     segmenter: SegmenterNet
     predictor: OnnxPredictor | None
@@ -776,9 +776,8 @@ def _predict_network_with_own_labels(
     """The fine-tuned network's prediction of ``image`` corrected by its own ``sparse`` labels
     (:func:`_with_own_labels`), written under ``out_dir``; as :func:`_predict_from_cache`
     returns. With ``blend_with`` (the image's cached maps), the network's probabilities are first
-    pooled with those propagated from ``sparse`` through the maps (the refinement's ``"blend"``:
-    the network between the first and last labelled slice, the normalised geometric mean of the
-    two beyond, :func:`segassist.models.refinement.span_blend`)."""
+    pooled with those propagated from ``sparse`` through the maps (their normalised geometric
+    mean, :func:`segassist.models.refinement.candidates`' ``"blend"``)."""
     path = pipelines._existing_file(Path(image.path), f"image {image.id}")
     volume, affine, header = read_nifti(path)
     raw = predictor.predict(np.asarray(volume, dtype=np.float32), with_probabilities=True)
@@ -797,9 +796,7 @@ def _predict_network_with_own_labels(
             chains_of(blend_with),
         )
         propagated = round(time.perf_counter() - began, 3)
-        probabilities = candidates(spread.probabilities, probabilities, sparse, manifest.axis)[
-            "blend"
-        ]
+        probabilities = candidates(spread.probabilities, probabilities)["blend"]
     labels, probabilities, uncertainty, evidence = _with_own_labels(
         probabilities, sparse, manifest.axis, config, propagated
     )

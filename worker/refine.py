@@ -24,8 +24,7 @@ follows it queues its own refinement); it runs:
    components) and scored by the mean Dice on the hidden slices, averaged over the images.
 3. When the blend scores higher (a tie goes to propagation): ``fit`` (the network again, on
    every labelled slice), ``export`` (ONNX, registered: the network alone), ``predict`` (the
-   validated images: the network between their first and last labelled slice, pooled with their
-   propagation beyond (normalised geometric mean; :func:`~segassist.models.refinement.span_blend`),
+   validated images: the network pooled with their propagation (normalised geometric mean),
    corrected by their own
    labels, with the encoder's cluster map). Other target images keep the assist's prediction
    (nothing validated the network on them): its files are linked under the new segmenter, so
@@ -157,7 +156,7 @@ def refine(ctx: JobContext) -> dict[str, Any]:
             network_says = network_probabilities(
                 network, volume, axis, before_batch=ctx.check_cancelled
             )
-            made = candidates(spread.probabilities, network_says, hidden.labels, axis)
+            made = candidates(spread.probabilities, network_says)
             for name, probabilities in made.items():
                 # both hold the propagation: the prior at the assist's strength for it
                 corrected = _with_own_labels(

@@ -9,22 +9,13 @@ import pytest
 from segassist.models.held_out_slice import hold_out_middle_slice
 from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import Encoder, PretrainConfig
-from segassist.models.refinement import (
-    CANDIDATES,
-    candidates,
-    choose,
-    geometric_mean,
-    network_probabilities,
-    span_blend,
-)
+from segassist.models.refinement import CANDIDATES, candidates, choose, network_probabilities
 from segassist.models.runtime.configs import IGNORE_INDEX
 
 
-def _sparse(
-    labelled: list[int], axis: int, seed: int = 0, shape: tuple[int, int, int] = (9, 8, 7)
-) -> np.ndarray:
+def _sparse(labelled: list[int], axis: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    truth = rng.integers(0, 3, size=shape).astype(np.uint8)
+    truth = rng.integers(0, 3, size=(9, 8, 7)).astype(np.uint8)
     sparse = np.full(truth.shape, IGNORE_INDEX, dtype=np.uint8)
     index = [slice(None)] * 3
     index[axis] = labelled  # type: ignore[call-overload]
@@ -76,52 +67,27 @@ def test_dice_on_the_hidden_slice_against_a_brute_force() -> None:
     assert hidden.dice(perfect) == 1.0
 
 
-def _probabilities(seed: int, shape: tuple[int, ...] = (4, 5, 6)) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.dirichlet(np.ones(3), size=shape).transpose(3, 0, 1, 2).astype(np.float32)
-
-
-def test_the_geometric_mean_needs_both_experts() -> None:
-    p, n = _probabilities(0), _probabilities(1)
-    pooled = geometric_mean(p, n)
+def test_candidates_are_propagation_and_the_experts_geometric_mean() -> None:
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(3), size=(4, 5, 6)).transpose(3, 0, 1, 2).astype(np.float32)
+    n = rng.dirichlet(np.ones(3), size=(4, 5, 6)).transpose(3, 0, 1, 2).astype(np.float32)
+    made = candidates(p, n)
+    assert tuple(made) == CANDIDATES == ("propagation", "blend")
+    assert made["propagation"] is p
     product = np.sqrt(p.astype(np.float64) * n)
-    np.testing.assert_allclose(pooled, product / product.sum(axis=0), rtol=1e-5)
-    np.testing.assert_allclose(pooled.sum(axis=0), 1.0, rtol=1e-5)
-    assert pooled.dtype == np.float32
+    np.testing.assert_allclose(made["blend"], product / product.sum(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(made["blend"].sum(axis=0), 1.0, rtol=1e-5)
+    assert made["blend"].dtype == np.float32
     # a class needs both experts: one sure of it (0.9) while the other nearly rules it out
     # (0.05) loses to the class both find possible (0.1 and 0.6); the mean picks the first
     sure = np.array([0.9, 0.1, 0.0], dtype=np.float32)[:, None, None, None]
     doubt = np.array([0.05, 0.6, 0.35], dtype=np.float32)[:, None, None, None]
-    assert geometric_mean(sure, doubt).argmax() == 1
+    assert candidates(sure, doubt)["blend"].argmax() == 1
     assert ((sure + doubt) / 2).argmax() == 0
     # a softmax that underflowed to 0 leaves a distribution, not NaN
-    assert np.isfinite(geometric_mean(sure, sure)).all()
-
-
-@pytest.mark.parametrize("axis", [0, 1, 2])
-def test_the_blend_is_the_network_between_the_labelled_slices_and_the_mean_beyond(
-    axis: int,
-) -> None:
-    p, n = _probabilities(0, (6, 7, 8)), _probabilities(1, (6, 7, 8))
-    sparse = _sparse([1, 4], axis, seed=2, shape=(6, 7, 8))
-    made = candidates(p, n, sparse, axis)
-    assert tuple(made) == CANDIDATES == ("propagation", "blend")
-    assert made["propagation"] is p
-    blend, pooled = made["blend"], geometric_mean(p, n)
-    assert blend.dtype == np.float32 and blend.shape == p.shape
-    for index in range(p.shape[axis + 1]):
-        expected = n if 1 <= index <= 4 else pooled  # the span 1…4, ends included
-        np.testing.assert_allclose(
-            np.take(blend, index, axis=axis + 1), np.take(expected, index, axis=axis + 1)
-        )
-    one = _sparse([3], axis, seed=2, shape=(6, 7, 8))  # one labelled slice: its own span
-    only = candidates(p, n, one, axis)["blend"]
-    np.testing.assert_allclose(np.take(only, 3, axis=axis + 1), np.take(n, 3, axis=axis + 1))
-    np.testing.assert_allclose(np.take(only, 2, axis=axis + 1), np.take(pooled, 2, axis=axis + 1))
+    assert np.isfinite(candidates(sure, sure)["blend"]).all()
     with pytest.raises(ValueError, match="shapes differ"):
-        candidates(p, n[:, :2], sparse, axis)
-    with pytest.raises(ValueError, match="no labelled slice"):
-        span_blend(p, n, [], axis)
+        candidates(p, n[:, :2])
 
 
 def test_the_best_score_wins_and_ties_go_to_the_cheaper() -> None:
