@@ -735,13 +735,20 @@ def _notes(selected: dict[str, str], default_rerun: dict[str, Any] | None = None
     ]
 
 
-def rewrite_report(out_dir: Path) -> dict[str, Path]:
-    """Rewrite ``fewshot.{md,png}`` (and the JSON) from ``out_dir/fewshot.json``: a run's rows
-    and encoders as they were, the report as the code now writes it."""
+def _saved_run(out_dir: Path) -> tuple[dict[str, Any], list[Row], list[EncoderRecord]]:
+    """``out_dir/fewshot.json`` as (its context, its rows, its encoders); the summary, which the
+    report recomputes, dropped."""
     saved = json.loads((out_dir / "fewshot.json").read_text())
     rows = [Row(**row) for row in saved.pop("rows")]
     encoders = [EncoderRecord(**record) for record in saved.pop("encoders")]
     saved.pop("summary")
+    return saved, rows, encoders
+
+
+def rewrite_report(out_dir: Path) -> dict[str, Path]:
+    """Rewrite ``fewshot.{md,png}`` (and the JSON) from ``out_dir/fewshot.json``: a run's rows
+    and encoders as they were, the report as the code now writes it."""
+    saved, rows, encoders = _saved_run(out_dir)
     return write_report(
         out_dir,
         rows,
@@ -757,11 +764,8 @@ def rerun_default(out_dir: Path, encoder_dir: Path, command: str) -> dict[str, P
     answers, the baselines it is compared with have not changed. The rows of ``--dataset``
     folders stay as they were (the JSON does not record the folder)."""
     began = time.perf_counter()
-    saved = json.loads((out_dir / "fewshot.json").read_text())
-    rows = [Row(**row) for row in saved.pop("rows")]
+    saved, rows, encoders = _saved_run(out_dir)
     kept = [row for row in rows if not (row.method == DEFAULT and row.set in SETS)]
-    encoders = [EncoderRecord(**record) for record in saved.pop("encoders")]
-    saved.pop("summary")
     sets = list(dict.fromkeys(row.set for row in kept if row.set in SETS))
     profile = replace(PROFILES[saved["profile"]["name"]], seeds=saved["profile"]["seeds"])
     state = _Run(profile, EncoderCache(encoder_dir), extras=False)
@@ -821,30 +825,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in rewrite_report(args.out).values():
             logger.info("wrote %s", path)
         return 0
+    command = shlex.join(
+        ["python", "-m", "segassist.bench.fewshot", *(sys.argv[1:] if argv is None else argv)]
+    )
+    encoder_dir = args.encoder_cache or cache_dir() / "encoders"
     if args.default_only:
-        command = shlex.join(
-            ["python", "-m", "segassist.bench.fewshot", *(sys.argv[1:] if argv is None else argv)]
-        )
-        for path in rerun_default(
-            args.out, args.encoder_cache or cache_dir() / "encoders", command
-        ).values():
+        for path in rerun_default(args.out, encoder_dir, command).values():
             logger.info("wrote %s", path)
         return 0
     profile = PROFILES["full" if args.full else args.profile]
     if args.seeds:
         profile = replace(profile, seeds=args.seeds)
     sets = args.sets if args.sets is not None else ([] if args.dataset else list(profile.sets))
-    command = shlex.join(
-        ["python", "-m", "segassist.bench.fewshot", *(sys.argv[1:] if argv is None else argv)]
-    )
     paths = run(
-        profile,
-        sets,
-        args.dataset,
-        args.out,
-        args.encoder_cache or cache_dir() / "encoders",
-        command,
-        extras=not args.no_extras,
+        profile, sets, args.dataset, args.out, encoder_dir, command, extras=not args.no_extras
     )
     for path in paths.values():
         logger.info("wrote %s", path)

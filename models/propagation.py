@@ -402,10 +402,10 @@ def _propagate(
         def share(z: int) -> np.float32:  # between labelled slices j and other: (z to other)/gap
             return np.float32(1.0 if other is None else abs(other - z) / abs(other - j))
 
-        key = (
-            None if chains is None else chains.key(j, chain.step, slices[j], num_classes, settings)
-        )
-        stored = None if chains is None or key is None else chains.load(key)
+        key, stored = None, None
+        if chains is not None:
+            key = chains.key(j, chain.step, slices[j], num_classes, settings)
+            stored = chains.load(key)
         if stored is not None and stored.shape[1:] != (num_classes, *grid):
             stored = None
         reusable = [] if stored is None else zip(chain, stored, strict=False)  # the shorter
