@@ -68,9 +68,9 @@ The cost is a refinement twice as long, in the background, on one thread.
 Not kept, measured the same day on the same saved probabilities (single networks): a third
 candidate, ``P^¼·N^¾`` between the first and the last labelled slice and the blend beyond,
 raised the benchmark's pick from 0.850 to 0.856 (spine MR 0.685 → 0.720 at k = 3) but
-lowered the four outside tasks from 0.662 to 0.658 (the network alone there instead: 0.855
-and 0.655) (the true/false lumen at k = 5 0.810 → 0.793: the held-out
-slice favours whatever leans on the network); requiring the blend to beat propagation on the
+lowered the four outside tasks from 0.662 to 0.658 (the true/false lumen at k = 5 0.810 →
+0.793: the held-out slice favours whatever leans on the network; with the network alone
+between the labelled slices instead, 0.855 and 0.655); requiring the blend to beat propagation on the
 held-out slice by a margin (0.02 to 0.2) helped neither set; self-training the network on
 propagation's confident labels (≥ 0.9) within 2 or 5 slices of a labelled one lowered the
 network alone on spine CT at k = 3 from 0.810 to 0.760/0.745 (seed 0).
@@ -163,7 +163,9 @@ def fit_networks(
     members = []
     for member in range(networks):
         seed = settings.seed * networks + member
-        start = Encoder.random(scratch.config.model_copy(update={"seed": seed}), scratch.normalisation)
+        start = Encoder.random(
+            scratch.config.model_copy(update={"seed": seed}), scratch.normalisation
+        )
         members.append(
             fit_segmenter(
                 start,
