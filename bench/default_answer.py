@@ -5,9 +5,8 @@ propagates the labelled slices through the encoder's maps
 (:func:`~segassist.models.propagation.propagate`), fuses the result with the interpolation
 prior (:func:`~segassist.models.slice_prior.fuse_with_prior`) and keeps the seeded components
 (:func:`~segassist.models.seeded_components.keep_seeded_components`). With at least 3 labelled
-slices (:data:`~segassist.models.held_out_slice.MIN_LABELLED_SLICES`) the background refinement (``worker/refine.py``) then trains and pools scratch networks
-(:func:`~segassist.models.refinement.fit_networks`, ``REFINE_SCRATCH``, one thread) with the
-middle labelled slice hidden, scores each candidate of
+slices (:data:`~segassist.models.held_out_slice.MIN_LABELLED_SLICES`) the background refinement (``worker/refine.py``) then trains a scratch network
+(``REFINE_SCRATCH``, one thread) with the middle labelled slice hidden, scores each candidate of
 :func:`~segassist.models.refinement.candidates` on it, :func:`~segassist.models.refinement.choose`
 s, and rebuilds the winner from every labelled slice: that is the annotator's final answer.
 """
@@ -24,11 +23,11 @@ import numpy as np
 from segassist.models.chain_cache import ChainCache
 from segassist.models.datasets import Case
 from segassist.models.features import FeatureMaps
-from segassist.models.fewshot import FewShotConfig
+from segassist.models.fewshot import FewShotConfig, fit_segmenter
 from segassist.models.held_out_slice import hold_out_middle_slice
 from segassist.models.pretrain import Encoder
 from segassist.models.propagation import map_features, propagate
-from segassist.models.refinement import candidates, choose, fit_networks, network_probabilities
+from segassist.models.refinement import candidates, choose, network_probabilities
 from segassist.models.runtime.configs import REFINE_SCRATCH
 from segassist.models.seeded_components import keep_seeded_components
 from segassist.models.slice_prior import DEFAULT_SCALE, fuse_with_prior
@@ -74,13 +73,14 @@ def _candidate_labels(
     seed: int,
 ) -> dict[str, np.ndarray]:
     """Each refinement candidate's corrected labels from ``sparse`` and its ``propagated``
-    probabilities, the networks being the worker's scratch fits
-    (:func:`~segassist.models.refinement.fit_networks`, ``REFINE_SCRATCH``, seed ``seed``, one
+    probabilities, the network being a scratch fit (``REFINE_SCRATCH``, seed ``seed``, one
     thread) on the normalised ``image``."""
     config = FewShotConfig.for_scratch(**REFINE_SCRATCH, axis=case.axis, seed=seed)
-    scratch = Encoder.random(encoder.config, encoder.normalisation)
+    scratch = Encoder.random(
+        encoder.config.model_copy(update={"seed": seed}), encoder.normalisation
+    )
     with torch_threads(1):
-        network = fit_networks(scratch, [image], [sparse], case.num_classes, config)
+        network = fit_segmenter(scratch, [image], [sparse], case.num_classes, "finetune", config)
     made = candidates(propagated, network_probabilities(network, image, case.axis))
     return {name: _corrected(p, sparse, case.axis) for name, p in made.items()}
 
@@ -99,7 +99,7 @@ class DefaultAnswer:
         candidates: candidate → its labels from every labelled slice (empty below
             :data:`~segassist.models.held_out_slice.MIN_LABELLED_SLICES`).
         assist_seconds: wall time of the assist's propagation and corrections.
-        refine_seconds: wall time of the refinement (both fits, candidates, corrections); 0 when
+        refine_seconds: wall time of the refinement (two fits, candidates, corrections); 0 when
             none runs.
     """
 

@@ -8,14 +8,13 @@ The protocol of :mod:`segassist.bench.default_path` (slice propagation, k ∈ {3
 over the structures, the refinement needing 3; Dice on the unlabelled slices; the modality's
 100-step pool encoder) and the refinement's own steps, with the functions the worker calls:
 hide the middle labelled slice (:func:`~segassist.models.held_out_slice.hold_out_middle_slice`);
-train and pool scratch networks on the others
-(:func:`~segassist.models.refinement.fit_networks`, ``FewShotConfig.for_scratch(**REFINE_SCRATCH)``,
-one thread, seed s); build the candidates (:func:`~segassist.models.refinement.candidates`) from the
+train a scratch network on the others (``FewShotConfig.for_scratch(**REFINE_SCRATCH)``, one
+thread, seed s); build the candidates (:func:`~segassist.models.refinement.candidates`) from the
 propagation and the network, correct each as the assist does (slice prior at the default
 strength for propagated probabilities, by leave-one-out for the network's; seeded components);
 score them on the hidden slice and :func:`~segassist.models.refinement.choose`. Then the same
 from all k slices, each candidate's Dice on the unlabelled slices: ``pick`` is the chosen
-one's, what the annotator ends with. ``refine s``: the refinement's compute (both fits, the
+one's, what the annotator ends with. ``refine s``: the refinement's compute (two fits, the
 candidates and their corrections), not counting reading the maps.
 """
 
@@ -107,7 +106,7 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
     machine = machine_text()
     return "\n".join(
         [
-            "# The background refinement: propagation, or its blend with scratch networks",
+            "# The background refinement: propagation, a scratch network, or their blend",
             "",
             f"Regenerate: `{command}`",
             "",

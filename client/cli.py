@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-refinement-wait",
         action="store_true",
         help="write the assist's segmentation without waiting for the background refinement "
-        "(two networks from scratch, tens of seconds to minutes; it still runs; "
+        "(a network from scratch, tens of seconds; it still runs; "
         "--fit-config '{\"refine\": false}' turns it off)",
     )
     _add_server(p)

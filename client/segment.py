@@ -52,8 +52,8 @@ class SegmentRequest:
         fit_config: expert overrides of the few-shot fit (``FewShotConfig`` fields).
         label_names: class index → name (default: the server names them ``class <i>``).
         dataset_name: name of the dataset created for this run (default: the image's stem).
-        wait_for_refinement: when the assist queues a background refinement (networks
-            trained from scratch, kept if they score better on a held-out labelled slice), wait
+        wait_for_refinement: when the assist queues a background refinement (a network
+            trained from scratch, kept if it scores better on a held-out labelled slice), wait
             for it and write its segmentation instead when it wins.
     """
 

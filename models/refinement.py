@@ -1,8 +1,8 @@
 """The background refinement's candidates for a labelled image, and the choice between them.
 
 Given ``P`` (``L×X×Y×Z``), the labels propagated from the labelled slices through the encoder's
-maps (:mod:`segassist.models.propagation`), and ``N``, the mean softmax of :data:`NETWORKS`
-networks trained from scratch on the same slices (:func:`fit_networks`):
+maps (:mod:`segassist.models.propagation`), and ``N``, the softmax of a network trained from
+scratch on the same slices:
 
 - ``"propagation"``: ``P`` (what the assist returned);
 - ``"blend"``: the normalised geometric mean of the two experts,
@@ -51,29 +51,27 @@ slice). Letting the held-out slice choose among the three (propagation, product,
 between) gave 0.855 on the benchmark's 20 runs of 2 seeds (product 0.850, network between
 0.861) and kept propagation on the vertebrae, but lost on a held-back task (below).
 
-Two networks, not one (2026-12-07): a network fitted to three to five slices varies with its
-seed (on one spine MR task its held-out Dice was 0.88 with one seed and 0.43 with the other),
-and the blend and the held-out choice inherit that. Averaging the softmax of two networks of
-different seeds (:class:`~segassist.models.networks.pooled.PooledSegmenter`) was measured on
-saved probabilities (k = 3/5, the refinement's own candidates and choice, one pair of networks
-against the mean of the two single ones): on the benchmark's 5 volumes the pick's mean Dice
-rose from 0.850 to 0.854 (abdominal CT 0.838/0.906 → 0.865/0.912, brain +0.001/+0.005,
-TotalSegmentator MR +0.003/+0.003, the spine within −0.004/+0.001), and on 4 tasks outside
-it, with the service's pix2rep encoders (aorta + T12 vertebra and the aorta's true and false
-lumen on TotalSegmentator's aorta-report CT, lumbar vertebrae L2/L3/L4 on TPTBox CT, C5–C7 and
-two discs on TPTBox MR), from 0.662 to 0.667 (L2–L4 at k = 5 0.757 → 0.773, aorta + T12
-0.729 → 0.745, true/false lumen −0.008/+0.017); 11 of 18 cells rose, 4 fell by at most 0.008.
-The cost is a refinement twice as long, in the background, on one thread.
+Measured and not kept (2026-12-07), first on saved probabilities (the benchmark's 5 volumes
+and 4 tasks held back from it, k = 3/5, 2 seeds, the held-out choice as here; held back: the
+aorta with the T12 vertebra and the aorta's true and false lumen on TotalSegmentator's
+aorta-report CT, lumbar vertebrae L2/L3/L4 on TPTBox CT, vertebrae C5–C7 with two discs on
+TPTBox MR, all with pix2rep pool encoders as the service pretrains):
 
-Not kept, measured the same day on the same saved probabilities (single networks): a third
-candidate, ``P^¼·N^¾`` between the first and the last labelled slice and the blend beyond,
-raised the benchmark's pick from 0.850 to 0.856 (spine MR 0.685 → 0.720 at k = 3) but
-lowered the four outside tasks from 0.662 to 0.658 (the true/false lumen at k = 5 0.810 →
-0.793: the held-out slice favours whatever leans on the network; with the network alone
-between the labelled slices instead, 0.855 and 0.655); requiring the blend to beat propagation on the
-held-out slice by a margin (0.02 to 0.2) helped neither set; self-training the network on
-propagation's confident labels (≥ 0.9) within 2 or 5 slices of a labelled one lowered the
-network alone on spine CT at k = 3 from 0.810 to 0.760/0.745 (seed 0).
+- a third candidate, ``P^¼·N^¾`` from the first to the last labelled slice and the blend
+  beyond: the benchmark's pick 0.850 → 0.856 (spine MR 0.685 → 0.720 at k = 3), the held-back
+  tasks 0.662 → 0.658 (true/false lumen at k = 5 0.810 → 0.793: the held-out slice favours
+  whatever leans on the network); with the network alone between the slices, 0.855 and 0.655;
+- requiring the blend to beat propagation on the held-out slice by a margin (0.02 to 0.2):
+  neither set gained;
+- two networks of different seeds, their softmax averaged before the blend: on the saved
+  probabilities 0.850 → 0.854 and 0.662 → 0.667 (one pair against the mean of its two
+  networks), but through the refinement benchmark (3 seeds, pairs 0/1, 2/3, 4/5, 30 runs) the
+  pick's mean was 0.844 against one network's 0.846 (always blending 0.847 vs 0.845): the
+  blend's spread over seeds shrank in 9 of 10 cells (mean std 0.011 vs 0.015), its mean did
+  not move, and the refinement took twice the fits (36–284 s under load, against 19–86 s);
+- self-training the network on propagation's confident labels (≥ 0.9) within 2 or 5 slices
+  of a labelled one: the network alone on spine CT at k = 3 fell from 0.810 to 0.760/0.745
+  (seed 0), as self-training on every slice had (``bench/results/refine_candidates``).
 
 With fewer than 3 labelled slices nothing can be held out, so the assist's answer stands. Always
 blending there, unvalidated (k = 1/2, 2 seeds), gained 0.08 to 0.15 on the spine and the brain but
@@ -83,37 +81,21 @@ cost abdominal CT 0.17/0.10 and TotalSegmentator MR 0.07 at k = 1 (mean over the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
-from segassist.models.fewshot import FewShotConfig, fit_segmenter
-from segassist.models.networks.pooled import PooledSegmenter
 from segassist.models.networks.segmenter import SegmenterNet
-from segassist.models.pretrain import Encoder
-from segassist.models.progress import ProgressCallback
 from segassist.models.runtime.predictor import softmax
 from segassist.models.runtime.preprocess import crop_to, pad_to_multiple
 from segassist.models.threads import torch_threads
 
-__all__ = [
-    "CANDIDATES",
-    "FLOOR",
-    "NETWORKS",
-    "candidates",
-    "choose",
-    "fit_networks",
-    "geometric_mean",
-    "network_probabilities",
-]
+__all__ = ["CANDIDATES", "FLOOR", "candidates", "choose", "geometric_mean", "network_probabilities"]
 
 CANDIDATES = ("propagation", "blend")
 """Every candidate, cheapest first."""
 
-
-NETWORKS = 2
-"""Networks from scratch the refinement trains and pools (module doc: two, not one)."""
 
 FLOOR = 1e-6
 """Smallest probability either expert contributes to the blend's product (a softmax that
@@ -146,43 +128,9 @@ def choose(scores: Mapping[str, float]) -> str:
     return max(ranked, key=lambda name: (scores[name], -ranked.index(name)))
 
 
-def fit_networks(
-    scratch: Encoder,
-    volumes: Sequence[np.ndarray],
-    labels: Sequence[np.ndarray],
-    num_classes: int,
-    settings: FewShotConfig,
-    progress: ProgressCallback | None = None,
-    networks: int = NETWORKS,
-) -> PooledSegmenter:
-    """``networks`` networks from scratch on the normalised ``volumes`` and their sparse
-    ``labels``, pooled: member ``m`` starts from ``Encoder.random`` of ``scratch``'s config and
-    is fitted by ``"finetune"`` with ``settings``, both seeded ``s·M + m`` (``s`` =
-    ``settings.seed``, ``M`` = ``networks``), so that runs of other seeds share no member.
-    Torch runs on the caller's threads (:mod:`segassist.models.threads`)."""
-    members = []
-    for member in range(networks):
-        seed = settings.seed * networks + member
-        start = Encoder.random(
-            scratch.config.model_copy(update={"seed": seed}), scratch.normalisation
-        )
-        members.append(
-            fit_segmenter(
-                start,
-                list(volumes),
-                list(labels),
-                num_classes,
-                "finetune",
-                settings.model_copy(update={"seed": seed}),
-                progress,
-            )
-        )
-    return PooledSegmenter(members)
-
-
 @torch.no_grad()
 def network_probabilities(
-    segmenter: SegmenterNet | PooledSegmenter,
+    segmenter: SegmenterNet,
     volume: np.ndarray,
     axis: int,
     batch_size: int = 8,
@@ -191,11 +139,6 @@ def network_probabilities(
     """``L×X×Y×Z`` softmax of ``segmenter`` over a normalised ``X×Y×Z`` volume, slice by slice
     along ``axis``, ``batch_size`` slices at a time; ``before_batch`` is called before each
     batch (the worker's cancellation check: a volume takes seconds on one thread)."""
-    divisor = (
-        segmenter.size_divisor
-        if isinstance(segmenter, PooledSegmenter)
-        else segmenter.encoder.size_divisor
-    )
     segmenter.eval().cpu()
     slices = np.ascontiguousarray(np.moveaxis(volume, axis, 0), dtype=np.float32)
     out = []
@@ -203,7 +146,9 @@ def network_probabilities(
         for start in range(0, len(slices), batch_size):
             if before_batch is not None:
                 before_batch()
-            batch, size = pad_to_multiple(slices[start : start + batch_size, None], divisor)
+            batch, size = pad_to_multiple(
+                slices[start : start + batch_size, None], segmenter.encoder.size_divisor
+            )
             logits, _ = segmenter(torch.from_numpy(batch))
             out.append(softmax(crop_to(logits.numpy(), size)))
     return np.moveaxis(np.concatenate(out), 0, axis + 1)

@@ -589,19 +589,15 @@ def _fit_auto(
 class _Predictors:
     """What segments the targets: ``predictor`` (the exported network; None for a probe, whose
     ``segmenter`` head reads the ``cached`` maps of each image, ``normalisation`` being the
-    encoder's; ``segmenter`` is None when the predictor segments every target). ``blend``: a labelled image with ``cached`` maps gets the normalised geometric
+    encoder's). ``blend``: a labelled image with ``cached`` maps gets the normalised geometric
     mean of the network's probabilities and those propagated from its labelled slices (the
     refinement's ``"blend"``, :mod:`segassist.models.refinement`)."""
 
-    segmenter: SegmenterNet | None
+    segmenter: SegmenterNet
     predictor: OnnxPredictor | None
     cached: dict[str, FeatureMaps]
     normalisation: Normalisation
     blend: bool = False
-
-    def __post_init__(self) -> None:
-        if self.predictor is None and self.segmenter is None:
-            raise ValueError("a probe's targets need its segmenter")
 
 
 def _predict_targets(
@@ -650,7 +646,6 @@ def _predict_targets(
                 using.cached.get(image.id) if using.blend else None,
             )
         else:
-            assert using.segmenter is not None  # checked by _Predictors
             names, uncertainty, evidence = _predict_from_cache(
                 using.segmenter,
                 using.cached[image.id],

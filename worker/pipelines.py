@@ -35,7 +35,6 @@ from sqlalchemy import select
 
 from segassist.models.export import export_segmenter
 from segassist.models.fewshot import METHODS, FewShotConfig, fit_segmenter
-from segassist.models.networks.pooled import PooledSegmenter
 from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import Encoder, PretrainConfig
 from segassist.models.pretrain import pretrain as run_pretraining
@@ -225,7 +224,7 @@ def publish_segmenter(
     ctx: JobContext,
     dataset: Dataset,
     model_id: str,
-    segmenter: SegmenterNet | PooledSegmenter,
+    segmenter: SegmenterNet,
     *,
     class_names: dict[int, str],
     axis: int,

@@ -1,5 +1,5 @@
-"""The background refinement of an assist result: networks trained from scratch, blended with
-the propagation, replace the fast segmentation when they do better on a labelled slice held
+"""The background refinement of an assist result: a network trained from scratch, blended with
+the propagation, replaces the fast segmentation when it does better on a labelled slice held
 out.
 
 The assist job answers in seconds from the encoder's cached maps (propagation of the labelled
@@ -17,16 +17,14 @@ follows it queues its own refinement); it runs:
 
 1. ``features``: the cached maps of the validated images (normally a cache hit).
 2. ``validate``: the middle labelled slice of each validated image hidden
-   (:func:`~segassist.models.held_out_slice.hold_out_middle_slice`);
-   :data:`~segassist.models.refinement.NETWORKS` networks from scratch trained on the other
-   slices and pooled (:func:`~segassist.models.refinement.fit_networks`,
-   :data:`~segassist.models.runtime.configs.REFINE_SCRATCH`, one thread);
+   (:func:`~segassist.models.held_out_slice.hold_out_middle_slice`); a scratch network trained
+   on the other slices (:data:`~segassist.models.runtime.configs.REFINE_SCRATCH`, one thread);
    the candidates of :mod:`segassist.models.refinement` (propagation, its blend with the
-   networks) made from those slices, each corrected as the assist corrects (slice prior, seeded
+   network) made from those slices, each corrected as the assist corrects (slice prior, seeded
    components) and scored by the mean Dice on the hidden slices, averaged over the images.
-3. When the blend scores higher (a tie goes to propagation): ``fit`` (the networks again, on
-   every labelled slice), ``export`` (ONNX, registered: the pooled networks alone), ``predict``
-   (the validated images: the networks pooled with their propagation (normalised geometric mean),
+3. When the blend scores higher (a tie goes to propagation): ``fit`` (the network again, on
+   every labelled slice), ``export`` (ONNX, registered: the network alone), ``predict`` (the
+   validated images: the network pooled with their propagation (normalised geometric mean),
    corrected by their own
    labels, with the encoder's cluster map). Other target images keep the assist's prediction
    (nothing validated the network on them): its files are linked under the new segmenter, so
@@ -57,19 +55,13 @@ import torch
 from sqlalchemy import select
 
 from segassist.models.chain_cache import chains_of
-from segassist.models.fewshot import FewShotConfig
+from segassist.models.fewshot import FewShotConfig, fit_segmenter
 from segassist.models.held_out_slice import HeldOutSlice, hold_out_middle_slice
-from segassist.models.networks.pooled import PooledSegmenter
+from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import Encoder
 from segassist.models.progress import Progress
 from segassist.models.propagation import map_features, propagate
-from segassist.models.refinement import (
-    CANDIDATES,
-    candidates,
-    choose,
-    fit_networks,
-    network_probabilities,
-)
+from segassist.models.refinement import CANDIDATES, candidates, choose, network_probabilities
 from segassist.models.runtime._atomic import link_atomic
 from segassist.models.runtime.configs import REFINE_SCRATCH
 from segassist.models.runtime.predictor import OnnxPredictor
@@ -208,7 +200,7 @@ def refine(ctx: JobContext) -> dict[str, Any]:
             ctx,
             model_id,
             [image for image in targets if image.id in held],
-            _Predictors(None, predictor, cached, scratch.normalisation, blend=True),
+            _Predictors(segmenter, predictor, cached, scratch.normalisation, blend=True),
             {image.id: label for (image, _), label in zip(pairs, labels, strict=True)},
             {image.id: set(label.annotated_slices.get(str(axis), [])) for image, label in pairs},
             config,
@@ -288,12 +280,11 @@ def _fit_scratch(
     labels: list[np.ndarray],
     num_classes: int,
     config: FewShotConfig,
-) -> tuple[PooledSegmenter, pipelines._LossTracker]:
-    """The networks trained from ``scratch``'s config on the normalised ``volumes`` and their
-    sparse ``labels``, pooled (:func:`~segassist.models.refinement.fit_networks`):
-    :meth:`FewShotConfig.for_scratch` with :data:`REFINE_SCRATCH` (the settings the benchmark
-    measured), the request's own few-shot settings on top; torch on one thread on the CPU
-    (:mod:`segassist.models.threads`: two spin-wait whenever the other core is busy)."""
+) -> tuple[SegmenterNet, pipelines._LossTracker]:
+    """A network trained from ``scratch`` on the normalised ``volumes`` and their sparse
+    ``labels``: :meth:`FewShotConfig.for_scratch` with :data:`REFINE_SCRATCH` (the settings the
+    benchmark measured), the request's own few-shot settings on top; torch on one thread on the
+    CPU (:mod:`segassist.models.threads`: two spin-wait whenever the other core is busy)."""
     settings = FewShotConfig.for_scratch(
         **(
             REFINE_SCRATCH
@@ -303,7 +294,7 @@ def _fit_scratch(
     )
     losses = _CancellableLosses(ctx)
     with torch_threads(1 if config.device == "cpu" else torch.get_num_threads()):
-        network = fit_networks(scratch, volumes, labels, num_classes, settings, losses)
+        network = fit_segmenter(scratch, volumes, labels, num_classes, "finetune", settings, losses)
     return network, losses
 
 

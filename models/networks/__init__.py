@@ -1,9 +1,8 @@
-"""Networks: the dense U-Net backbone, the exported segmentation network and a pool of them."""
+"""Networks: the dense U-Net backbone and the exported segmentation network."""
 
 from __future__ import annotations
 
-from segassist.models.networks.pooled import PooledSegmenter
 from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.networks.unet import DenseUNet
 
-__all__ = ["DenseUNet", "PooledSegmenter", "SegmenterNet"]
+__all__ = ["DenseUNet", "SegmenterNet"]

@@ -152,10 +152,10 @@ seconds to tens of seconds on 2 cores: the benchmark's default profile (the "ran
 fine-tune" row of ``bench/results/fewshot.md``)."""
 
 REFINE_SCRATCH: dict[str, Any] = QUICK_SCRATCH | {"steps": 300, "patience": 6}
-"""Overrides of :meth:`FewShotConfig.for_scratch` for each of the background refinement's
-networks (:mod:`segassist.worker.refine`): :data:`QUICK_SCRATCH` trained up to three times
-longer. Measured with one network (what the annotator ended with, 3 seeds, k = 3/5, against
-the same with :data:`QUICK_SCRATCH`): spine CT 0.746/0.817 → 0.760/0.832,
+"""Overrides of :meth:`FewShotConfig.for_scratch` for the background refinement's network
+(:mod:`segassist.worker.refine`): :data:`QUICK_SCRATCH` trained up to three times longer.
+Measured (``bench/results/refinement/refinement.md``, what the annotator ends with, 3 seeds,
+k = 3/5, against the same with :data:`QUICK_SCRATCH`): spine CT 0.746/0.817 → 0.760/0.832,
 spine MR 0.674/0.778 → 0.677/0.812, abdominal CT 0.807/0.870 → 0.840/0.909, brain MR
 0.856/0.834 → 0.874/0.857; mean over 30 runs 0.828 → 0.846; a refinement (two fits on one
 thread) 19–86 s instead of 13–36 s."""
@@ -253,18 +253,17 @@ class FewShotConfig(BaseModel):
             phase took 7–20 s where the default linear probe took 1–2 s, so ``"linear"`` stays
             the assist default.
         refine: whether an assist whose labelled images were propagated, each with at least
-            three labelled slices, queues a background job that trains two networks from
-            scratch on them and replaces the segmentation with their blend with the
-            propagation when that blend does better on a held-out labelled slice
+            three labelled slices, queues a background job that trains a network from scratch
+            on them and replaces the segmentation with the network's blend with the propagation
+            when that blend does better on a held-out labelled slice
             (:mod:`segassist.worker.refine`). The assist's answer comes first; the
-            refinement's, if any, tens of seconds to minutes later.
-        refine_max_voxels: the refinement's networks train and predict at full resolution,
+            refinement's, if any, seconds to a minute later.
+        refine_max_voxels: the refinement's network trains and predicts at full resolution,
             so only labelled images of at most this many voxels are refined (the
             propagation's grid may be pooled). Measured on 2 CPU cores with the 100-step
             network: 14–41 s for the benchmark's volumes (≤ 1.4 M voxels), 143 s for a
             197×233×189 brain MR (8.7 M); with :data:`REFINE_SCRATCH`'s up to 300 steps, 19–86 s
-            for the benchmark's volumes, and twice that with two networks
-            (:data:`~segassist.models.refinement.NETWORKS`).
+            for the benchmark's volumes.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

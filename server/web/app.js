@@ -452,9 +452,9 @@ async function followJob(job) {
 }
 
 /**
- * Poll the background refinement of the assist result on screen (networks trained from scratch,
- * kept only if their blend scores better on a held-out labelled slice) and show its
- * segmentation when it replaces the assist's. Stops when the page starts following another job.
+ * Poll the background refinement of the assist result on screen (a network trained from scratch,
+ * kept only if it scores better on a held-out labelled slice) and show its segmentation when it
+ * replaces the assist's. Stops when the page starts following another job.
  */
 async function followRefinement(jobId, token) {
   let job = await request("GET", `jobs/${jobId}`);
@@ -474,14 +474,14 @@ async function followRefinement(jobId, token) {
 /**
  * "held-out slice Dice: propagation 0.703 · blend 0.790 → blend replaced it": what the
  * refinement of the result on screen is doing or decided (candidates of models/refinement.py:
- * the propagation, its blend with networks from scratch).
+ * the propagation, its blend with a network from scratch).
  */
 function refinementText(job) {
   if (!job) return "—";
   if (!TERMINAL.has(job.status)) {
     const p = job.progress || {};
     const step = p.total ? ` ${p.step ?? 0}/${p.total}` : "";
-    return `training networks in the background (${job.status}${p.phase ? `, ${p.phase}${step}` : ""})…`;
+    return `training a network in the background (${job.status}${p.phase ? `, ${p.phase}${step}` : ""})…`;
   }
   if (job.status !== "succeeded") return `the refinement ${job.status}${job.error ? `: ${job.error}` : ""}`;
   const r = job.result;
