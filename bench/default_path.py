@@ -1,9 +1,12 @@
 """What the assist workflow returns by default for a labelled image small enough to propagate.
 
-``python -m segassist.bench.default_path [--sets ...]`` writes ``bench/results/default_path.md``.
+``python -m segassist.bench.default_path [--sets ...] [--objective O] [--pretrain-steps N]
+[--out FILE]`` writes ``bench/results/default_path.md``.
 
 The protocol of :mod:`segassist.bench.slice_prior` (slice propagation, k ∈ {1, 3, 5} slices spread
-over the structures, Dice on the unlabelled slices, the modality's 100-step pool encoder), and the
+over the structures, Dice on the unlabelled slices, the modality's 100-step pool encoder; another
+objective for every modality with ``--objective``, a longer pretraining with
+``--pretrain-steps``), and the
 chain ``worker/assist.py`` runs on such an image: :func:`~segassist.models.propagation.propagate`
 on decoder map 0, :func:`~segassist.models.slice_prior.fuse_with_prior` at the default strength,
 :func:`~segassist.models.seeded_components.keep_seeded_components`. Deterministic: one run. Each
@@ -16,6 +19,7 @@ import argparse
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from segassist.bench.default_answer import OBJECTIVE_PER_MODALITY
@@ -24,6 +28,7 @@ from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_l
 from segassist.bench.report import machine_text, regenerate_command
 from segassist.models.datasets import cache_dir, load_set
 from segassist.models.features import compute_feature_maps
+from segassist.models.objectives import OBJECTIVES
 from segassist.models.propagation import map_features, propagate
 from segassist.models.seeded_components import keep_seeded_components
 from segassist.models.slice_prior import DEFAULT_SCALE, fuse_with_prior
@@ -42,8 +47,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sets", nargs="*", default=["tptbox-spine", "totalseg-ct", "totalseg-mr", "mni-tissue"]
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "default_path.md")
+    parser.add_argument(
+        "--objective",
+        choices=sorted(OBJECTIVES),
+        help="the pool encoders' objective on every modality (default: OBJECTIVE_PER_MODALITY)",
+    )
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=PROFILES["default"].pretrain.steps,
+        help="steps of the pool encoders' pretraining (default: the default profile's)",
+    )
     args = parser.parse_args(argv)
-    state = _Run(PROFILES["default"], EncoderCache(cache_dir() / "encoders"), extras=False)
+    default = PROFILES["default"]
+    pretraining = default.pretrain.model_copy(update={"steps": args.pretrain_steps})
+    profile = replace(default, pretrain=pretraining)
+    state = _Run(profile, EncoderCache(cache_dir() / "encoders"), extras=False)
     lines = [
         "| volume | encoder | k | " + " | ".join(STEPS) + " | propagation s |",
         "|---|---|---|" + "---|" * len(STEPS) + "---|",
@@ -51,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for set_name in args.sets:
         for case in load_set(set_name):
             volume = _Volume.load(case)
-            objective = OBJECTIVE_PER_MODALITY[case.modality]
+            objective = args.objective or OBJECTIVE_PER_MODALITY[case.modality]
             encoder = _pool_encoder(state, case.modality, objective)
             with tempfile.TemporaryDirectory() as tmp:
                 maps = compute_feature_maps(encoder, volume.image, case.axis, Path(tmp))
@@ -73,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ]
                     cells = " | ".join(f"{d:.3f}" for d in dice)
                     lines.append(
-                        f"| {case.name} | {objective} · {case.modality} pool | {k} | {cells} "
+                        f"| {case.name} | {objective} · {case.modality} pool, "
+                        f"{args.pretrain_steps} steps | {k} | {cells} "
                         f"| {seconds:.1f} |"
                     )
                     print(lines[-1], flush=True)
