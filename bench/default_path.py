@@ -19,11 +19,19 @@ import argparse
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from segassist.bench.default_answer import OBJECTIVE_PER_MODALITY
-from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
+from segassist.bench.fewshot import (
+    PROFILES,
+    RESULTS,
+    EncoderCache,
+    _pool_encoder,
+    _Run,
+    _Volume,
+    add_pretrain_steps_argument,
+    with_pretrain_steps,
+)
 from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_labels, spread_slices
 from segassist.bench.report import machine_text, regenerate_command
 from segassist.models.datasets import cache_dir, load_set
@@ -52,16 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=sorted(OBJECTIVES),
         help="the pool encoders' objective on every modality (default: OBJECTIVE_PER_MODALITY)",
     )
-    parser.add_argument(
-        "--pretrain-steps",
-        type=int,
-        default=PROFILES["default"].pretrain.steps,
-        help="steps of the pool encoders' pretraining (default: the default profile's)",
-    )
+    add_pretrain_steps_argument(parser)
     args = parser.parse_args(argv)
-    default = PROFILES["default"]
-    pretraining = default.pretrain.model_copy(update={"steps": args.pretrain_steps})
-    profile = replace(default, pretrain=pretraining)
+    profile = with_pretrain_steps(PROFILES["default"], args.pretrain_steps)
     state = _Run(profile, EncoderCache(cache_dir() / "encoders"), extras=False)
     lines = [
         "| volume | encoder | k | " + " | ".join(STEPS) + " | propagation s |",

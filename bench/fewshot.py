@@ -136,7 +136,16 @@ from segassist.models.runtime.preprocess import (
 )
 from segassist.models.volumes import load_volume
 
-__all__ = ["PROFILES", "Profile", "main", "predict_volume", "rewrite_report", "run"]
+__all__ = [
+    "PROFILES",
+    "Profile",
+    "add_pretrain_steps_argument",
+    "main",
+    "predict_volume",
+    "rewrite_report",
+    "run",
+    "with_pretrain_steps",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -630,6 +639,22 @@ def _run_set(run: _Run, set_name: str, cases: list[Case], registry: bool) -> Non
         _default_rows(run, set_name, v, encoder(v.case.modality, objective)(0))
     for members in groups:
         _cross_volume(run, set_name, members, second_fits(members[0].case.modality, True))
+
+
+def add_pretrain_steps_argument(parser: argparse.ArgumentParser) -> None:
+    """``--pretrain-steps N``: the pool encoders' pretraining length (default: the default
+    profile's); :func:`with_pretrain_steps` applies it."""
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=PROFILES["default"].pretrain.steps,
+        help="steps of the pool encoders' pretraining (default: the default profile's)",
+    )
+
+
+def with_pretrain_steps(profile: Profile, steps: int) -> Profile:
+    """``profile`` with its encoders pretrained for ``steps`` steps."""
+    return replace(profile, pretrain=profile.pretrain.model_copy(update={"steps": steps}))
 
 
 def _pool_encoder(run: _Run, modality: str, objective: str) -> Encoder:

@@ -40,7 +40,16 @@ import numpy as np
 
 from segassist.bench.baselines import fill_between_slices, warm_up
 from segassist.bench.default_answer import OBJECTIVE_PER_MODALITY
-from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
+from segassist.bench.fewshot import (
+    PROFILES,
+    RESULTS,
+    EncoderCache,
+    _pool_encoder,
+    _Run,
+    _Volume,
+    add_pretrain_steps_argument,
+    with_pretrain_steps,
+)
 from segassist.bench.fewshot_heads import HEAD_ROWS, _Cell
 from segassist.bench.protocol import sparse_labels, spread_slices
 from segassist.bench.report import ITK, RANDOM, machine_info, write_report
@@ -162,18 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=FewShotConfig().linear_steps,
         help="full-batch steps of each probe (default: the assist workflow's)",
     )
-    parser.add_argument(
-        "--pretrain-steps",
-        type=int,
-        default=PROFILES["default"].pretrain.steps,
-        help="steps of the pool encoders' pretraining (default: the default profile's)",
-    )
+    add_pretrain_steps_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    default = PROFILES["default"]
+    default = with_pretrain_steps(PROFILES["default"], args.pretrain_steps)
     probe = default.finetune.model_copy(update={"linear_steps": args.probe_steps})
-    pretraining = default.pretrain.model_copy(update={"steps": args.pretrain_steps})
-    profile = replace(default, seeds=args.seeds, finetune=probe, pretrain=pretraining)
+    profile = replace(default, seeds=args.seeds, finetune=probe)
     state = _Run(profile, EncoderCache(cache_dir() / "encoders"), extras=False)
     scales: list[dict[str, object]] = []
     began = time.perf_counter()
