@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from segassist.bench.default_answer import OBJECTIVE_PER_MODALITY
@@ -37,11 +37,12 @@ from segassist.bench.report import machine_text, regenerate_command
 from segassist.models.datasets import cache_dir, load_set
 from segassist.models.features import compute_feature_maps
 from segassist.models.objectives import OBJECTIVES
+from segassist.models.pretrain import Encoder
 from segassist.models.propagation import map_features, propagate
 from segassist.models.seeded_components import keep_seeded_components
 from segassist.models.slice_prior import DEFAULT_SCALE, fuse_with_prior
 
-__all__ = ["main"]
+__all__ = ["STEPS", "chain_dice", "main"]
 
 STEPS = ("propagation", "+ prior", "+ components")
 
@@ -73,31 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             volume = _Volume.load(case)
             objective = args.objective or OBJECTIVE_PER_MODALITY[case.modality]
             encoder = _pool_encoder(state, case.modality, objective)
-            with tempfile.TemporaryDirectory() as tmp:
-                maps = compute_feature_maps(encoder, volume.image, case.axis, Path(tmp))
-                for k in (1, 3, 5):
-                    labelled = spread_slices(volume.label, case.axis, k)
-                    sparse = sparse_labels(volume.label, case.axis, labelled)
-                    began = time.perf_counter()
-                    spread = propagate(map_features(maps), sparse, case.axis, case.num_classes)
-                    seconds = time.perf_counter() - began
-                    fused = fuse_with_prior(spread.probabilities, sparse, case.axis, DEFAULT_SCALE)
-                    kept, _, _ = keep_seeded_components(fused.labels, sparse)
-                    dice = [
-                        mean_dice(
-                            slice_propagation_dice(
-                                labels, volume.label, case.axis, labelled, list(case.classes)
-                            )
-                        )
-                        for labels in (spread.labels, fused.labels, kept)
-                    ]
-                    cells = " | ".join(f"{d:.3f}" for d in dice)
-                    lines.append(
-                        f"| {case.name} | {objective} · {case.modality} pool, "
-                        f"{args.pretrain_steps} steps | {k} | {cells} "
-                        f"| {seconds:.1f} |"
-                    )
-                    print(lines[-1], flush=True)
+            for k, dice, seconds in chain_dice(encoder, volume):
+                cells = " | ".join(f"{d:.3f}" for d in dice)
+                lines.append(
+                    f"| {case.name} | {objective} · {case.modality} pool, "
+                    f"{args.pretrain_steps} steps | {k} | {cells} | {seconds:.1f} |"
+                )
+                print(lines[-1], flush=True)
     command = regenerate_command("segassist.bench.default_path", argv)
     machine = machine_text()
     text = "\n".join(
@@ -117,6 +100,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.write_text(text)
     print(f"wrote {args.out}")
     return 0
+
+
+def chain_dice(
+    encoder: Encoder, volume: _Volume, ks: Sequence[int] = (1, 3, 5)
+) -> Iterator[tuple[int, list[float], float]]:
+    """``(k, Dice after each of STEPS, propagation seconds)`` of the assist's chain on
+    ``volume`` with ``k`` labelled slices spread over its structures, for each k in ``ks``.
+    Dice: mean over classes on the unlabelled slices."""
+    case = volume.case
+    with tempfile.TemporaryDirectory() as tmp:
+        maps = compute_feature_maps(encoder, volume.image, case.axis, Path(tmp))
+        for k in ks:
+            labelled = spread_slices(volume.label, case.axis, k)
+            sparse = sparse_labels(volume.label, case.axis, labelled)
+            began = time.perf_counter()
+            spread = propagate(map_features(maps), sparse, case.axis, case.num_classes)
+            seconds = time.perf_counter() - began
+            fused = fuse_with_prior(spread.probabilities, sparse, case.axis, DEFAULT_SCALE)
+            kept, _, _ = keep_seeded_components(fused.labels, sparse)
+            dice = [
+                mean_dice(
+                    slice_propagation_dice(
+                        labels, volume.label, case.axis, labelled, list(case.classes)
+                    )
+                )
+                for labels in (spread.labels, fused.labels, kept)
+            ]
+            yield k, dice, seconds
 
 
 if __name__ == "__main__":

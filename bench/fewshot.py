@@ -141,6 +141,7 @@ __all__ = [
     "Profile",
     "add_pretrain_steps_argument",
     "main",
+    "pool_volumes",
     "predict_volume",
     "rewrite_report",
     "run",
@@ -657,16 +658,22 @@ def with_pretrain_steps(profile: Profile, steps: int) -> Profile:
     return replace(profile, pretrain=profile.pretrain.model_copy(update={"steps": steps}))
 
 
+def pool_volumes(modality: str) -> dict[Path, np.ndarray]:
+    """Every pool volume of ``modality`` (:func:`load_pool`), normalised, slice axis last."""
+    norm = default_normalisation(modality)
+    volumes = {}
+    for path in load_pool(modality):
+        raw, affine = load_volume(path)
+        volumes[path] = np.moveaxis(normalise(raw, norm), slice_axis(affine), 2)
+    return volumes
+
+
 def _pool_encoder(run: _Run, modality: str, objective: str) -> Encoder:
     """Encoder pretrained on every registry volume of ``modality`` (shared across sets)."""
     if modality not in run.pools:
-        paths = load_pool(modality)
-        norm = default_normalisation(modality)
-        volumes = []
-        for path in paths:
-            raw, affine = load_volume(path)
-            volumes.append(np.moveaxis(normalise(raw, norm), slice_axis(affine), 2))
-        run.pools[modality] = (", ".join(f"{p.parent.name}/{p.name}" for p in paths), volumes)
+        pool = pool_volumes(modality)
+        data = ", ".join(f"{p.parent.name}/{p.name}" for p in pool)
+        run.pools[modality] = (data, list(pool.values()))
     data, volumes = run.pools[modality]
     name = f"{objective} · {modality} pool"
     return run.cache.get(name, data, volumes, run.pretrain_config(objective, modality))
