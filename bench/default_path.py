@@ -33,7 +33,7 @@ from segassist.bench.fewshot import (
     with_pretrain_steps,
 )
 from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_labels, spread_slices
-from segassist.bench.report import machine_text, regenerate_command
+from segassist.bench.report import write_markdown
 from segassist.models.datasets import cache_dir, load_set
 from segassist.models.features import compute_feature_maps
 from segassist.models.objectives import OBJECTIVES
@@ -81,24 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{args.pretrain_steps} steps | {k} | {cells} | {seconds:.1f} |"
                 )
                 print(lines[-1], flush=True)
-    command = regenerate_command("segassist.bench.default_path", argv)
-    machine = machine_text()
-    text = "\n".join(
-        [
-            "# The assist workflow's default for a labelled image within `propagation_max_voxels`",
-            "",
-            f"Regenerate: `{command}`",
-            "",
-            f"Machine: {machine}. Mean Dice over classes on the unlabelled slices; the last Dice "
-            "column is what the annotator gets.",
-            "",
-            *lines,
-            "",
-        ]
+    write_markdown(
+        args.out,
+        "The assist workflow's default for a labelled image within `propagation_max_voxels`",
+        "segassist.bench.default_path",
+        argv,
+        "Mean Dice over classes on the unlabelled slices; the last Dice column is what the "
+        "annotator gets.",
+        lines,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
     return 0
 
 

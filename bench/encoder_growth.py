@@ -1,7 +1,7 @@
 """Whether an encoder should keep pretraining when new volumes of its modality arrive.
 
-``python -m segassist.bench.encoder_growth [--sets ...] [--steps S] [--more G] [--out FILE]``
-writes ``bench/results/encoder_growth.md``.
+``python -m segassist.bench.encoder_growth [--sets ...] [--steps S] [--more G] [--seeds ...]
+[--out FILE]`` writes ``bench/results/encoder_growth.md``.
 
 Each labelled volume ``T`` of the sets plays the new arrival; its modality's pretraining pool
 ``P`` (:func:`segassist.models.datasets.load_pool`, which holds ``T``) plays the unit's images.
@@ -16,8 +16,10 @@ Three pix2rep encoders (the default profile's pretraining settings):
 
 Each is scored by the assist's chain on ``T`` (:func:`segassist.bench.default_path.chain_dice`:
 propagation → slice prior → seeded components, k = 1/3/5 slices, Dice on the unlabelled
-slices). Deterministic: one run. The last two columns differ only by ``T`` being in the data.
-Encoders and checkpoints are kept under ``<cache>/encoders/growth`` (an interrupted run resumes).
+slices). The last two columns differ only by ``T`` being in the data. Every pretraining seed of
+``--seeds`` (default 0 and 1) makes its own three encoders: how much two runs of one recipe
+differ is the scale a difference between columns must beat. Encoders and checkpoints are kept
+under ``<cache>/encoders/growth`` (an interrupted run resumes, a repeated one only scores).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 
 from segassist.bench.default_path import chain_dice
 from segassist.bench.fewshot import PROFILES, RESULTS, _Volume, pool_volumes
-from segassist.bench.report import machine_text, regenerate_command
+from segassist.bench.report import write_markdown
 from segassist.models.datasets import cache_dir, load_set
 from segassist.models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig, pretrain
 
@@ -88,20 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=500, help="S, steps of the reused encoder")
     parser.add_argument("--more", type=int, default=500, help="G, steps of the continuation")
-    parser.add_argument("--seed", type=int, default=0, help="the pretraining's seed")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="pretraining seeds")
     parser.add_argument("--out", type=Path, default=RESULTS / "encoder_growth.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     folder = cache_dir() / "encoders" / "growth"
-    base = PROFILES["default"].pretrain.to_dict() | {
-        "objective": "pix2rep",
-        "axis": 2,
-        "seed": args.seed,
-    }
     lines = [
-        "| volume | k | " + " | ".join(VARIANTS) + " | T added − same volumes |",
-        "|---|---|" + "---|" * len(VARIANTS) + "---|",
+        "| volume | seed | k | " + " | ".join(VARIANTS) + " | T added − same volumes |",
+        "|---|---|---|" + "---|" * len(VARIANTS) + "---|",
     ]
+    gains: dict[str, list[float]] = {}
     timings = []
     for set_name in args.sets:
         for case in load_set(set_name):
@@ -109,45 +107,55 @@ def main(argv: Sequence[str] | None = None) -> int:
             if case.image not in pool:
                 raise ValueError(f"{case.name}: {case.image} is not in the {case.modality} pool")
             others = [v for path, v in pool.items() if path != case.image]
-            config = PretrainConfig.from_dict(base | {"modality": case.modality})
-            longer = config.model_copy(update={"steps": args.steps + args.more})
-            key, reused, s0 = _pretrained(
-                folder, others, config.model_copy(update={"steps": args.steps}), None
-            )
-            seed = (key, folder / f"{key}.work" / CHECKPOINT_NAME)
-            _, same, s1 = _pretrained(folder, others, longer, seed)
-            _, grown, s2 = _pretrained(folder, list(pool.values()), longer, seed)
-            timings.append(f"{case.name}: {s0:.0f} s, then {s1:.0f} s and {s2:.0f} s")
             volume = _Volume.load(case)
-            scores = [
-                {k: dice[-1] for k, dice, _ in chain_dice(encoder, volume)}
-                for encoder in (reused, same, grown)
-            ]
-            for k in scores[0]:
-                cells = " | ".join(f"{s[k]:.3f}" for s in scores)
-                gain = scores[2][k] - scores[1][k]
-                lines.append(f"| {case.name} | {k} | {cells} | {gain:+.3f} |")
-                print(lines[-1], flush=True)
-    text = "\n".join(
+            for seed in args.seeds:
+                config = PretrainConfig.from_dict(
+                    PROFILES["default"].pretrain.to_dict()
+                    | {"objective": "pix2rep", "axis": 2, "seed": seed, "modality": case.modality}
+                )
+                longer = config.model_copy(update={"steps": args.steps + args.more})
+                key, reused, s0 = _pretrained(
+                    folder, others, config.model_copy(update={"steps": args.steps}), None
+                )
+                start = (key, folder / f"{key}.work" / CHECKPOINT_NAME)
+                _, same, s1 = _pretrained(folder, others, longer, start)
+                _, grown, s2 = _pretrained(folder, list(pool.values()), longer, start)
+                timings.append(f"{case.name} seed {seed}: {s0:.0f} s, {s1:.0f} s, {s2:.0f} s")
+                scores = [
+                    {k: dice[-1] for k, dice, _ in chain_dice(encoder, volume)}
+                    for encoder in (reused, same, grown)
+                ]
+                for k in scores[0]:
+                    cells = " | ".join(f"{s[k]:.3f}" for s in scores)
+                    gain = scores[2][k] - scores[1][k]
+                    gains.setdefault(case.name, []).append(gain)
+                    lines.append(f"| {case.name} | {seed} | {k} | {cells} | {gain:+.3f} |")
+                    print(lines[-1], flush=True)
+    summary = "; ".join(
+        f"{name} {np.mean(values):+.3f} (range {min(values):+.3f} to {max(values):+.3f})"
+        for name, values in gains.items()
+    )
+    everything = [g for values in gains.values() for g in values]
+    write_markdown(
+        args.out,
+        "Pretraining again when a volume arrives",
+        "segassist.bench.encoder_growth",
+        argv,
+        f"pix2rep, S = {args.steps} steps on the pool without the volume (reused), then "
+        f"G = {args.more} more from its checkpoint on the same volumes or with the volume "
+        "added. Mean Dice over classes on the unlabelled slices after the assist's chain "
+        "(propagation → prior → components).",
         [
-            "# Pretraining again when a volume arrives",
-            "",
-            f"Regenerate: `{regenerate_command('segassist.bench.encoder_growth', argv)}`",
-            "",
-            f"Machine: {machine_text()}. pix2rep (seed {args.seed}), S = {args.steps} steps on the pool without "
-            f"the volume (reused), then G = {args.more} more from its checkpoint on the same "
-            "volumes or with the volume added. Mean Dice over classes on the unlabelled slices "
-            "after the assist's chain (propagation → prior → components).",
-            "",
             *lines,
             "",
-            "Pretraining wall time (reused, then the two continuations): " + "; ".join(timings),
+            f"T added − same volumes, mean over seeds and k: {summary}; all "
+            f"{np.mean(everything):+.3f} over {len(everything)} cells, "
+            f"{sum(g > 0 for g in everything)} of them positive.",
             "",
-        ]
+            "Pretraining wall time (reused, then same volumes, then T added): "
+            + "; ".join(timings),
+        ],
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
     return 0
 
 

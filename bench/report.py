@@ -27,6 +27,7 @@ __all__ = [
     "machine_text",
     "regenerate_command",
     "summarise",
+    "write_markdown",
     "write_report",
 ]
 
@@ -121,6 +122,29 @@ def regenerate_command(module: str, argv: Sequence[str] | None) -> str:
 def machine_text() -> str:
     """:func:`machine_info` as one line of "key value" pairs."""
     return ", ".join(f"{key} {value}" for key, value in machine_info().items())
+
+
+def write_markdown(
+    out: Path, title: str, module: str, argv: Sequence[str] | None, setup: str, body: list[str]
+) -> None:
+    """Write a benchmark's page to ``out`` atomically and say so: ``# title``, the command that
+    regenerates it (:func:`regenerate_command`), the machine followed by ``setup`` (what was
+    measured, how), then the ``body`` lines."""
+    text = "\n".join(
+        [
+            f"# {title}",
+            "",
+            f"Regenerate: `{regenerate_command(module, argv)}`",
+            "",
+            f"Machine: {machine_text()}. {setup}",
+            "",
+            *body,
+            "",
+        ]
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(text.encode(), out)
+    print(f"wrote {out}")
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float]:

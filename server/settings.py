@@ -47,12 +47,9 @@ class Settings(BaseSettings):
         background_pretrain_steps: total steps of the pretraining that then continues in the
             background from where the inline one stopped (0 = none); the assist workflow refits
             on the better encoder when it lands.
-        pretrain_growth: when an assist reuses an encoder, it queues a pretraining that
-            continues it (``background_pretrain_steps`` more steps, in the background) on the
-            dataset's images once those it was not pretrained on number at least this fraction
-            of those it was (0 = never; :func:`segassist.worker.assist.grow_in_background`).
-        pretrain_max_voxels: voxels such a continuation holds in memory at most (the images
-            it was not pretrained on first): 4 bytes each.
+        training_niceness: niceness of the embedded service's training-queue worker
+            (pretraining, fine-tuning, refinement; 0-19): it yields shared cores to the
+            prediction queue's interactive jobs (``segassist.worker.serve``).
         cors_origins: comma-separated origins allowed to call the API from a browser (CORS),
             e.g. an OHIF viewer's ``https://viewer.example.org``; empty = none.
         monailabel_modality: modality of the default dataset the MONAI Label routes at the
@@ -91,8 +88,7 @@ class Settings(BaseSettings):
     feature_cache_bytes: int = Field(default=20 * 1024**3, gt=0)
     assist_pretrain_steps: int = Field(default=60, ge=1)
     background_pretrain_steps: int = Field(default=1000, ge=0)
-    pretrain_growth: float = Field(default=0.5, ge=0)
-    pretrain_max_voxels: int = Field(default=500_000_000, gt=0)
+    training_niceness: int = Field(default=19, ge=0, le=19)
     cors_origins: str = ""
     monailabel_modality: str = Field(default="CT", min_length=1, max_length=32)
     monailabel_dataset: str = Field(default="", pattern=r"^([0-9a-f]{32})?$")

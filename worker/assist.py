@@ -9,8 +9,6 @@ retry works on exactly what the user submitted. Phases, as the job's progress re
    modality (of ``objective`` when one was asked for), else a short pretraining right here
    (``assist_pretrain_steps``) whose checkpoint seeds a longer one queued in the background
    (``background_pretrain_steps``); when that lands, the dataset's latest assist is refitted on it.
-   A reused encoder keeps pretraining the same way, on the dataset's images, once the dataset
-   has grown past what it was pretrained on (:func:`grow_in_background`).
 2. ``features`` (probe methods, and ``auto`` on a pretrained encoder): the decoder maps of every
    image involved, computed once per (encoder, image) into
    :class:`segassist.models.features.FeatureCache`.
@@ -119,13 +117,7 @@ from segassist.server.queue import enqueue_job
 from segassist.worker import pipelines
 from segassist.worker.jobs import JobContext
 
-__all__ = [
-    "assist",
-    "features",
-    "grow_in_background",
-    "propagation_settings",
-    "refit_after_pretraining",
-]
+__all__ = ["assist", "features", "propagation_settings", "refit_after_pretraining"]
 
 logger = logging.getLogger(__name__)
 
@@ -339,13 +331,9 @@ def _ensure_encoder(
     objective = params.get("objective")
     if objective == "none":
         return None, None, None
-    if params.get("encoder_id"):
-        encoder_id = str(params["encoder_id"])
+    encoder_id = params.get("encoder_id") or _reusable_encoder(ctx, dataset, objective)
+    if encoder_id is not None:
         return encoder_id, pipelines._encoder(ctx, dataset, encoder_id, {}), None
-    reused = _reusable_encoder(ctx, dataset, objective)
-    if reused is not None:
-        encoder = pipelines._encoder(ctx, dataset, reused, {})
-        return reused, encoder, grow_in_background(ctx, dataset, reused, encoder)
     return _quick_pretraining(ctx, dataset, axis, objective or "pix2rep", pairs, targets)
 
 
@@ -430,93 +418,6 @@ def _continue_in_background(
     job_id, new = _follow_up(ctx, JobKind.pretrain, "continues", params, seed_checkpoint)
     if new:
         logger.info("pretraining continues in the background: job %s (%d steps)", job_id, steps)
-    return job_id
-
-
-def grow_in_background(
-    ctx: JobContext, dataset: Dataset, encoder_id: str, encoder: Encoder
-) -> str | None:
-    """Queue a pretraining that continues the reused encoder on the dataset's images, once the
-    dataset has grown past what it was pretrained on; ``None`` when it has not.
-
-    Grown: the dataset's images the encoder's lineage does not hold number at least
-    ``settings.pretrain_growth`` × the images it holds (and at least one). The continuation
-    resumes the encoder's own pretraining checkpoint (weights, optimiser state, step
-    ``t``; :data:`~segassist.worker.pipelines.PRETRAIN_CHECKPOINT_FILE`) for
-    ``background_pretrain_steps`` more steps on the dataset's images within
-    ``settings.pretrain_max_voxels`` (the unseen ones first, newest first), and its encoder's
-    lineage holds both image sets. Skipped while any pretraining of the modality is queued or
-    running (the next assist asks again), for an encoder without a checkpoint, and when
-    ``pretrain_growth`` or ``background_pretrain_steps`` is 0. While a continuation of this dataset runs, its id is returned instead: the
-    refit that follows it (:func:`refit_after_pretraining`) is then this assist's, the latest.
-    """
-    settings = ctx.settings
-    checkpoint = ctx.storage.model_dir(encoder_id) / pipelines.PRETRAIN_CHECKPOINT_FILE
-    if settings.pretrain_growth <= 0 or settings.background_pretrain_steps <= 0:
-        return None
-    if not checkpoint.is_file():
-        return None
-    with ctx.sessions() as session:
-        record = session.get(ModelRecord, encoder_id)
-        seen = set((record.lineage or {}).get("image_ids", [])) if record else set()
-        images = list(
-            session.scalars(
-                select(Image)
-                .where(Image.dataset_id == dataset.id)
-                .order_by(Image.created_at.desc(), Image.id)
-            )
-        )
-        pretraining = list(
-            session.execute(
-                select(Job.id, Job.dataset_id, Job.params)
-                .join(Dataset, Dataset.id == Job.dataset_id)
-                .where(
-                    Job.kind == JobKind.pretrain,
-                    Dataset.modality == dataset.modality,
-                    Job.status.in_((JobStatus.queued, JobStatus.running)),
-                )
-            )
-        )
-    if pretraining:  # one at a time; the dataset's own continuation refits this assist
-        ours = [job for job, owner, p in pretraining if owner == dataset.id and p.get("continues")]
-        return ours[0] if ours else None
-    unseen = [image for image in images if image.id not in seen]
-    if len(unseen) < max(1.0, settings.pretrain_growth * len(seen)):
-        return None
-    chosen: list[Image] = []
-    voxels = 0
-    for image in [*unseen, *(image for image in images if image.id in seen)]:
-        size = math.prod(int(n) for n in image.shape)
-        if chosen and voxels + size > settings.pretrain_max_voxels:
-            continue
-        chosen.append(image)
-        voxels += size
-
-    def seed_checkpoint(job: Job) -> None:
-        workdir = ctx.storage.job_workdir(job.id)
-        workdir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(checkpoint, workdir / CHECKPOINT_NAME)
-
-    resumed = {k: v for k, v in encoder.config.to_dict().items() if k not in ("steps", "device")}
-    params = {
-        "objective": encoder.config.objective,
-        "image_ids": [image.id for image in chosen],
-        "steps": encoder.config.steps + settings.background_pretrain_steps,
-        "config": resumed,
-        "grows": encoder_id,
-    }
-    job_id, new = _follow_up(ctx, JobKind.pretrain, "continues", params, seed_checkpoint)
-    if new:
-        logger.info(
-            "dataset %s grew to %d images, %d new to encoder %s: pretraining continues on %d "
-            "in the background, job %s",
-            dataset.id,
-            len(images),
-            len(unseen),
-            encoder_id,
-            len(chosen),
-            job_id,
-        )
     return job_id
 
 

@@ -36,7 +36,7 @@ from sqlalchemy import select
 from segassist.models.export import export_segmenter
 from segassist.models.fewshot import METHODS, FewShotConfig, fit_segmenter
 from segassist.models.networks.segmenter import SegmenterNet
-from segassist.models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
+from segassist.models.pretrain import Encoder, PretrainConfig
 from segassist.models.pretrain import pretrain as run_pretraining
 from segassist.models.progress import Progress
 from segassist.models.runtime._atomic import atomic_dir
@@ -51,7 +51,6 @@ from segassist.worker.jobs import JobContext
 
 __all__ = [
     "ENCODER_FILE",
-    "PRETRAIN_CHECKPOINT_FILE",
     "finetune",
     "predict",
     "pretrain",
@@ -62,8 +61,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.pt"
-PRETRAIN_CHECKPOINT_FILE = "pretrain_checkpoint.pt"
-"""An encoder's last pretraining checkpoint (weights, optimiser state, step), kept in its folder."""
 _MODEL_NAMESPACE = uuid.UUID("6f1c3a2e-5d0b-4c8e-9a61-2b7f0e4d9c15")
 
 
@@ -92,21 +89,13 @@ def pretrain(ctx: JobContext) -> dict[str, Any]:
     losses = _LossTracker(ctx)
     encoder = run_pretraining(volumes, config, ctx.workdir, losses, norm)
     model_id = _model_id(ctx)
-    image_ids = [image.id for image in images]
-    continued = ctx.params.get("grows")
-    if continued is not None:  # its weights also learnt from what the encoder it continues saw
-        with ctx.sessions() as session:
-            record = session.get(ModelRecord, continued)
-            seen = list((record.lineage or {}).get("image_ids", [])) if record else []
-        image_ids += [i for i in seen if i not in image_ids]
     publish_encoder(
         ctx,
         dataset,
         model_id,
         encoder,
-        image_ids,
+        [image.id for image in images],
         {"steps": config.steps, "final_loss": losses.last},
-        continued_from=continued,
     )
     shutil.rmtree(ctx.storage.job_workdir(ctx.job_id), ignore_errors=True)
     result: dict[str, Any] = {"encoder_id": model_id}
@@ -127,17 +116,11 @@ def publish_encoder(
     image_ids: list[str],
     metrics: dict[str, Any],
     owned_by_job: bool = True,
-    continued_from: str | None = None,
 ) -> None:
     """Write ``encoder`` to ``models/<model_id>/`` (atomically) and register it.
 
-    The job's pretraining checkpoint (``ctx.workdir``), when there, is kept beside it as
-    :data:`PRETRAIN_CHECKPOINT_FILE`: a later pretraining continues from it when the dataset
-    grows (:func:`segassist.worker.assist.grow_in_background`).
-
     ``owned_by_job``: the job's own model (found again by a retry through ``job_id``); an
     assist job's short pretraining is not (the segmenter is that job's model).
-    ``continued_from``: the encoder whose pretraining this one continued (its lineage).
     """
     config = encoder.config
     lineage = {
@@ -147,13 +130,8 @@ def publish_encoder(
         "config": config.to_dict(),
         "job_id": ctx.job_id,
     }
-    if continued_from is not None:
-        lineage["continued_from"] = continued_from
-    checkpoint = ctx.workdir / CHECKPOINT_NAME
     with _publishing(ctx, model_id) as folder:
         encoder.save(folder / ENCODER_FILE)
-        if checkpoint.is_file():
-            shutil.copy2(checkpoint, folder / PRETRAIN_CHECKPOINT_FILE)
         Manifest(
             kind="encoder",
             labels={},

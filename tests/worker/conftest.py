@@ -144,8 +144,6 @@ class Worker:
             "SEGASSIST_DEVICE": "cpu",
             "SEGASSIST_ASSIST_PRETRAIN_STEPS": str(settings.assist_pretrain_steps),
             "SEGASSIST_BACKGROUND_PRETRAIN_STEPS": str(settings.background_pretrain_steps),
-            "SEGASSIST_PRETRAIN_GROWTH": str(settings.pretrain_growth),
-            "SEGASSIST_PRETRAIN_MAX_VOXELS": str(settings.pretrain_max_voxels),
             "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": "1",
         }

@@ -23,7 +23,6 @@ from tests.worker.conftest import (
     Worker,
     nifti_bytes,
     sparse_label,
-    synthetic_volume,
 )
 
 
@@ -174,53 +173,6 @@ def test_assist_without_encoder_pretrains_then_refits(
     assert refit["params"]["refit_of"] == done["id"]
     assert refit["result"].get("background_job_id") is None
     assert image_id in refit["result"]["predictions"]
-
-
-@pytest.mark.parametrize(
-    "settings",
-    [("embedded", {"assist_pretrain_steps": 2, "background_pretrain_steps": 4})],
-    indirect=True,
-)
-def test_assist_continues_pretraining_when_the_dataset_grows(
-    service: Service, start_worker: Callable[[], Worker]
-) -> None:
-    """A reused encoder pretrains further once the dataset has grown past its images: from its
-    own checkpoint, on the dataset's images (new first); the latest assist is refitted on it."""
-    start_worker()
-    dataset_id, first = service.dataset_with_labels(modality="MR")
-    done = _assist(service, dataset_id, config=TINY_FEWSHOT)
-    background = service.finished(done["result"]["background_job_id"])
-    assert service.finished(background["result"]["refit_job_id"])["status"] == "succeeded"
-    encoder_id = background["result"]["encoder_id"]
-    unchanged = _assist(service, dataset_id, config=TINY_FEWSHOT)
-    assert unchanged["result"]["encoder_id"] == encoder_id
-    assert unchanged["result"]["background_job_id"] is None  # nothing new to pretrain on
-
-    files = {"file": ("mr2.nii.gz", io.BytesIO(nifti_bytes(synthetic_volume(1))), "x")}
-    second = service.post(f"/datasets/{dataset_id}/images", files=files)["id"]
-    grown_assist = _assist(service, dataset_id, config=TINY_FEWSHOT)
-    assert grown_assist["status"] == "succeeded", grown_assist
-    assert grown_assist["result"]["encoder_id"] == encoder_id  # answered at once on the old one
-    growth = service.finished(grown_assist["result"]["background_job_id"])
-    assert growth["status"] == "succeeded", growth
-    assert growth["kind"] == "pretrain"
-    assert growth["params"]["grows"] == encoder_id
-    assert growth["params"]["image_ids"] == [second, first]
-    assert growth["progress"]["step"] == growth["progress"]["total"] == 8
-    log = service.client.get(f"/api/v1/jobs/{growth['id']}/logs").text
-    assert "resuming pretraining" in log and "at step 4" in log
-    grown = service.get(f"/models/{growth['result']['encoder_id']}")
-    assert grown["lineage"]["continued_from"] == encoder_id
-    assert set(grown["lineage"]["image_ids"]) == {first, second}
-    assert grown["metrics"]["steps"] == 8
-    refit = service.finished(growth["result"]["refit_job_id"])
-    assert refit["status"] == "succeeded", refit
-    assert refit["params"]["refit_of"] == grown_assist["id"]
-    assert refit["result"]["encoder_id"] == grown["id"]
-
-    after = _assist(service, dataset_id, config=TINY_FEWSHOT)
-    assert after["result"]["encoder_id"] == grown["id"]  # the dataset's newest
-    assert after["result"]["background_job_id"] is None
 
 
 @pytest.mark.parametrize("settings", ["embedded"], indirect=True)

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 
-from segassist.worker.pipelines import PRETRAIN_CHECKPOINT_FILE
 from tests.worker.conftest import (
     AFFINE,
     ANNOTATED,
@@ -44,10 +42,7 @@ def test_pretrain_finetune_predict(service: Service, start_worker: Callable[[], 
     assert encoder["lineage"]["image_ids"] == [image_id]
     assert encoder["lineage"]["objective"] == "pix2rep"
     encoder_dir = Path(service.settings.data_dir) / "models" / encoder_id
-    files = {p.name for p in encoder_dir.iterdir()}
-    assert files == {"encoder.pt", "manifest.json", PRETRAIN_CHECKPOINT_FILE}
-    checkpoint = torch.load(encoder_dir / PRETRAIN_CHECKPOINT_FILE, weights_only=True)
-    assert checkpoint["step"] == 3  # a later pretraining resumes it
+    assert {p.name for p in encoder_dir.iterdir()} == {"encoder.pt", "manifest.json"}
     log = service.client.get(f"/api/v1/jobs/{pretrain_id}/logs").text
     assert "succeeded" in log
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from segassist.server.queue import PREDICTION_QUEUE, QUEUE_NAME
 from segassist.worker.serve import SERVER_FILE
 from tests.worker.conftest import (
     JOB_DEADLINE_SECONDS,
@@ -42,6 +43,17 @@ def _children(pid: int) -> list[int]:
         except OSError:
             continue
     return sorted(children)
+
+
+def _niceness(service: int) -> dict[str, int]:
+    """Queue → niceness of the service's worker consuming it, which its pool processes share."""
+    found = {}
+    for pid in _children(service):
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        niceness = {os.getpriority(os.PRIO_PROCESS, p) for p in [pid, *_children(pid)]}
+        assert len(niceness) == 1, f"worker {pid} and its pool differ: {niceness}"
+        found[args[args.index("-Q") + 1]] = niceness.pop()
+    return found
 
 
 def _until(check: object, what: str) -> None:
@@ -125,6 +137,10 @@ def test_embedded_service_runs_jobs_and_restarts_a_dead_worker(
 
     workers = _children(process.pid)
     assert len(workers) == 2  # the training and the prediction worker
+    assert _niceness(process.pid) == {
+        QUEUE_NAME: min(19, os.getpriority(os.PRIO_PROCESS, process.pid) + 19),
+        PREDICTION_QUEUE: os.getpriority(os.PRIO_PROCESS, process.pid),
+    }
     os.killpg(workers[0], signal.SIGKILL)
     _until(
         lambda: len(_children(process.pid)) == 2 and workers[0] not in _children(process.pid),
@@ -132,6 +148,7 @@ def test_embedded_service_runs_jobs_and_restarts_a_dead_worker(
     )
     restarted = next(pid for pid in _children(process.pid) if pid != workers[1])
     assert _segment(client)["status"] == "succeeded"
+    assert len(set(_niceness(process.pid).values())) == 2  # the restarted one's too
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 0

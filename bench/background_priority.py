@@ -1,7 +1,7 @@
-"""What a background pretraining costs the annotator's interactive jobs, by its torch threads.
+"""What a background pretraining costs the annotator's interactive jobs, by threads and niceness.
 
-``python -m segassist.bench.background_threads [--set S] [--steps N] [--out FILE]`` writes
-``bench/results/background_threads.md``.
+``python -m segassist.bench.background_priority [--set S] [--steps N] [--out FILE]`` writes
+``bench/results/background_priority.md``.
 
 The service runs a background pretraining (the continuation after a first assist, or after a
 dataset grew) on the training queue while the annotator's assists run on the prediction queue,
@@ -9,8 +9,9 @@ on the same cores. Two interactive workloads stand for those assists, on the set
 volume: **short pretraining** (``N`` steps of the assist's inline pretraining, the first answer
 on a new modality) and **features + propagation** (the decoder maps of every slice, then
 propagation from 3 labelled slices: an assist on a new image). Each is timed alone and while a
-pretraining of the service's settings runs in another process on 1 or on all threads; that
-pretraining's step rate is read over the same window (and alone, for what it costs it).
+pretraining of the service's settings runs in another process, on all threads or one, at
+niceness 0 or 19 (the scheduler then gives the interactive process nearly all of a contended
+core); that pretraining's step rate is read over the same window and alone.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 from segassist.bench.fewshot import RESULTS, _Volume
 from segassist.bench.protocol import sparse_labels, spread_slices
-from segassist.bench.report import machine_text, regenerate_command
+from segassist.bench.report import write_markdown
 from segassist.models.datasets import load_set
 from segassist.models.features import compute_feature_maps
 from segassist.models.pretrain import Encoder, PretrainConfig, pretrain
@@ -42,15 +43,23 @@ SERVICE_PRETRAIN = {"batch_size": 4, "objective": "pix2rep", "axis": 2}
 """The assist's pretraining settings (``worker/assist.py``'s ``_SHORT_PRETRAIN``)."""
 
 
+def _backgrounds(cores: int) -> list[tuple[int, int]]:
+    """(threads, niceness) of the background pretraining: as the service runs it (all cores,
+    nice 0), on one thread, and yielding to the interactive jobs (nice 19) on all or one."""
+    return [(cores, 0), (1, 0), (cores, 19), (1, 19)]
+
+
 def _config(modality: str, steps: int) -> PretrainConfig:
     return PretrainConfig.from_dict(SERVICE_PRETRAIN | {"modality": modality, "steps": steps})
 
 
 def _background(
-    volume: np.ndarray, modality: str, threads: int, started: Event, steps_file: str
+    volume: np.ndarray, modality: str, threads: int, niceness: int, started: Event, steps_file: str
 ) -> None:
-    """Pretrain until killed, appending each step's end time to ``steps_file``."""
+    """Pretrain until killed on ``threads`` threads at ``niceness``, appending each step's end
+    time to ``steps_file``."""
     torch.set_num_threads(threads)
+    os.nice(niceness)
     with open(steps_file, "a") as out, tempfile.TemporaryDirectory() as work:
 
         def progress(_: Progress) -> None:
@@ -100,11 +109,11 @@ def _timed(run: Callable[[], None]) -> tuple[float, float, float]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m segassist.bench.background_threads", description=__doc__
+        prog="python -m segassist.bench.background_priority", description=__doc__
     )
     parser.add_argument("--set", default="totalseg-mr", help="registry set of the volume")
     parser.add_argument("--steps", type=int, default=20, help="steps of the short pretraining")
-    parser.add_argument("--out", type=Path, default=RESULTS / "background_threads.md")
+    parser.add_argument("--out", type=Path, default=RESULTS / "background_priority.md")
     args = parser.parse_args(argv)
     volume = _Volume.load(load_set(args.set)[0])
     cores = os.cpu_count() or 1
@@ -122,14 +131,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     print(lines[-1], flush=True)
     context = mp.get_context("spawn")
-    for threads in sorted({cores, 1}, reverse=True):
+    for threads, niceness in _backgrounds(cores):
         with tempfile.TemporaryDirectory() as tmp:
             steps_file = Path(tmp) / "steps.txt"
             steps_file.touch()
             started = context.Event()
             worker = context.Process(
                 target=_background,
-                args=(volume.image, volume.case.modality, threads, started, str(steps_file)),
+                args=(
+                    volume.image,
+                    volume.case.modality,
+                    threads,
+                    niceness,
+                    started,
+                    str(steps_file),
+                ),
             )
             worker.start()
             try:
@@ -148,29 +164,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 worker.join()
         during = " / ".join(f"{rate:.2f}" for rate in rates)
         lines.append(
-            f"| {threads} thread{'s' if threads > 1 else ''} | {rate_alone:.2f} alone, "
+            f"| {threads} thread{'s' if threads > 1 else ''}, nice {niceness} "
+            f"| {rate_alone:.2f} alone, "
             f"{during} during | " + " | ".join(cells) + " |"
         )
         print(lines[-1], flush=True)
-    text = "\n".join(
-        [
-            "# A background pretraining's threads against the annotator's interactive jobs",
-            "",
-            f"Regenerate: `{regenerate_command('segassist.bench.background_threads', argv)}`",
-            "",
-            f"Machine: {machine_text()}. Volume: {volume.case.name} "
-            f"{'×'.join(map(str, volume.image.shape))}; pretraining of the service's settings "
-            "(pix2rep, 4-slice batches). Wall time of each interactive workload alone and "
-            "during the background pretraining; the background's steps per second alone and "
-            "during each workload.",
-            "",
-            *lines,
-            "",
-        ]
+    write_markdown(
+        args.out,
+        "A background pretraining's threads and niceness against the annotator's interactive jobs",
+        "segassist.bench.background_priority",
+        argv,
+        f"Volume: {volume.case.name} {'×'.join(map(str, volume.image.shape))}; pretraining of "
+        "the service's settings (pix2rep, 4-slice batches). Wall time of each interactive "
+        "workload alone and during the background pretraining; the background's steps per "
+        "second alone and during each workload.",
+        lines,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
     return 0
 
 
