@@ -36,6 +36,7 @@ from segassist.models.features import compute_feature_maps
 from segassist.models.pretrain import Encoder, PretrainConfig, pretrain
 from segassist.models.progress import Progress
 from segassist.models.propagation import map_features, propagate
+from segassist.worker.serve import lower_priority
 
 __all__ = ["main"]
 
@@ -56,10 +57,12 @@ def _config(modality: str, steps: int) -> PretrainConfig:
 def _background(
     volume: np.ndarray, modality: str, threads: int, niceness: int, started: Event, steps_file: str
 ) -> None:
-    """Pretrain until killed on ``threads`` threads at ``niceness``, appending each step's end
-    time to ``steps_file``."""
+    """Pretrain until killed on ``threads`` threads in a session of its own at ``niceness``
+    (:func:`~segassist.worker.serve.lower_priority`, as the service's training worker),
+    appending each step's end time to ``steps_file``."""
     torch.set_num_threads(threads)
-    os.nice(niceness)
+    os.setsid()  # its own session, as the service starts its workers
+    lower_priority(niceness)
     with open(steps_file, "a") as out, tempfile.TemporaryDirectory() as work:
 
         def progress(_: Progress) -> None:

@@ -46,12 +46,16 @@ def _children(pid: int) -> list[int]:
 
 
 def _niceness(service: int) -> dict[str, int]:
-    """Queue → niceness of the service's worker consuming it, which its pool processes share."""
+    """Queue → niceness of the service's worker consuming it, which its pool processes and
+    its session's autogroup (where the kernel has them) share."""
     found = {}
     for pid in _children(service):
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         niceness = {os.getpriority(os.PRIO_PROCESS, p) for p in [pid, *_children(pid)]}
-        assert len(niceness) == 1, f"worker {pid} and its pool differ: {niceness}"
+        autogroup = Path(f"/proc/{pid}/autogroup")
+        if autogroup.exists():
+            niceness.add(int(autogroup.read_text().split("nice")[1]))
+        assert len(niceness) == 1, f"worker {pid}, its pool and autogroup differ: {niceness}"
         found[args[args.index("-Q") + 1]] = niceness.pop()
     return found
 
