@@ -124,9 +124,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a Celery worker alone (deployment with Redis and PostgreSQL)."""
-    from segassist.worker.serve import run_worker
+    from segassist.worker.serve import WORKER_QUEUES, run_worker
 
-    run_worker()
+    run_worker(args.concurrency, queues=WORKER_QUEUES[args.queue])
     return 0
 
 
@@ -342,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a Celery worker alone (settings from SEGASSIST_*)")
+    p.add_argument(
+        "--queue",
+        choices=("all", "training", "prediction"),
+        default="all",
+        help="training: pretraining, fine-tuning, refinement; prediction: predictions and the "
+        "assists that fit a head; all (default): both, taking turns",
+    )
+    p.add_argument("--concurrency", type=int, default=1, help="tasks run at once")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("segment", help="segment IMAGE from a few labelled slices")

@@ -125,7 +125,7 @@ def test_services_wait_for_healthy_dependencies(compose: dict[str, Any]) -> None
     services = compose["services"]
     for name in ("redis", "postgres", "api"):
         assert "healthcheck" in services[name], f"{name} has no healthcheck"
-    for name in ("api", "worker", "worker-gpu"):
+    for name in ("api", "worker", "worker-prediction", "worker-gpu"):
         depends = services[name]["depends_on"]
         assert {"redis", "postgres"} <= set(depends)
         for dependency, rule in depends.items():
@@ -145,10 +145,10 @@ def test_api_and_workers_share_the_data_volume(compose: dict[str, Any]) -> None:
     services = compose["services"]
     mounts = {
         name: {m for m in services[name]["volumes"] if m.endswith(":/data")}
-        for name in ("api", "worker", "worker-gpu")
+        for name in ("api", "worker", "worker-prediction", "worker-gpu")
     }
     assert len({frozenset(m) for m in mounts.values()}) == 1 and mounts["api"], mounts
-    for name in ("api", "worker", "worker-gpu"):
+    for name in ("api", "worker", "worker-prediction", "worker-gpu"):
         assert services[name]["environment"]["SEGASSIST_DATA_DIR"] == "/data"
 
 
@@ -165,11 +165,36 @@ def test_worker_scales_and_gpu_worker_is_an_optional_profile(compose: dict[str, 
     assert devices[0]["capabilities"] == ["gpu"]
 
 
+def test_cpu_workers_split_the_queues_and_training_yields(compose: dict[str, Any]) -> None:
+    """Each worker's command, read by the CLI's own parser: the CPU workers split the two
+    queues, the training one with the lower CPU weight (Docker's default is 1024); the GPU
+    worker takes both."""
+    from segassist.client.cli import build_parser
+    from segassist.server.queue import PREDICTION_QUEUE, QUEUE_NAME
+    from segassist.worker.serve import WORKER_QUEUES
+
+    services = compose["services"]
+    queues = {}
+    for name in ("worker", "worker-prediction", "worker-gpu"):
+        command = services[name]["command"]
+        assert command[:2] == ["segassist", "worker"], command
+        queues[name] = WORKER_QUEUES[build_parser().parse_args(command[1:]).queue]
+    assert queues == {
+        "worker": (QUEUE_NAME,),
+        "worker-prediction": (PREDICTION_QUEUE,),
+        "worker-gpu": (QUEUE_NAME, PREDICTION_QUEUE),
+    }
+    prediction_weight = services["worker-prediction"].get("cpu_shares", 1024)
+    assert services["worker"]["cpu_shares"] < prediction_weight
+    assert "container_name" not in services["worker-prediction"]
+    assert "ports" not in services["worker-prediction"]
+
+
 def test_compose_settings_are_settings_the_service_reads(compose: dict[str, Any]) -> None:
     from segassist.server.settings import Settings
 
     fields = {f"SEGASSIST_{name.upper()}" for name in Settings.model_fields}
-    for name in ("api", "worker", "worker-gpu"):
+    for name in ("api", "worker", "worker-prediction", "worker-gpu"):
         for key in compose["services"][name]["environment"]:
             if key.startswith("SEGASSIST_"):
                 assert key in fields, f"{name}: {key} is not a setting ({sorted(fields)})"

@@ -42,6 +42,7 @@ from segassist.server.storage import atomic_write_bytes
 
 __all__ = [
     "SERVER_FILE",
+    "WORKER_QUEUES",
     "WorkerProcess",
     "lower_priority",
     "run_embedded",
@@ -56,6 +57,16 @@ SERVER_FILE = "server.json"
 
 _STOP_GRACE_SECONDS = 20.0
 _RESTART_DELAY_SECONDS = (1.0, 60.0)
+
+
+WORKER_QUEUES = {
+    "all": (QUEUE_NAME, PREDICTION_QUEUE),
+    "training": (QUEUE_NAME,),
+    "prediction": (PREDICTION_QUEUE,),
+}
+"""``segassist worker --queue NAME`` → the Celery queues that worker consumes: training
+(pretraining, fine-tuning, refinement; long), prediction (predictions and the assists that fit
+a head; seconds), or both in one process, where they take turns."""
 
 
 def worker_command(
