@@ -36,12 +36,13 @@ from segassist.models.features import compute_feature_maps
 from segassist.models.pretrain import Encoder, PretrainConfig, pretrain
 from segassist.models.progress import Progress
 from segassist.models.propagation import map_features, propagate
+from segassist.worker.assist import _SHORT_PRETRAIN
 from segassist.worker.serve import lower_priority
 
 __all__ = ["main"]
 
-SERVICE_PRETRAIN = {"batch_size": 4, "objective": "pix2rep", "axis": 2}
-"""The assist's pretraining settings (``worker/assist.py``'s ``_SHORT_PRETRAIN``)."""
+SERVICE_PRETRAIN = {**_SHORT_PRETRAIN, "objective": "pix2rep", "axis": 2}
+"""The assist's pretraining settings."""
 
 
 def _backgrounds(cores: int) -> list[tuple[int, int]]:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from segassist.bench.default_path import chain_dice
-from segassist.bench.fewshot import PROFILES, RESULTS, _Volume, pool_volumes
+from segassist.bench.fewshot import PROFILES, RESULTS, _fingerprint, _Volume, pool_volumes
 from segassist.bench.report import write_markdown
 from segassist.models.datasets import cache_dir, load_set
 from segassist.models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig, pretrain
@@ -49,13 +49,9 @@ VARIANTS = ("reused", "same volumes", "T added")
 
 
 def _key(volumes: Sequence[np.ndarray], config: PretrainConfig, seed_key: str) -> str:
-    digest = hashlib.sha256()
-    for volume in volumes:
-        digest.update(str(volume.shape).encode())
-        digest.update(np.ascontiguousarray(volume, dtype=np.float32).tobytes())
-    digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
-    digest.update(seed_key.encode())
-    return digest.hexdigest()[:20]
+    """Cache key of a pretraining: its data, config and the checkpoint it resumes."""
+    spec = {"data": _fingerprint(volumes), "config": config.to_dict(), "resumes": seed_key}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def _pretrained(
