@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 from segassist.models.runtime.configs import FewShotConfig
+from segassist.server.broker import TRANSPORT as BROKER_TRANSPORT
 
 if TYPE_CHECKING:
     from segassist.server.db.tables import Job
@@ -81,18 +82,21 @@ def broker_folders(settings: Settings) -> dict[str, str]:
     Producer and consumer share one message folder: the API writes to ``data_folder_out``, the
     worker reads ``data_folder_in``. They also share the control folder (the exchange → queue
     bindings, read by every publish and by broadcasts such as ``celery inspect``): kombu's
-    default is ``./control``, relative to each process's working directory.
+    default is ``./control``, relative to each process's working directory. A message is written
+    under ``staging`` first and renamed into ``messages`` (:mod:`segassist.server.broker`).
     """
     messages = settings.broker_dir / "messages"
     processed = settings.broker_dir / "processed"
     control = settings.broker_dir / "control"
-    for folder in (messages, processed, control):
+    staging = settings.broker_dir / "staging"
+    for folder in (messages, processed, control, staging):
         folder.mkdir(parents=True, exist_ok=True)
     return {
         "data_folder_in": str(messages),
         "data_folder_out": str(messages),
         "processed_folder": str(processed),
         "control_folder": str(control),
+        "staging_folder": str(staging),
     }
 
 
@@ -122,6 +126,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         results.mkdir(parents=True, exist_ok=True)
         config |= {
             "broker_url": "filesystem://",
+            # Kombu's own filesystem channel can lose a message a worker reads while it is
+            # being written; this one publishes by rename.
+            "broker_transport": BROKER_TRANSPORT,
             # Kombu polls the folder once a second by default: the wait a user sees between
             # submitting labels and the worker starting. 0.1 s costs a listdir per poll.
             "broker_transport_options": {**broker_folders(settings), "polling_interval": 0.1},
