@@ -71,7 +71,14 @@ TPTBox MR, all with pix2rep pool encoders as the service pretrains):
   not move, and the refinement took twice the fits (36–284 s under load, against 19–86 s);
 - self-training the network on propagation's confident labels (≥ 0.9) within 2 or 5 slices
   of a labelled one: the network alone on spine CT at k = 3 fell from 0.810 to 0.760/0.745
-  (seed 0), as self-training on every slice had (``bench/results/refine_candidates``).
+  (seed 0), as self-training on every slice had (``bench/results/refine_candidates``);
+- the network between the labelled slices with each of its 2D objects moved to the foreground
+  class propagation gives most probability within it (the blend beyond), meant to keep the
+  network's shapes and propagation's identities (2026-12-07, recomputed, 2 seeds): always
+  0.845 on the benchmark and 0.653 held back (the product's pick 0.842 and 0.656); as a third
+  candidate 0.844 and 0.661; against the blend alone 0.844 and 0.669. It won on the vertebrae
+  as classes (L2/L3/L4 at k = 3 +0.05, C5–C7 at k = 5 +0.05) and lost on the aorta (−0.05
+  at k = 5): within the spread, not kept (README).
 
 With fewer than 3 labelled slices nothing can be held out, so the assist's answer stands. Always
 blending there, unvalidated (k = 1/2, 2 seeds), gained 0.08 to 0.15 on the spine and the brain but
