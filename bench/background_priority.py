@@ -3,8 +3,8 @@
 ``python -m segassist.bench.background_priority [--set S] [--steps N] [--out FILE]`` writes
 ``bench/results/background_priority.md``.
 
-The service runs a background pretraining (the continuation after a first assist, or after a
-dataset grew) on the training queue while the annotator's assists run on the prediction queue,
+The service runs a background pretraining (the continuation after a modality's first assist)
+on the training queue while the annotator's assists run on the prediction queue,
 on the same cores. Two interactive workloads stand for those assists, on the set's first
 volume: **short pretraining** (``N`` steps of the assist's inline pretraining, the first answer
 on a new modality) and **features + propagation** (the decoder maps of every slice, then
@@ -46,8 +46,9 @@ SERVICE_PRETRAIN = {**_SHORT_PRETRAIN, "objective": "pix2rep", "axis": 2}
 
 
 def _backgrounds(cores: int) -> list[tuple[int, int]]:
-    """(threads, niceness) of the background pretraining: as the service runs it (all cores,
-    nice 0), on one thread, and yielding to the interactive jobs (nice 19) on all or one."""
+    """(threads, niceness) of the background pretraining: as the service ran it before
+    ``training_niceness`` (all cores, nice 0), on one thread, and yielding to the interactive
+    jobs (nice 19, as the service runs it now) on all or one."""
     return [(cores, 0), (1, 0), (cores, 19), (1, 19)]
 
 

@@ -257,7 +257,7 @@ def lower_priority(niceness: int) -> None:
     distributions), the scheduler first shares the CPU fairly between sessions and only then by
     niceness inside each: a worker in its own session, as the service starts it, is niced only
     through its autogroup. Measured with the embedded service (a new modality's first assist,
-    60 inline pretraining steps, while the other modality's background pretraining ran): 202 s
+    60 inline pretraining steps, while the other modality's background pretraining ran): 207.5 s
     with the worker process niced alone, 11.3 s with its autogroup niced too.
     """
     if not niceness:
