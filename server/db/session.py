@@ -80,7 +80,22 @@ def alembic_config(url: str) -> Config:
 
 @contextmanager
 def _migration_lock(engine: Engine) -> Iterator[Any]:
-    """Serialise concurrent ``migrate`` calls across processes; yields the connection to use."""
+    """Serialise concurrent ``migrate`` calls across processes; yields the connection to use.
+
+    SQLite takes its file lock *before* connecting: a connection's first act is
+    ``PRAGMA journal_mode=WAL``, which on a new database file needs an exclusive lock, and SQLite
+    answers "database is locked" at once (no busy wait) when two connections ask together.
+    """
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        lock_path = Path(f"{engine.url.database}.migrate.lock")
+        with lock_path.open("a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                with engine.connect() as connection:
+                    yield connection
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+        return
     with engine.connect() as connection:
         if engine.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
@@ -92,14 +107,6 @@ def _migration_lock(engine: Engine) -> Iterator[Any]:
                     text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_MIGRATION_LOCK}
                 )
                 connection.commit()
-        elif engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-            lock_path = Path(f"{engine.url.database}.migrate.lock")
-            with lock_path.open("a") as lock_file:
-                fcntl.flock(lock_file, fcntl.LOCK_EX)
-                try:
-                    yield connection
-                finally:
-                    fcntl.flock(lock_file, fcntl.LOCK_UN)
         else:
             yield connection
 

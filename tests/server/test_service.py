@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +27,25 @@ def test_api_and_worker_starting_together_migrate_once(database_url: str) -> Non
     assert len(heads) == 1, f"migrations must form one line, found heads {heads}"
     assert list(current) == heads
     make_engine(database_url).dispose()
+
+
+def test_sqlite_migration_connects_only_under_its_file_lock(tmp_path: Path) -> None:
+    # A new SQLite file's first connection switches it to WAL, which needs an exclusive lock
+    # that SQLite refuses at once ("database is locked") to a second connection doing the same.
+    database = tmp_path / "segassist.db"
+    url = f"sqlite:///{database}"
+    with Path(f"{database}.migrate.lock").open("a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # another process migrating
+        waiting = threading.Thread(target=migrate, args=(url,))
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive(), "migrate must wait for the lock"
+        assert not database.exists(), "migrate connected before taking the lock"
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
+    waiting.join()
+    with make_engine(url).connect() as connection:
+        assert MigrationContext.configure(connection).get_current_heads()
+    make_engine(url).dispose()
 
 
 def test_settings_refuse_the_placeholder_token_in_production(tmp_path: Path) -> None:
