@@ -67,7 +67,7 @@ from segassist.bench.report import machine_info
 from segassist.client.api import JobFailedError, SegAssistAPIError, SegAssistClient
 from segassist.models.runtime.configs import IGNORE_INDEX
 from segassist.models.runtime.nifti import open_nifti
-from segassist.server.queue import PREDICTION_QUEUE
+from segassist.server.queue import PREDICTION_QUEUE, REFINEMENT_QUEUE
 
 __all__ = ["PROFILES", "Profile", "Table", "Target", "main", "run"]
 
@@ -88,8 +88,9 @@ _LAUNCHER = (
     "from segassist.worker.serve import run_embedded; "
     "run_embedded('127.0.0.1', int(sys.argv[1]), Path(sys.argv[2]))"
 )
-_TREES = ("training", "prediction")
-"""The embedded service's two Celery workers (each a main process and its prefork pool)."""
+_TREES = ("training", "prediction", "refinement")
+"""The embedded service's three Celery workers (each a main process and its prefork pool)."""
+_QUEUE_TREES = {(PREDICTION_QUEUE,): "prediction", (REFINEMENT_QUEUE,): "refinement"}
 
 # Targets of the issue "Assist loop on the server" (2 CPU cores).
 CACHED_ASSIST_SECONDS = 5.0
@@ -361,7 +362,8 @@ def _clean_environment(settings: Mapping[str, str]) -> dict[str, str]:
 
 
 def _tree_name(proc: psutil.Process) -> str | None:
-    """``"prediction"`` or ``"training"`` for a Celery worker main process, else ``None``."""
+    """``"prediction"``, ``"refinement"`` or ``"training"`` for a Celery worker main process,
+    else ``None``."""
     try:
         command = proc.cmdline()
     except psutil.Error:
@@ -369,14 +371,14 @@ def _tree_name(proc: psutil.Process) -> str | None:
     if "celery" not in command or "-Q" not in command[:-1]:
         return None
     queues = command[command.index("-Q") + 1].split(",")
-    return "prediction" if queues == [PREDICTION_QUEUE] else "training"
+    return _QUEUE_TREES.get(tuple(queues), "training")
 
 
 class MemorySampler:
-    """Samples the RSS of the API process and of its two worker trees in a thread.
+    """Samples the RSS of the API process and of its three worker trees in a thread.
 
-    The API process runs uvicorn; its children are the two Celery worker main processes
-    (training queue, prediction queue), each with its prefork pool. Peaks are kept per phase
+    The API process runs uvicorn; its children are the three Celery worker main processes
+    (training, prediction and refinement queues), each with its prefork pool. Peaks are kept per phase
     (:meth:`phase`): ``<tree>_tree`` sums a worker's processes (pages shared after fork are
     counted once per process), ``<tree>_max`` is its largest process.
     """
@@ -1313,11 +1315,14 @@ def memory_table(sampler: MemorySampler) -> Table:
             ("training_tree_mib", "training worker all MiB", ".0f"),
             ("prediction_max_mib", "prediction worker largest MiB", ".0f"),
             ("prediction_tree_mib", "prediction worker all MiB", ".0f"),
+            ("refinement_max_mib", "refinement worker largest MiB", ".0f"),
+            ("refinement_tree_mib", "refinement worker all MiB", ".0f"),
         ],
         note=(
             f"psutil RSS sampled every {_SAMPLE_SECONDS} s. API = the uvicorn process; each "
             "worker = its Celery main process and prefork pool (training queue: pretraining, "
-            "fine-tuning, feature prefetch; prediction queue: predictions and probe assists); "
+            "fine-tuning; prediction queue: predictions, probe assists, feature prefetch; "
+            "refinement queue: assists' background refinements); "
             "'largest' is its largest process, 'all' the sum (pages shared after fork counted "
             "once per process)."
         ),

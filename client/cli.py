@@ -344,10 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a Celery worker alone (settings from SEGASSIST_*)")
     p.add_argument(
         "--queue",
-        choices=("all", "training", "prediction"),
+        choices=("all", "training", "prediction", "refinement"),
         default="all",
-        help="training: pretraining, fine-tuning, refinement; prediction: predictions and the "
-        "assists that fit a head; all (default): both, taking turns",
+        help="training: pretraining, fine-tuning; prediction: predictions and the assists that "
+        "fit a head; refinement: assists' background refinements; all (default): every queue, "
+        "taking turns",
     )
     p.add_argument("--concurrency", type=int, default=1, help="tasks run at once")
     p.set_defaults(func=cmd_worker)

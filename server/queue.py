@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PREDICTION_QUEUE",
     "QUEUE_NAME",
+    "REFINEMENT_QUEUE",
     "broker_folders",
     "celery_config",
     "check_broker",
@@ -38,10 +39,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 QUEUE_NAME = "segassist"
-"""The training queue: pretraining, fine-tuning, feature caching (long, one at a time)."""
+"""The training queue: pretraining, fine-tuning (long, one at a time)."""
 PREDICTION_QUEUE = "segassist-prediction"
 """The interactive queue: predictions and assist runs that fit only a head (seconds each), so a
 user never waits behind a pretraining; its concurrency is ``prediction_concurrency``."""
+REFINEMENT_QUEUE = "segassist-refinement"
+"""The background refinements of assist results (a small network trained for tens of seconds,
+:mod:`segassist.worker.refine`): behind a 1000-step background pretraining on the training
+queue, the annotator waited minutes for one; on a queue of its own it starts at once."""
 _ENCODER_METHODS = ("finetune", "mean_teacher")
 _DEFAULT_AUTO_BUDGET = float(FewShotConfig.model_fields["auto_budget_seconds"].default)
 _VISIBILITY_MARGIN_SECONDS = 3600
@@ -56,10 +61,12 @@ def queue_for(kind: str, params: dict[str, Any] | None = None) -> str:
     """The queue of a job: :data:`PREDICTION_QUEUE` for ``predict``, ``features`` and for
     ``assist`` with a probe method or ``"auto"`` within its default budget (cost: the head; and, once per modality, the short
     pretraining when no encoder exists yet, which holds the queue for about two minutes rather
-    than wait behind a long background pretraining); :data:`QUEUE_NAME` for everything that
-    trains an encoder for long."""
+    than wait behind a long background pretraining); :data:`REFINEMENT_QUEUE` for ``refine``;
+    :data:`QUEUE_NAME` for everything that trains an encoder for long."""
     if kind in ("predict", "features"):
         return PREDICTION_QUEUE
+    if kind == "refine":
+        return REFINEMENT_QUEUE
     if kind == "assist" and _interactive_assist(params or {}):
         return PREDICTION_QUEUE
     return QUEUE_NAME

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
         training_niceness: niceness of the embedded service's training-queue worker
             (pretraining, fine-tuning, refinement; 0-19): it yields shared cores to the
             prediction queue's interactive jobs (``segassist.worker.serve``).
+        refinement_niceness: niceness of its refinement-queue worker (0-19): between the two,
+            so a refinement runs beside a background pretraining, not behind it, and still
+            yields to the annotator's next request.
         cors_origins: comma-separated origins allowed to call the API from a browser (CORS),
             e.g. an OHIF viewer's ``https://viewer.example.org``; empty = none.
         monailabel_modality: modality of the default dataset the MONAI Label routes at the
@@ -89,6 +92,7 @@ class Settings(BaseSettings):
     assist_pretrain_steps: int = Field(default=60, ge=1)
     background_pretrain_steps: int = Field(default=1000, ge=0)
     training_niceness: int = Field(default=19, ge=0, le=19)
+    refinement_niceness: int = Field(default=10, ge=0, le=19)
     cors_origins: str = ""
     monailabel_modality: str = Field(default="CT", min_length=1, max_length=32)
     monailabel_dataset: str = Field(default="", pattern=r"^([0-9a-f]{32})?$")

@@ -125,7 +125,7 @@ def test_services_wait_for_healthy_dependencies(compose: dict[str, Any]) -> None
     services = compose["services"]
     for name in ("redis", "postgres", "api"):
         assert "healthcheck" in services[name], f"{name} has no healthcheck"
-    for name in ("api", "worker", "worker-prediction", "worker-gpu"):
+    for name in ("api", "worker", "worker-prediction", "worker-refinement", "worker-gpu"):
         depends = services[name]["depends_on"]
         assert {"redis", "postgres"} <= set(depends)
         for dependency, rule in depends.items():
@@ -145,10 +145,10 @@ def test_api_and_workers_share_the_data_volume(compose: dict[str, Any]) -> None:
     services = compose["services"]
     mounts = {
         name: {m for m in services[name]["volumes"] if m.endswith(":/data")}
-        for name in ("api", "worker", "worker-prediction", "worker-gpu")
+        for name in ("api", "worker", "worker-prediction", "worker-refinement", "worker-gpu")
     }
     assert len({frozenset(m) for m in mounts.values()}) == 1 and mounts["api"], mounts
-    for name in ("api", "worker", "worker-prediction", "worker-gpu"):
+    for name in ("api", "worker", "worker-prediction", "worker-refinement", "worker-gpu"):
         assert services[name]["environment"]["SEGASSIST_DATA_DIR"] == "/data"
 
 
@@ -166,26 +166,28 @@ def test_worker_scales_and_gpu_worker_is_an_optional_profile(compose: dict[str, 
 
 
 def test_cpu_workers_split_the_queues_and_training_yields(compose: dict[str, Any]) -> None:
-    """Each worker's command, read by the CLI's own parser: the CPU workers split the two
-    queues, the training one with the lower CPU weight (Docker's default is 1024); the GPU
-    worker takes both."""
+    """Each worker's command, read by the CLI's own parser: the CPU workers split the three
+    queues, training with the lowest CPU weight (Docker's default is 1024), refinement between;
+    the GPU worker takes all."""
     from segassist.client.cli import build_parser
-    from segassist.server.queue import PREDICTION_QUEUE, QUEUE_NAME
+    from segassist.server.queue import PREDICTION_QUEUE, QUEUE_NAME, REFINEMENT_QUEUE
     from segassist.worker.serve import WORKER_QUEUES
 
     services = compose["services"]
     queues = {}
-    for name in ("worker", "worker-prediction", "worker-gpu"):
+    for name in ("worker", "worker-prediction", "worker-refinement", "worker-gpu"):
         command = services[name]["command"]
         assert command[:2] == ["segassist", "worker"], command
         queues[name] = WORKER_QUEUES[build_parser().parse_args(command[1:]).queue]
     assert queues == {
         "worker": (QUEUE_NAME,),
         "worker-prediction": (PREDICTION_QUEUE,),
-        "worker-gpu": (QUEUE_NAME, PREDICTION_QUEUE),
+        "worker-refinement": (REFINEMENT_QUEUE,),
+        "worker-gpu": (QUEUE_NAME, PREDICTION_QUEUE, REFINEMENT_QUEUE),
     }
     prediction_weight = services["worker-prediction"].get("cpu_shares", 1024)
-    assert services["worker"]["cpu_shares"] < prediction_weight
+    refinement_weight = services["worker-refinement"]["cpu_shares"]
+    assert services["worker"]["cpu_shares"] < refinement_weight < prediction_weight
     assert "container_name" not in services["worker-prediction"]
     assert "ports" not in services["worker-prediction"]
 
@@ -194,7 +196,7 @@ def test_compose_settings_are_settings_the_service_reads(compose: dict[str, Any]
     from segassist.server.settings import Settings
 
     fields = {f"SEGASSIST_{name.upper()}" for name in Settings.model_fields}
-    for name in ("api", "worker", "worker-prediction", "worker-gpu"):
+    for name in ("api", "worker", "worker-prediction", "worker-refinement", "worker-gpu"):
         for key in compose["services"][name]["environment"]:
             if key.startswith("SEGASSIST_"):
                 assert key in fields, f"{name}: {key} is not a setting ({sorted(fields)})"

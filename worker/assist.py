@@ -43,7 +43,8 @@ false}`` or the removed objects per class, the voxels removed and the classes ke
 objects), ``propagation`` (image id → ``{"applied": false}`` or its ``seconds``), ``timings`` (seconds per phase), ``background_job_id`` when a longer
 pretraining was queued, ``refine_job_id`` when a background refinement was
 (:mod:`segassist.worker.refine`: a propagated image with 3 or more labelled slices, probe methods,
-``config.refine``, no background pretraining queued).
+``config.refine``; on a queue of its own, so it runs beside a background pretraining, whose
+refit then queues its own refinement).
 """
 
 from __future__ import annotations
@@ -256,9 +257,8 @@ def assist(ctx: JobContext) -> dict[str, Any]:
         "fit_loss": losses.last,
         "timings": phase.seconds,
     }
-    # (not behind a background pretraining: the refit it leads to queues its own refinement;
-    # the refinement's network trains and predicts on full-size slices: refine_max_voxels)
-    if probe and method != "auto" and config.refine and encoder_id is not None and not background:
+    # (the refinement's network trains and predicts on full-size slices: refine_max_voxels)
+    if probe and method != "auto" and config.refine and encoder_id is not None:
         validated = [
             image.id
             for image, label in pairs
@@ -470,7 +470,7 @@ def _queue_refinement(
     validated: list[str],
 ) -> str:
     """Queue the background refinement of this assist (:mod:`segassist.worker.refine`) on the
-    training queue, once per assist job."""
+    refinement queue, once per assist job."""
     params = {
         "axis": ctx.params["axis"],
         "label_ids": [label.id for _, label in pairs],

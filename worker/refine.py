@@ -8,12 +8,11 @@ more than by its look (vertebrae, cortex), a segmentation network trained from a
 initialisation on the labelled slices does better once three or more are labelled
 (``bench/results/fewshot.md``), and much worse on organs that look like their neighbours
 (abdominal CT). Which one an annotator's structure is, only their own slices can say. So after
-an assist whose labelled images were propagated, the assist job queues this job on the training
-queue (``FewShotConfig.refine``; images of at most ``FewShotConfig.refine_max_voxels``, with
-at least
-:data:`~segassist.models.held_out_slice.MIN_LABELLED_SLICES` labelled slices; not when the
-assist queued a background pretraining, which would hold the queue for minutes: the refit that
-follows it queues its own refinement); it runs:
+an assist whose labelled images were propagated, the assist job queues this job on the
+refinement queue (:data:`~segassist.server.queue.REFINEMENT_QUEUE`, so it never waits behind a
+background pretraining; ``FewShotConfig.refine``; images of at most
+``FewShotConfig.refine_max_voxels``, with at least
+:data:`~segassist.models.held_out_slice.MIN_LABELLED_SLICES` labelled slices); it runs:
 
 1. ``features``: the cached maps of the validated images (normally a cache hit).
 2. ``validate``: the middle labelled slice of each validated image hidden

@@ -2,11 +2,14 @@
 
 ``run_embedded`` is what ``segassist serve`` calls: it settles the settings (SQLite and the
 filesystem broker under the data directory unless ``SEGASSIST_DATABASE_URL`` /
-``SEGASSIST_BROKER_URL`` say otherwise), migrates the database, starts two Celery worker
+``SEGASSIST_BROKER_URL`` say otherwise), migrates the database, starts three Celery worker
 subprocesses, restarted if they die: one on the training queue (concurrency 1, logging to
-``<data_dir>/worker.log``) and one on the prediction queue (``prediction_concurrency``,
-``<data_dir>/worker-prediction.log``), so a prediction never waits behind a pretraining. The
-training worker runs at niceness ``training_niceness`` (19): on shared cores the scheduler then
+``<data_dir>/worker.log``), one on the prediction queue (``prediction_concurrency``,
+``<data_dir>/worker-prediction.log``), so a prediction never waits behind a pretraining, and one
+on the refinement queue (concurrency 1, ``<data_dir>/worker-refinement.log``), so an assist's
+background refinement does not either. The refinement worker runs at niceness
+``refinement_niceness`` (10), the training worker at ``training_niceness`` (19): on shared
+cores the scheduler then
 gives the annotator's interactive jobs nearly all the CPU time, and the background work takes
 what they leave (``bench/results/background_priority.md``: beside a background pretraining on
 both cores in a session of its own, a 20-step inline pretraining took 80.1 s at niceness 0 and
@@ -36,7 +39,7 @@ from pathlib import Path
 from typing import IO
 
 from segassist.server.db import migrate
-from segassist.server.queue import PREDICTION_QUEUE, QUEUE_NAME
+from segassist.server.queue import PREDICTION_QUEUE, QUEUE_NAME, REFINEMENT_QUEUE
 from segassist.server.settings import Settings, get_settings
 from segassist.server.storage import atomic_write_bytes
 
@@ -60,21 +63,23 @@ _RESTART_DELAY_SECONDS = (1.0, 60.0)
 
 
 WORKER_QUEUES = {
-    "all": (QUEUE_NAME, PREDICTION_QUEUE),
+    "all": (QUEUE_NAME, PREDICTION_QUEUE, REFINEMENT_QUEUE),
     "training": (QUEUE_NAME,),
     "prediction": (PREDICTION_QUEUE,),
+    "refinement": (REFINEMENT_QUEUE,),
 }
 """``segassist worker --queue NAME`` → the Celery queues that worker consumes: training
-(pretraining, fine-tuning, refinement; long), prediction (predictions and the assists that fit
-a head; seconds), or both in one process, where they take turns."""
+(pretraining, fine-tuning; minutes), prediction (predictions and the assists that fit a head;
+seconds), refinement (assists' background refinements; tens of seconds), or all in one
+process, where they take turns."""
 
 
 def worker_command(
     concurrency: int = 1,
     loglevel: str = "INFO",
-    queues: tuple[str, ...] = (QUEUE_NAME, PREDICTION_QUEUE),
+    queues: tuple[str, ...] = WORKER_QUEUES["all"],
 ) -> list[str]:
-    """The command line of one Celery worker consuming ``queues`` (default: both)."""
+    """The command line of one Celery worker consuming ``queues`` (default: all)."""
     return [
         sys.executable,
         "-m",
@@ -327,6 +332,12 @@ def run_embedded(host: str = "127.0.0.1", port: int = 8000, data_dir: Path | Non
             settings.data_dir / "worker-prediction.log",
             worker_command(settings.prediction_concurrency, queues=(PREDICTION_QUEUE,)),
         ),
+        WorkerProcess(
+            settings,
+            settings.data_dir / "worker-refinement.log",
+            worker_command(1, queues=(REFINEMENT_QUEUE,)),
+            niceness=settings.refinement_niceness,
+        ),
     ]
     server_file = settings.data_dir / SERVER_FILE
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -360,7 +371,7 @@ def run_embedded(host: str = "127.0.0.1", port: int = 8000, data_dir: Path | Non
 def run_worker(
     concurrency: int = 1,
     loglevel: str = "INFO",
-    queues: tuple[str, ...] = (QUEUE_NAME, PREDICTION_QUEUE),
+    queues: tuple[str, ...] = WORKER_QUEUES["all"],
 ) -> None:
     """Become a worker (deployed: Redis + PostgreSQL); never returns.
 

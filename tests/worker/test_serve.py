@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
-from segassist.server.queue import PREDICTION_QUEUE, QUEUE_NAME
+from segassist.server.queue import PREDICTION_QUEUE, QUEUE_NAME, REFINEMENT_QUEUE
 from segassist.worker.serve import SERVER_FILE
 from tests.worker.conftest import (
     JOB_DEADLINE_SECONDS,
@@ -102,8 +103,8 @@ def embedded(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Cl
         log.close()
 
 
-def _segment(client: httpx.Client) -> dict[str, object]:
-    """Upload a volume and a sparse label, fit on a random encoder; the finished job."""
+def _labelled_image(client: httpx.Client, label: np.ndarray) -> tuple[str, str]:
+    """A new CT dataset holding the synthetic volume labelled with ``label``: (dataset, image)."""
     dataset = client.post(
         "/datasets", json={"name": "box", "modality": "CT", "labels": LABEL_SCHEMA}
     ).json()
@@ -113,19 +114,17 @@ def _segment(client: httpx.Client) -> dict[str, object]:
     ).json()
     client.post(
         f"/images/{image['id']}/labels",
-        files={"file": ("l.nii.gz", io.BytesIO(nifti_bytes(sparse_label())), "x")},
+        files={"file": ("l.nii.gz", io.BytesIO(nifti_bytes(label)), "x")},
     ).raise_for_status()
+    return dataset["id"], image["id"]
+
+
+def _segment(client: httpx.Client) -> dict[str, object]:
+    """Upload a volume and a sparse label, fit on a random encoder; the finished job."""
+    dataset_id, _ = _labelled_image(client, sparse_label())
     config = {"encoder": {"channels": [4, 8], "num_clusters": 3}, **TINY_FEWSHOT}
-    body = {"kind": "finetune", "dataset_id": dataset["id"], "params": {"config": config}}
-    job = client.post("/jobs", json=body).json()
-    state: dict[str, object] = {}
-
-    def finished() -> bool:
-        state.update(client.get(f"/jobs/{job['id']}").json())
-        return state["status"] in ("succeeded", "failed", "cancelled")
-
-    _until(finished, f"job {job['id']}")
-    return state
+    body = {"kind": "finetune", "dataset_id": dataset_id, "params": {"config": config}}
+    return _finished(client, client.post("/jobs", json=body).json()["id"])
 
 
 def test_embedded_service_runs_jobs_and_restarts_a_dead_worker(
@@ -140,25 +139,75 @@ def test_embedded_service_runs_jobs_and_restarts_a_dead_worker(
     assert any((data_dir / "broker").rglob("*")), "the filesystem broker lives in the data dir"
 
     workers = _children(process.pid)
-    assert len(workers) == 2  # the training and the prediction worker
-    assert _niceness(process.pid) == {
-        QUEUE_NAME: min(19, os.getpriority(os.PRIO_PROCESS, process.pid) + 19),
-        PREDICTION_QUEUE: os.getpriority(os.PRIO_PROCESS, process.pid),
+    assert len(workers) == 3  # the training, prediction and refinement workers
+    own = os.getpriority(os.PRIO_PROCESS, process.pid)
+    niceness = {
+        QUEUE_NAME: min(19, own + 19),
+        PREDICTION_QUEUE: own,
+        REFINEMENT_QUEUE: min(19, own + 10),
     }
+    assert _niceness(process.pid) == niceness
     os.killpg(workers[0], signal.SIGKILL)
     _until(
-        lambda: len(_children(process.pid)) == 2 and workers[0] not in _children(process.pid),
+        lambda: len(_children(process.pid)) == 3 and workers[0] not in _children(process.pid),
         "a new worker",
     )
-    restarted = next(pid for pid in _children(process.pid) if pid != workers[1])
+    restarted = next(pid for pid in _children(process.pid) if pid not in workers)
     assert _segment(client)["status"] == "succeeded"
-    assert len(set(_niceness(process.pid).values())) == 2  # the restarted one's too
+    assert _niceness(process.pid) == niceness  # the restarted one's too
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 0
     assert not (data_dir / SERVER_FILE).exists()
     with pytest.raises(ProcessLookupError):
         os.kill(restarted, 0)  # the worker stopped with the service
+
+
+def test_a_refinement_runs_beside_a_pretraining(
+    embedded: tuple[subprocess.Popen[bytes], httpx.Client, Path],
+) -> None:
+    """An assist's background refinement has a worker of its own: it ends while a long
+    pretraining still holds the training queue."""
+    _, client, _ = embedded
+    label = sparse_label()
+    label[6:16, 5:14, 3] = 1  # a third labelled slice: one to hold out
+    dataset_id, _ = _labelled_image(client, label)
+    encoder = {"channels": [4, 8], "batch_size": 1, "image_size": 16, "num_clusters": 3}
+    short = {"objective": "pix2rep", "steps": 2, "config": encoder | {"kmeans_slices": 1}}
+    _finished(client, client.post("/jobs", json=_pretrain(dataset_id, short)).json()["id"])
+    long = _pretrain(dataset_id, short | {"steps": 100_000})
+    pretraining = client.post("/jobs", json=long).json()
+    _until(lambda: _job(client, pretraining["id"])["status"] == "running", "the pretraining")
+
+    fewshot = {**TINY_FEWSHOT, "steps": 30, "eval_every": 10, "patience": 2}
+    assist = client.post(f"/datasets/{dataset_id}/assist", json={"config": fewshot}).json()
+    done = _finished(client, assist["id"])
+    assert done["status"] == "succeeded", done
+    refinement = _finished(client, done["result"]["refine_job_id"])
+    assert refinement["status"] == "succeeded", refinement
+    assert refinement["result"]["outcome"] in ("refined", "kept")
+    assert _job(client, pretraining["id"])["status"] == "running"
+    client.post(f"/jobs/{pretraining['id']}/cancel").raise_for_status()
+
+
+def _pretrain(dataset_id: str, params: dict[str, object]) -> dict[str, object]:
+    return {"kind": "pretrain", "dataset_id": dataset_id, "params": params}
+
+
+def _job(client: httpx.Client, job_id: str) -> dict[str, object]:
+    job: dict[str, object] = client.get(f"/jobs/{job_id}").json()
+    return job
+
+
+def _finished(client: httpx.Client, job_id: str) -> dict[str, object]:
+    state: dict[str, object] = {}
+
+    def finished() -> bool:
+        state.update(_job(client, job_id))
+        return state["status"] in ("succeeded", "failed", "cancelled")
+
+    _until(finished, f"job {job_id}")
+    return state
 
 
 def _alive(pid: int) -> bool:
@@ -176,7 +225,7 @@ def test_a_killed_service_leaves_no_worker_behind(
     """``kill -9`` of ``segassist serve``: its workers stop too, so a restart finds none."""
     process, _, _ = embedded
     workers = _children(process.pid)
-    assert len(workers) == 2
+    assert len(workers) == 3
     process.kill()
     process.wait()
     _until(lambda: not any(_alive(pid) for pid in workers), "the orphaned workers to stop")
@@ -202,7 +251,7 @@ def test_a_second_signal_while_stopping_kills_the_workers(
     ).json()
     _until(lambda: client.get(f"/jobs/{job['id']}").json()["status"] == "running", "pretraining")
     workers = _children(process.pid)
-    assert len(workers) == 2
+    assert len(workers) == 3
 
     process.send_signal(signal.SIGTERM)
     log = tmp_path / "serve.log"
