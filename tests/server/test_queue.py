@@ -1,9 +1,11 @@
-"""The embedded broker (Celery filesystem transport) keeps every file under the data directory
-and loses no message to a worker polling while it is written."""
+"""The embedded broker (Celery filesystem transport) keeps every file under the data directory,
+loses no message to a worker polling while it is written, and no binding to processes binding at
+once."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import threading
 from pathlib import Path
@@ -15,6 +17,7 @@ from kombu.message import Message
 from kombu.transport import filesystem
 from kombu.transport.virtual import BrokerState
 
+from segassist.server.broker import AtomicFilesystemChannel
 from segassist.server.queue import QUEUE_NAME, make_celery, task_name
 from segassist.server.settings import Settings
 
@@ -78,7 +81,8 @@ def test_a_message_appears_in_the_message_folder_only_once_complete(
     fsync = os.fsync
 
     def watching_fsync(fd: int) -> None:
-        seen_while_writing.append(sorted(p.name for p in messages.iterdir()))
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".msg"):  # not an exchange table
+            seen_while_writing.append(sorted(p.name for p in messages.iterdir()))
         fsync(fd)
 
     monkeypatch.setattr(os, "fsync", watching_fsync)
@@ -131,3 +135,55 @@ def test_no_message_is_lost_to_a_worker_polling_while_tasks_are_sent(
 
     assert not consumer.is_alive() and errors == []
     assert sorted(received) == sent
+
+
+def _bind(settings: Settings, queue: str, start: Any, errors: Any) -> None:
+    """Bind ``queue`` to the pidbox exchange once ``start`` lets every process go."""
+    try:
+        with make_celery(settings).connection_for_write() as connection:
+            channel = connection.default_channel
+            start.wait()
+            channel._queue_bind("celery.pidbox", "", "", queue)
+    except BaseException as exc:  # the parent asserts on the count
+        errors.put(repr(exc))
+
+
+def test_processes_binding_one_exchange_at_once_keep_every_binding(tmp_path: Path) -> None:
+    """Kombu's own channel opens a missing table with "wb" before locking it: three processes
+    binding together read it empty, lose bindings or leave it corrupt (in 200 rounds: 22 corrupt
+    tables, 45 bindings lost; about one round in ten fails here)."""
+    fork = multiprocessing.get_context("fork")
+    for round_ in range(15):
+        settings = _embedded_settings(tmp_path / str(round_))
+        start, errors = fork.Barrier(3), fork.Queue()
+        queues = [f"worker{i}.celery.pidbox" for i in range(3)]
+        binders = [fork.Process(target=_bind, args=(settings, q, start, errors)) for q in queues]
+        for binder in binders:
+            binder.start()
+        for binder in binders:
+            binder.join(timeout=60)
+        assert errors.empty(), errors.get()
+        table = settings.broker_dir / "control" / "celery.pidbox.exchange"
+        assert sorted(queue for _, _, queue in json.loads(table.read_text())) == queues
+
+
+def test_a_corrupt_exchange_table_is_rebuilt_by_the_next_binding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table left corrupt (by kombu's own binding, before this transport) broke every publish
+    to that exchange for good; each consumer binds again when it starts, so rebuilding it from
+    the next binding recovers."""
+    monkeypatch.setattr(filesystem.Transport, "global_state", BrokerState())
+    settings = _embedded_settings(tmp_path)
+    table = settings.broker_dir / "control" / f"{QUEUE_NAME}.exchange"
+    table.parent.mkdir(parents=True)
+    table.write_text('[["segassist", "", "segassist"]]gassist"]]')
+    with make_celery(settings).connection_for_write() as connection:
+        channel = connection.default_channel
+        assert isinstance(channel, AtomicFilesystemChannel)
+        channel._queue_bind(QUEUE_NAME, QUEUE_NAME, "", QUEUE_NAME)
+        assert channel.get_table(QUEUE_NAME) == [(QUEUE_NAME, "", QUEUE_NAME)]
+    assert sorted(p.name for p in table.parent.iterdir()) == [
+        f"{QUEUE_NAME}.exchange",
+        f"{QUEUE_NAME}.exchange.lock",
+    ]
