@@ -1164,6 +1164,7 @@ def bench_first_assist(
     with sampler.phase(PHASE_FIRST):
         stages, job = assist_run(api, subject, labels, dest, profile, poll=_SLOW_POLL_SECONDS)
     _check_segmentation(dest, profile.volume_shape)
+    _cancel_refinement(api, job)
     background = _background_state(api, job["result"].get("background_job_id"))
     steps = profile.service_env.get("SEGASSIST_ASSIST_PRETRAIN_STEPS", "60 (the default)")
     table = Table(
