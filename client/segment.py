@@ -82,11 +82,14 @@ class SegmentResult:
             for ``auto`` the winner).
         validation: ``auto`` (or head ``auto``): each candidate's held-out Dice, or why it was
             skipped; None otherwise.
-        own_labels: what the image's labelled slices changed in its prediction: the job
-            result's ``propagation``, ``slice_prior`` and ``components`` entries of the image.
+        encoder_id: the encoder the assist propagated through (None: random initialisation).
+        own_labels: what the image's labelled slices changed in the assist's prediction: the
+            job result's ``propagation``, ``slice_prior`` and ``components`` entries of the image.
         refinement: the background refinement's job ``id``, ``status`` and its result's
             ``outcome``, ``method`` and ``validation`` (None: none was queued, or not waited
-            for). When its outcome is ``refined``, every other field describes its segmentation.
+            for). When its outcome is ``refined``, ``segmenter_id``, ``job_id``,
+            ``next_slice``, ``method`` and the files describe its segmentation (a blend of the
+            assist's propagation with a network trained from scratch, which is the segmenter).
     """
 
     dataset_id: str
@@ -174,7 +177,8 @@ def run_segment(
     job = api.assist(dataset["id"], body)
     done = api.wait_for_job(job["id"], _JobBar(progress, "assist"))
     image_id = image["id"]
-    output = api.download(done["result"]["predictions"][image_id]["labels"], request.output)
+    assisted = done["result"]  # the encoder and the corrections behind any refinement too
+    output = api.download(assisted["predictions"][image_id]["labels"], request.output)
     refinement = None
     refine_id = done["result"].get("refine_job_id")
     if refine_id is not None and request.wait_for_refinement:
@@ -201,7 +205,7 @@ def run_segment(
         dataset_id=dataset["id"],
         image_id=image["id"],
         label_id=label["id"],
-        encoder_id=result.get("encoder_id"),
+        encoder_id=assisted.get("encoder_id"),
         segmenter_id=result["segmenter_id"],
         job_id=done["id"],
         output=output,
@@ -209,9 +213,9 @@ def run_segment(
         method=result.get("method"),
         validation=None if refinement and done["id"] == refine_id else result.get("validation"),
         own_labels={
-            key: (result.get(key) or {}).get(image["id"])
+            key: (assisted.get(key) or {}).get(image["id"])
             for key in ("propagation", "slice_prior", "components")
-            if (result.get(key) or {}).get(image["id"])
+            if (assisted.get(key) or {}).get(image["id"])
         },
         refinement=refinement,
     )

@@ -257,6 +257,8 @@ def test_segment_waits_for_the_refinement_and_writes_the_winner(
     assert run.returncode == 0, run.stderr
     said = " ".join(run.stdout.split())  # the console wraps long lines
     assert "refinement: " in said and "held-out slice Dice" in said
+    assert "random initialisation" not in said  # the encoder propagated through, refined or not
+    assert "propagated (" in said
     if "replaced the segmentation" in said:
         assert "method: scratch" in said or "method: blend" in said
     else:
