@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 
 from segassist.server.queue import PREDICTION_QUEUE, QUEUE_NAME, REFINEMENT_QUEUE
-from segassist.worker.serve import SERVER_FILE
+from segassist.worker.serve import SERVER_FILE, run_together
 from tests.worker.conftest import (
     JOB_DEADLINE_SECONDS,
     LABEL_SCHEMA,
@@ -208,6 +210,20 @@ def _finished(client: httpx.Client, job_id: str) -> dict[str, object]:
 
     _until(finished, f"job {job_id}")
     return state
+
+
+def test_the_workers_are_stopped_together() -> None:
+    """Each stop returns only once all three have begun: run one after the other, the first
+    would wait for the others until the barrier broke."""
+    begun = threading.Barrier(3, timeout=30)
+    stopped: list[int] = []
+
+    def stop(worker: int) -> None:
+        begun.wait()
+        stopped.append(worker)
+
+    run_together([functools.partial(stop, i) for i in range(3)])
+    assert sorted(stopped) == [0, 1, 2] and not begun.broken
 
 
 def _alive(pid: int) -> bool:
