@@ -38,8 +38,8 @@ moved on (a new assist also cancels unfinished refinements). Result: ``refine_of
 (``refined``, ``kept`` or ``superseded``), ``validation`` (candidate → Dice on the hidden
 slices, and ``held_out_slices``: image → index), ``timings``; when refined, also the assist
 result's keys (``segmenter_id``, ``predictions``, ``next_slice``, ``uncertainty``,
-``slice_prior``, ``components``, ``propagation``) with ``method: "blend"`` and
-``encoder_id: null``.
+``slice_prior``, ``components``, ``propagation``: the assist's entries, the propagation it
+blended) with ``method: "blend"`` and ``encoder_id: null``.
 """
 
 from __future__ import annotations
@@ -211,6 +211,9 @@ def refine(ctx: JobContext) -> dict[str, Any]:
             [image.id for image in targets if image.id not in held],
             outputs,
         )
+    for image_id in held:  # the propagation blended is the assist's (read back, not redone)
+        if image_id in (assist.get("propagation") or {}):
+            outputs["propagation"][image_id] = assist["propagation"][image_id]
     return result | {
         "outcome": "refined",
         "method": winner,

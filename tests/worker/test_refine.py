@@ -134,6 +134,7 @@ def test_refinement_replaces_what_propagation_cannot_follow(
     assert validation["blend"] > validation["propagation"], result
     assert result["outcome"] == "refined" and result["method"] == "blend"
     # the blend pools the network with the propagation of the labelled slices
+    assert result["propagation"][image_id] == fast["result"]["propagation"][image_id]
     assert result["propagation"][image_id]["applied"]
     assert set(result["timings"]) == {"features", "validate", "fit", "export", "predict"}
     labels = _load(service.client.get(result["predictions"][image_id]["labels"]).content)
