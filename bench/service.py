@@ -378,9 +378,9 @@ class MemorySampler:
     """Samples the RSS of the API process and of its three worker trees in a thread.
 
     The API process runs uvicorn; its children are the three Celery worker main processes
-    (training, prediction and refinement queues), each with its prefork pool. Peaks are kept per phase
-    (:meth:`phase`): ``<tree>_tree`` sums a worker's processes (pages shared after fork are
-    counted once per process), ``<tree>_max`` is its largest process.
+    (training, prediction and refinement queues), each with its prefork pool. Peaks are kept
+    per phase (:meth:`phase`): ``<tree>_tree`` sums a worker's processes (pages shared after
+    fork are counted once per process), ``<tree>_max`` is its largest process.
     """
 
     def __init__(self, api: psutil.Process) -> None:

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
             background from where the inline one stopped (0 = none); the assist workflow refits
             on the better encoder when it lands.
         training_niceness: niceness of the embedded service's training-queue worker
-            (pretraining, fine-tuning, refinement; 0-19): it yields shared cores to the
+            (pretraining, fine-tuning; 0-19): it yields shared cores to the
             prediction queue's interactive jobs (``segassist.worker.serve``).
         refinement_niceness: niceness of its refinement-queue worker (0-19): between the two,
             so a refinement runs beside a background pretraining, not behind it, and still
