@@ -83,8 +83,8 @@ class SegmentResult:
         validation: ``auto`` (or head ``auto``): each candidate's held-out Dice, or why it was
             skipped; None otherwise.
         encoder_id: the encoder the assist propagated through (None: random initialisation).
-        own_labels: what the image's labelled slices changed in the assist's prediction: the
-            job result's ``propagation``, ``slice_prior`` and ``components`` entries of the image.
+        own_labels: what the image's labelled slices changed in its prediction: the job
+            result's ``propagation``, ``slice_prior`` and ``components`` entries of the image.
         refinement: the background refinement's job ``id``, ``status`` and its result's
             ``outcome``, ``method`` and ``validation`` (None: none was queued, or not waited
             for). When its outcome is ``refined``, ``segmenter_id``, ``job_id``,
@@ -177,7 +177,7 @@ def run_segment(
     job = api.assist(dataset["id"], body)
     done = api.wait_for_job(job["id"], _JobBar(progress, "assist"))
     image_id = image["id"]
-    assisted = done["result"]  # the encoder and the corrections behind any refinement too
+    assisted = done["result"]  # its encoder is behind any refinement too
     output = api.download(assisted["predictions"][image_id]["labels"], request.output)
     refinement = None
     refine_id = done["result"].get("refine_job_id")
@@ -213,9 +213,9 @@ def run_segment(
         method=result.get("method"),
         validation=None if refinement and done["id"] == refine_id else result.get("validation"),
         own_labels={
-            key: (assisted.get(key) or {}).get(image["id"])
+            key: (result.get(key) or {}).get(image["id"])
             for key in ("propagation", "slice_prior", "components")
-            if (assisted.get(key) or {}).get(image["id"])
+            if (result.get(key) or {}).get(image["id"])
         },
         refinement=refinement,
     )

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
@@ -370,17 +371,15 @@ def run_embedded(host: str = "127.0.0.1", port: int = 8000, data_dir: Path | Non
 
 
 def run_together(calls: Sequence[Callable[[], None]]) -> None:
-    """Run ``calls`` each in a thread of its own and return when all have: how the service stops
-    its workers. One after the other, a busy worker's warm then cold shutdown (20 s, then a
-    few) delayed the others': stopping took 40 s with a refinement running, and a caller
-    that waits 30 s before SIGKILL (the tests did) left that worker orphaned, finishing its
-    refinement for minutes. (The main thread waits in ``join``, which a second signal
-    interrupts to run its handler.)"""
-    threads = [threading.Thread(target=call, name=f"stop-{i}") for i, call in enumerate(calls)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    """Run ``calls`` each in a thread of its own, return when all have (re-raising the first
+    error): how the service stops its workers. One after the other, a busy worker's warm then
+    cold shutdown (20 s, then a few) delayed the others': stopping took 40 s with a refinement
+    running, and a caller that waits 30 s before SIGKILL (the tests did) left that worker
+    orphaned, finishing its refinement for minutes. (The main thread's wait is interrupted by
+    a second signal to run its handler.)"""
+    with ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
+        for running in [pool.submit(call) for call in calls]:
+            running.result()
 
 
 def run_worker(
