@@ -230,14 +230,13 @@ def refinement_text(refinement: dict[str, Any]) -> str:
     """``held-out slice Dice: propagation 0.703, blend 0.790 → blend replaced the
     segmentation`` or why there is no decision (the job's state)."""
     outcome, validation = refinement.get("outcome"), refinement.get("validation") or {}
-    if outcome not in ("refined", "kept"):
+    if outcome not in ("refined", "kept", "restored"):
         return f"job {refinement['id']} {refinement['status']} {outcome or ''}".rstrip()
     scores = ", ".join(
         f"{name} {value:.3f}" for name, value in validation.items() if isinstance(value, float)
     )
-    decision = (
-        f"{refinement.get('method')} replaced the segmentation"
-        if outcome == "refined"
-        else "the propagated segmentation stands"
-    )
+    decision = {
+        "refined": f"{refinement.get('method')} replaced the segmentation",
+        "restored": "the segmentation before the refit is back",
+    }.get(outcome, "the propagated segmentation stands")
     return f"held-out slice Dice: {scores} → {decision}"

@@ -98,10 +98,26 @@ from segassist.models.runtime.predictor import softmax
 from segassist.models.runtime.preprocess import crop_to, pad_to_multiple
 from segassist.models.threads import torch_threads
 
-__all__ = ["CANDIDATES", "FLOOR", "candidates", "choose", "geometric_mean", "network_probabilities"]
+__all__ = [
+    "CANDIDATES",
+    "FLOOR",
+    "PREFERENCE",
+    "PREVIOUS",
+    "candidates",
+    "choose",
+    "geometric_mean",
+    "network_probabilities",
+]
 
 CANDIDATES = ("propagation", "blend")
-"""Every candidate, cheapest first."""
+"""Every candidate made here, cheapest first."""
+
+PREVIOUS = "previous"
+"""The answer a refit replaced (:mod:`segassist.worker.refine`), scored by its own refinement on
+the same hidden slices: a refit on a longer-trained encoder is kept only if it does better."""
+
+PREFERENCE = (PREVIOUS, *CANDIDATES)
+"""The order ties are broken in: what the annotator already has first, then the cheapest."""
 
 
 FLOOR = 1e-6
@@ -128,8 +144,8 @@ def candidates(propagated: np.ndarray, network: np.ndarray) -> dict[str, np.ndar
 
 
 def choose(scores: Mapping[str, float]) -> str:
-    """The candidate with the highest score; on a tie the earliest in :data:`CANDIDATES`."""
-    ranked = [name for name in CANDIDATES if name in scores]
+    """The candidate with the highest score; on a tie the earliest in :data:`PREFERENCE`."""
+    ranked = [name for name in PREFERENCE if name in scores]
     if not ranked:
         raise ValueError(f"no candidate among {sorted(scores)}")
     return max(ranked, key=lambda name: (scores[name], -ranked.index(name)))

@@ -152,7 +152,8 @@ def assist(ctx: JobContext) -> dict[str, Any]:
     pairs = pipelines._labelled_images(ctx, params.get("label_ids"))
     targets = pipelines._images(ctx, params.get("image_ids"))
     class_names = pipelines._class_names(dataset)
-    _cancel_refinements(ctx)
+    if "refit_of" not in params:  # a refit answers no new labels (worker.refine)
+        _cancel_refinements(ctx)
     phase = _Phases()
     result: dict[str, Any] = {"axis": axis, "method": method}
 
@@ -457,7 +458,8 @@ def _follow_up(
 
 def _cancel_refinements(ctx: JobContext) -> None:
     """Cancel the dataset's unfinished refinements: this assist answers newer labels, and a
-    refinement's training would take the cores from it."""
+    refinement's training would take the cores from it. A refit does not call this: the
+    refinement of the assist it refits scores the answer the refit must beat."""
     with ctx.owned_session() as session:
         cancel_jobs(session, Job.kind == JobKind.refine, Job.dataset_id == ctx.dataset_id)
 

@@ -56,6 +56,7 @@ __all__ = [
     "pretrain",
     "publish_encoder",
     "publish_segmenter",
+    "republish_segmenter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -281,6 +282,49 @@ def publish_segmenter(
             folder=str(ctx.storage.model_dir(model_id)),
         ),
     )
+
+
+def republish_segmenter(ctx: JobContext, source_id: str, model_id: str) -> None:
+    """Register ``model_id`` as a copy of the registered segmenter ``source_id``, making an
+    earlier answer the dataset's newest segmenter again (a refit that did worse,
+    :mod:`segassist.worker.refine`).
+
+    Its files are hard-linked into ``models/<model_id>/`` (copied where the file system refuses
+    a link), staged and renamed into place like every export; the record repeats the source's
+    with this job's id and ``lineage["restores"] = source_id``.
+
+    Raises:
+        LookupError: ``source_id`` is not a registered segmenter.
+    """
+    with ctx.sessions() as session:
+        source = session.get(ModelRecord, source_id)
+        if source is None or source.kind != ModelKind.segmenter:
+            raise LookupError(f"segmenter {source_id} is not in the model registry")
+        folder = Path(source.folder)
+        record = ModelRecord(
+            id=model_id,
+            kind=ModelKind.segmenter,
+            dataset_id=source.dataset_id,
+            modality=source.modality,
+            objective=source.objective,
+            method=source.method,
+            parent_id=source.parent_id,
+            job_id=ctx.job_id,
+            lineage=dict(source.lineage or {}) | {"job_id": ctx.job_id, "restores": source_id},
+            metrics=dict(source.metrics or {}),
+            folder=str(ctx.storage.model_dir(model_id)),
+        )
+    with _publishing(ctx, model_id) as staging:
+        for path in sorted(folder.rglob("*")):
+            target = staging / path.relative_to(folder)
+            if path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            try:
+                target.hardlink_to(path)
+            except OSError:
+                shutil.copy2(path, target)
+    _register(ctx, record)
 
 
 def predict(ctx: JobContext) -> dict[str, Any]:

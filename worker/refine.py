@@ -33,13 +33,23 @@ background pretraining; ``FewShotConfig.refine``; images of at most
    ``infer`` (:func:`~segassist.server.monailabel.apps.serving_segmenter`), not the network
    alone. Otherwise the job ends there and the assist's segmentation stands.
 
+The refinement of a *refit* (the assist redone on the longer background pretraining's encoder,
+:func:`~segassist.worker.assist.refit_after_pretraining`) must also beat the answer the refit
+replaced, which its own refinement scored on the same hidden slices: that score joins the
+validation as ``"previous"`` (ties go to it), and when it wins that answer is made the newest
+again (outcome ``restored``: its segmenter registered anew,
+:func:`~segassist.worker.pipelines.republish_segmenter`, its predictions linked under it). The
+refit's own propagation is on screen meanwhile. A refit neither cancels nor supersedes the
+refinement of the assist it refits, so that score exists unless the refinement failed.
+
 A job is skipped as ``superseded`` when a newer assist of the dataset exists: the annotator has
 moved on (a new assist also cancels unfinished refinements). Result: ``refine_of``, ``outcome``
-(``refined``, ``kept`` or ``superseded``), ``validation`` (candidate → Dice on the hidden
-slices, and ``held_out_slices``: image → index), ``timings``; when refined, also the assist
-result's keys (``segmenter_id``, ``predictions``, ``next_slice``, ``uncertainty``,
+(``refined``, ``kept``, ``restored`` or ``superseded``), ``validation`` (candidate → Dice on the
+hidden slices, and ``held_out_slices``: image → index), ``timings``; when refined, also the
+assist result's keys (``segmenter_id``, ``predictions``, ``next_slice``, ``uncertainty``,
 ``slice_prior``, ``components``, ``propagation``: the assist's entries, the propagation it
-blended) with ``method: "blend"`` and ``encoder_id: null``.
+blended) with ``method: "blend"`` and ``encoder_id: null``; when restored, those of the earlier
+answer (its ``method`` and ``encoder_id``; ``restores``: the segmenter copied).
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,13 +71,20 @@ from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import Encoder
 from segassist.models.progress import Progress
 from segassist.models.propagation import map_features, propagate
-from segassist.models.refinement import CANDIDATES, candidates, choose, network_probabilities
+from segassist.models.refinement import (
+    CANDIDATES,
+    PREFERENCE,
+    PREVIOUS,
+    candidates,
+    choose,
+    network_probabilities,
+)
 from segassist.models.runtime._atomic import link_atomic
 from segassist.models.runtime.configs import REFINE_SCRATCH
 from segassist.models.runtime.predictor import OnnxPredictor
 from segassist.models.runtime.preprocess import normalise
 from segassist.models.threads import torch_threads
-from segassist.server.db import Job, JobKind
+from segassist.server.db import Job, JobKind, JobStatus
 from segassist.server.predictions import PREDICTION_FILES, prediction_urls
 from segassist.worker import pipelines
 from segassist.worker.assist import (
@@ -79,9 +97,19 @@ from segassist.worker.assist import (
 )
 from segassist.worker.jobs import JobContext
 
-__all__ = ["CANCEL_POLL_SECONDS", "refine"]
+__all__ = ["CANCEL_POLL_SECONDS", "PER_IMAGE_KEYS", "refine"]
 
 logger = logging.getLogger(__name__)
+
+PER_IMAGE_KEYS = (
+    "predictions",
+    "next_slice",
+    "uncertainty",
+    "slice_prior",
+    "components",
+    "propagation",
+)
+"""The result's entries keyed by image id (the assist's, :mod:`segassist.worker.assist`)."""
 
 CANCEL_POLL_SECONDS = 0.2
 """Least time between two reads of the job's cancellation while the network trains. A newer
@@ -163,10 +191,16 @@ def refine(ctx: JobContext) -> dict[str, Any]:
                 )
                 scores[name].append(hidden.dice(corrected[0]))
     validation = {name: round(float(np.mean(values)), 4) for name, values in scores.items()}
+    earlier = _earlier_answer(ctx, str(params["refine_of"]), held)
+    if earlier is not None:
+        validation = {PREVIOUS: earlier.score} | validation
     winner = choose(validation)
     result["validation"] = validation | {
         "held_out_slices": {image_id: hidden.index for image_id, hidden in held.items()}
     }
+    if winner == PREVIOUS and earlier is not None:
+        restored = _restore(ctx, phase, earlier, [image.id for image in targets])
+        return result | {"outcome": "restored", **restored, "timings": phase.seconds}
     if winner == "propagation":
         return result | {"outcome": "kept", "timings": phase.seconds}
     with phase(ctx, "fit"):
@@ -255,24 +289,95 @@ def _carry_over(
                 out_dir / PREDICTION_FILES[name],
             )
         outputs["predictions"][image_id] = prediction_urls(model_id, image_id, names)
-        for key in ("next_slice", "uncertainty", "slice_prior", "components", "propagation"):
+        for key in PER_IMAGE_KEYS[1:]:
             if image_id in (done.get(key) or {}):
                 outputs[key][image_id] = done[key][image_id]
 
 
 def _newer_assist(ctx: JobContext, assist_id: str) -> str | None:
-    """The id of the dataset's newest assist job if it is newer than ``assist_id``."""
+    """The id of the dataset's newest assist job newer than ``assist_id``, refits of
+    ``assist_id`` aside (a refit does not answer new labels: it waits for this refinement's
+    score, :func:`_earlier_answer`)."""
     with ctx.sessions() as session:
         refined = session.get(Job, assist_id)
-        newest = session.scalar(
-            select(Job)
-            .where(Job.dataset_id == ctx.dataset_id, Job.kind == JobKind.assist)
-            .order_by(Job.created_at.desc())
-            .limit(1)
-        )
-        if refined is None or newest is None or newest.id == assist_id:
+        if refined is None:
             return None
-        return newest.id if newest.created_at > refined.created_at else None
+        newer = session.scalars(
+            select(Job)
+            .where(
+                Job.dataset_id == ctx.dataset_id,
+                Job.kind == JobKind.assist,
+                Job.created_at > refined.created_at,
+            )
+            .order_by(Job.created_at.desc())
+        )
+        return next((job.id for job in newer if job.params.get("refit_of") != assist_id), None)
+
+
+@dataclass(frozen=True)
+class _Earlier:
+    """The answer a refit replaced: its score on the hidden slices (the refinement that made it
+    the annotator's, its winner's) and the job result holding its segmentation."""
+
+    score: float
+    result: dict[str, Any]
+
+
+def _earlier_answer(
+    ctx: JobContext, assist_id: str, held: dict[str, HeldOutSlice]
+) -> _Earlier | None:
+    """What the annotator had before the refit ``assist_id``, or None: ``assist_id`` is no
+    refit, or the refinement of the assist it refits did not succeed on the same hidden slices
+    (it was cancelled, superseded, failed, or its labels differ).
+
+    That answer is the refinement's own segmentation when it ``refined`` or ``restored``, else
+    (``kept``) the refitted assist's; its score is the best of the refinement's validation,
+    which is its winner's by :func:`~segassist.models.refinement.choose`."""
+    hidden = {image_id: slice_.index for image_id, slice_ in held.items()}
+    with ctx.sessions() as session:
+        refit = session.get(Job, assist_id)
+        replaced_id = (refit.params or {}).get("refit_of") if refit is not None else None
+        replaced = session.get(Job, replaced_id) if replaced_id else None
+        if replaced is None or replaced.status != JobStatus.succeeded:
+            return None
+        refinement_id = (replaced.result or {}).get("refine_job_id")
+        refinement = session.get(Job, refinement_id) if refinement_id else None
+        if refinement is None or refinement.status != JobStatus.succeeded:
+            return None
+        answer, assisted = dict(refinement.result or {}), dict(replaced.result or {})
+    validation = answer.get("validation") or {}
+    outcome = answer.get("outcome")
+    if (
+        outcome not in ("refined", "kept", "restored")
+        or validation.get("held_out_slices") != hidden
+    ):
+        return None
+    score = max(float(value) for name, value in validation.items() if name in PREFERENCE)
+    return _Earlier(score, assisted if outcome == "kept" else answer)
+
+
+def _restore(
+    ctx: JobContext, phase: _Phases, earlier: _Earlier, image_ids: list[str]
+) -> dict[str, Any]:
+    """Make ``earlier``'s segmentation the newest again: its segmenter registered anew
+    (:func:`~segassist.worker.pipelines.republish_segmenter`) with its prediction files of
+    ``image_ids`` linked under it; returns the result's keys (``restores`` names the copied
+    segmenter)."""
+    model_id = pipelines._model_id(ctx)
+    source = str(earlier.result["segmenter_id"])
+    with phase(ctx, "export"):
+        if pipelines._registered(ctx) is None:
+            pipelines.republish_segmenter(ctx, source, model_id)
+    outputs: dict[str, dict[str, Any]] = {key: {} for key in PER_IMAGE_KEYS}
+    with phase(ctx, "predict"):
+        _carry_over(ctx, earlier.result, model_id, image_ids, outputs)
+    return {
+        "method": earlier.result.get("method"),
+        "segmenter_id": model_id,
+        "encoder_id": earlier.result.get("encoder_id"),
+        "restores": source,
+        **outputs,
+    }
 
 
 def _fit_scratch(

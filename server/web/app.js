@@ -15,6 +15,8 @@ const POLL_MS = 1000;
 const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"];
 const AXIS_NAMES = ["i", "j", "k"];
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+/** Refinement outcomes that put a segmentation of their own on screen (worker/refine.py). */
+const REPLACES = new Set(["refined", "restored"]);
 
 const $ = (id) => document.getElementById(id);
 
@@ -468,13 +470,14 @@ async function followRefinement(jobId, token) {
     state.refinement = job;
     renderRefinement();
   }
-  if (job.status === "succeeded" && job.result?.outcome === "refined") await showResult(job);
+  if (job.status === "succeeded" && REPLACES.has(job.result?.outcome)) await showResult(job);
 }
 
 /**
  * "held-out slice Dice: propagation 0.703 · blend 0.790 → blend replaced it": what the
  * refinement of the result on screen is doing or decided (candidates of models/refinement.py:
- * the propagation, its blend with a network from scratch).
+ * the propagation, its blend with a network from scratch, and after a refit the answer it
+ * replaced, "previous").
  */
 function refinementText(job) {
   if (!job) return "—";
@@ -490,7 +493,10 @@ function refinementText(job) {
     .filter(([, v]) => typeof v === "number")
     .map(([name, v]) => `${name} ${v.toFixed(3)}`)
     .join(" · ");
-  const decision = r.outcome === "refined" ? `${r.method} replaced it` : "propagation kept";
+  const decision = {
+    refined: `${r.method} replaced it`,
+    restored: "the answer before the refit is back",
+  }[r.outcome] || "propagation kept";
   return `held-out slice Dice: ${scores} → ${decision}`;
 }
 

@@ -99,6 +99,14 @@ def test_the_best_score_wins_and_ties_go_to_the_cheaper() -> None:
         choose({"other": 1.0})
 
 
+def test_a_refit_must_beat_the_answer_it_replaced() -> None:
+    """The earlier answer wins ties: the annotator's segmentation changes only for a better one."""
+    assert choose({"previous": 0.8, "propagation": 0.8, "blend": 0.8}) == "previous"
+    assert choose({"previous": 0.8, "propagation": 0.7, "blend": 0.79}) == "previous"
+    assert choose({"previous": 0.8, "propagation": 0.7, "blend": 0.81}) == "blend"
+    assert choose({"previous": 0.5, "propagation": 0.7, "blend": 0.7}) == "propagation"
+
+
 class _Stop(Exception):
     pass
 

@@ -227,3 +227,104 @@ def test_the_refinements_fit_reads_its_cancellation_at_its_first_step() -> None:
     with pytest.raises(JobCancelled):
         losses(Progress(1, 300, 0.5, 0.0, "fit"))
     assert job.reports == 1 and losses.last == 0.5
+
+
+def _refit(service: Service, assist: dict) -> str:
+    """Queue a refit of the finished ``assist`` as the background pretraining does
+    (:func:`segassist.worker.assist.refit_after_pretraining`), on the same encoder: what is under
+    test is the comparison with the answer it replaces, not the encoder."""
+    from segassist.server.db import Dataset, JobKind
+    from segassist.server.routes.jobs import submit_job
+
+    state = service.client.app.state  # type: ignore[attr-defined]
+    with state.session_factory() as session:
+        dataset = session.get(Dataset, assist["dataset_id"])
+        params = {**assist["params"], "refit_of": assist["id"]}
+        return str(submit_job(session, state.celery, JobKind.assist, dataset, params).id)
+
+
+def _score_refinement(service: Service, job_id: str, score: float) -> None:
+    """Set every candidate's held-out Dice of the refinement ``job_id`` to ``score``."""
+    from segassist.server.db import Job
+
+    with service.client.app.state.session_factory() as session:  # type: ignore[attr-defined]
+        job = session.get(Job, job_id)
+        validation = dict(job.result["validation"])
+        validation |= {name: score for name in validation if name != "held_out_slices"}
+        job.result = {**job.result, "validation": validation}
+        session.commit()
+
+
+@pytest.mark.parametrize("settings", [QUICK_ENCODER], indirect=True)
+def test_a_refit_keeps_the_earlier_answer_unless_it_scores_better(
+    service: Service, start_worker: Callable[[], Worker]
+) -> None:
+    """A refit's refinement scores the answer the refit replaced (its refinement's winner, on
+    the same hidden slice) beside its own candidates: an earlier answer that scored 1.0 comes
+    back as the newest segmenter; one that scored 0.0 gives way."""
+    start_worker()
+    dataset_id, image_id = service.dataset_with_labels()
+    _label_three_slices(service, image_id)
+    first = service.finished(_assist(service, dataset_id, FEWSHOT))
+    assert first["status"] == "succeeded", first
+    earlier = service.finished(first["result"]["refine_job_id"])
+    assert earlier["status"] == "succeeded", earlier
+    answer = earlier if earlier["result"]["outcome"] == "refined" else first
+    shown = answer["result"]["predictions"][image_id]
+    before = {name: service.client.get(shown[name]).content for name in ("labels", "clusters")}
+    _score_refinement(service, earlier["id"], 1.0)
+
+    refit = service.finished(_refit(service, first))
+    assert refit["status"] == "succeeded", refit
+    refinement = service.finished(refit["result"]["refine_job_id"])
+    assert refinement["status"] == "succeeded", refinement
+    result = refinement["result"]
+    assert result["validation"]["previous"] == 1.0
+    assert result["validation"]["held_out_slices"] == {image_id: 3}
+    assert result["outcome"] == "restored", result
+    assert result["restores"] == answer["result"]["segmenter_id"]
+    assert result["method"] == answer["result"]["method"]
+    assert result["encoder_id"] == answer["result"]["encoder_id"]
+    for name, content in before.items():
+        served = service.client.get(result["predictions"][image_id][name])
+        assert served.status_code == 200, served.text
+        assert served.content == content
+    for key in ("next_slice", "uncertainty", "slice_prior", "components", "propagation"):
+        assert result[key][image_id] == answer["result"][key][image_id]
+    # the earlier segmenter is the dataset's newest again, for MONAI Label and DICOMweb
+    newest = service.get(f"/models?kind=segmenter&dataset_id={dataset_id}")[0]
+    assert newest["id"] == result["segmenter_id"] != answer["result"]["segmenter_id"]
+    assert newest["lineage"]["restores"] == answer["result"]["segmenter_id"]
+    assert newest["method"] == service.get(f"/models/{result['restores']}")["method"]
+
+    _score_refinement(service, refinement["id"], 0.0)
+    again = service.finished(_refit(service, refit))
+    assert again["status"] == "succeeded", again
+    second = service.finished(again["result"]["refine_job_id"])
+    assert second["status"] == "succeeded", second
+    assert second["result"]["validation"]["previous"] == 0.0
+    assert second["result"]["outcome"] in ("kept", "refined"), second
+
+
+@pytest.mark.parametrize("settings", [QUICK_ENCODER], indirect=True)
+def test_a_refit_leaves_the_refinement_it_must_beat_to_finish(
+    service: Service, start_worker: Callable[[], Worker]
+) -> None:
+    """A refit queued while the refitted assist's refinement has yet to finish neither cancels
+    nor supersedes it (a new assist would), so the refit's refinement has a score to beat."""
+    dataset_id, image_id = service.dataset_with_labels()
+    _label_three_slices(service, image_id)
+    start_worker()
+    first = service.finished(_assist(service, dataset_id, FEWSHOT))
+    assert first["status"] == "succeeded", first
+    refit = _refit(service, first)  # the one worker has not finished the refinement yet
+    earlier = service.finished(first["result"]["refine_job_id"])
+    assert earlier["status"] == "succeeded", earlier
+    assert earlier["result"]["outcome"] in ("refined", "kept"), earlier
+    done = service.finished(refit)
+    assert done["status"] == "succeeded", done
+    refinement = service.finished(done["result"]["refine_job_id"])
+    assert refinement["status"] == "succeeded", refinement
+    scores = refinement["result"]["validation"]
+    earlier_scores = earlier["result"]["validation"]
+    assert scores["previous"] == max(earlier_scores[name] for name in ("propagation", "blend"))
