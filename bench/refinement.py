@@ -16,6 +16,13 @@ score them on the hidden slice and :func:`~segassist.models.refinement.choose`. 
 from all k slices, each candidate's Dice on the unlabelled slices: ``pick`` is the chosen
 one's, what the annotator ends with. ``refine s``: the refinement's compute (two fits, the
 candidates and their corrections), not counting reading the maps.
+
+``--pretrain-steps N`` pretrains the pool encoders longer; with ``--refit-of FILE`` (the jsonl of
+a run on the shorter encoders, same sets and seeds) the report adds what a refit gives the
+annotator: the service answers on a short encoder, refits on the longer background one, and the
+refit's refinement keeps the earlier answer unless its own best held-out score is higher
+(:data:`~segassist.models.refinement.PREVIOUS`; the same seed trains the same scratch network in
+both runs, as in the service, so only the propagation differs).
 """
 
 from __future__ import annotations
@@ -25,18 +32,27 @@ import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from segassist.bench.default_answer import OBJECTIVE_PER_MODALITY, default_answer
-from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
+from segassist.bench.fewshot import (
+    PROFILES,
+    RESULTS,
+    EncoderCache,
+    _pool_encoder,
+    _Run,
+    _Volume,
+    add_pretrain_steps_argument,
+    with_pretrain_steps,
+)
 from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_labels, spread_slices
 from segassist.bench.report import machine_text, regenerate_command
 from segassist.models.datasets import cache_dir, load_set
 from segassist.models.features import compute_feature_maps
 from segassist.models.pretrain import Encoder
-from segassist.models.refinement import CANDIDATES
+from segassist.models.refinement import CANDIDATES, PREFERENCE, PREVIOUS, choose
 
 __all__ = ["main"]
 
@@ -74,8 +90,9 @@ def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
-def report(rows: list[dict[str, Any]], command: str) -> str:
-    """The markdown table of ``rows`` (one line per volume and k, seeds pooled)."""
+def report(rows: list[dict[str, Any]], command: str, first: list[dict[str, Any]]) -> str:
+    """The markdown table of ``rows`` (one line per volume and k, seeds pooled); with the rows
+    of a run on shorter encoders (``first``), also :func:`refit_report`."""
     cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
         cells.setdefault((row["volume"], row["k"]), []).append(row)
@@ -118,8 +135,65 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
             "",
             *summary,
             "",
+            *(["## After a refit", "", *refit_report(first, rows), ""] if first else []),
         ]
     )
+
+
+class _Refit(NamedTuple):
+    """One run's Dice: the first answer, the refit's pick unchecked and checked."""
+
+    first: float
+    unchecked: float
+    checked: float
+    verdict: str  # "earlier", or the refit's winner
+
+
+def refit_report(first: list[dict[str, Any]], refit: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: per (volume, k) what the annotator ends with after a refit (rows of
+    ``refit``) of the answers in ``first`` (matched by volume, k and seed), without and with
+    the comparison against the earlier answer's held-out score."""
+    earlier = {(r["volume"], r["k"], r["seed"]): r for r in first}
+    cells: dict[tuple[str, int], list[_Refit]] = {}
+    for row in refit:
+        before = earlier.get((row["volume"], row["k"], row["seed"]))
+        if before is None:
+            continue
+        bar = max(v for name, v in before["validation"].items() if name in PREFERENCE)
+        kept = choose({PREVIOUS: bar} | row["validation"]) == PREVIOUS
+        cells.setdefault((row["volume"], row["k"]), []).append(
+            _Refit(
+                before["pick"],
+                row["pick"],
+                before["pick"] if kept else row["pick"],
+                "earlier" if kept else row["winner"],
+            )
+        )
+    runs = [run for group in cells.values() for run in group]
+    if not runs:
+        return []
+    lines = [
+        "| volume | k | first answer | refit, unchecked | refit, checked | kept by the check |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (volume, k), group in cells.items():
+        columns = [
+            _mean_std([run.first for run in group]),
+            _mean_std([run.unchecked for run in group]),
+            _mean_std([run.checked for run in group]),
+        ]
+        verdicts = " ".join(run.verdict for run in group)
+        lines.append(f"| {volume} | {k} | {' | '.join(columns)} | {verdicts} |")
+    lower_unchecked = sum(run.unchecked < run.first - 0.005 for run in runs)
+    lower_checked = sum(run.checked < run.first - 0.005 for run in runs)
+    return [
+        *lines,
+        "",
+        f"Over {len(runs)} runs: first answer {np.mean([r.first for r in runs]):.3f}, refit "
+        f"unchecked {np.mean([r.unchecked for r in runs]):.3f} (below the first answer by "
+        f"more than 0.005 in {lower_unchecked}), refit checked "
+        f"{np.mean([r.checked for r in runs]):.3f} (in {lower_checked}).",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,18 +206,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
+    add_pretrain_steps_argument(parser)
+    parser.add_argument(
+        "--refit-of", type=Path, help="jsonl of a run on shorter encoders: report the refit"
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite the table from the jsonl, run nothing"
     )
     args = parser.parse_args(argv)
     command = regenerate_command("segassist.bench.refinement", argv)
+    first = [] if args.refit_of is None else _read_rows(args.refit_of)
     if args.report_only:
-        lines = (args.out / "refinement.jsonl").read_text().splitlines()
-        done = [json.loads(line) for line in lines if line.strip()]
+        done = _read_rows(args.out / "refinement.jsonl")
         command = command.replace(" --report-only", "")
-        (args.out / "refinement.md").write_text(report(done, command))
+        (args.out / "refinement.md").write_text(report(done, command, first))
         return 0
-    state = _Run(PROFILES["default"], EncoderCache(cache_dir() / "encoders"), extras=False)
+    profile = with_pretrain_steps(PROFILES["default"], args.pretrain_steps)
+    state = _Run(profile, EncoderCache(cache_dir() / "encoders"), extras=False)
     args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / "refinement.jsonl"
     raw.write_text("")
@@ -161,9 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         with raw.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         print(json.dumps(row), flush=True)
-    (args.out / "refinement.md").write_text(report(rows, command))
+    (args.out / "refinement.md").write_text(report(rows, command, first))
     print(f"wrote {args.out / 'refinement.md'}")
     return 0
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 if __name__ == "__main__":
