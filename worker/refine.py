@@ -311,7 +311,9 @@ def _newer_assist(ctx: JobContext, assist_id: str) -> str | None:
             )
             .order_by(Job.created_at.desc())
         )
-        return next((job.id for job in newer if job.params.get("refit_of") != assist_id), None)
+        return next(
+            (job.id for job in newer if (job.params or {}).get("refit_of") != assist_id), None
+        )
 
 
 @dataclass(frozen=True)

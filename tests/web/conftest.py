@@ -43,6 +43,16 @@ PAGE_TIMEOUT_MS = 120_000
 SCREENSHOT_TIMEOUT_MS = 30_000
 """How long a screenshot (an artifact, not a check) may wait for a frame."""
 
+DRAW_QUEUED_FRAMES = """() => {
+  const gl = window.segassist?.viewer?.nv?.gl;
+  if (gl) gl.readPixels(0, 0, 1, 1, gl.RGBA, gl.UNSIGNED_BYTE, new Uint8Array(4));
+}"""
+"""Wait until the GPU process has drawn every WebGL frame the page queued (a one-pixel read
+cannot return before them). The painting helper dispatches a slice's strokes in one go and
+niivue draws on each mouse event: 52 strokes queued 30.6 s of software-rendered frames, during
+which every screenshot timed out (the renderer's own ``requestAnimationFrame`` still ran within
+0.1 s); after the read, the screenshot took 0.2 s."""
+
 
 @pytest.fixture(scope="module")
 def web_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
@@ -79,7 +89,8 @@ class Page:
         """Save a screenshot of the page as ``<nn>-<step>.png`` for people to look at.
 
         A screenshot waits for a frame of the software-rendered canvas, which on a starved
-        machine took over 120 s; the steps' checks are the assertions, so a screenshot that
+        machine took over 120 s (it is taken once the queued frames are drawn,
+        :data:`DRAW_QUEUED_FRAMES`); the steps' checks are the assertions, so a screenshot that
         times out is written down (``<nn>-<step>.missing``, and a warning) instead of failing.
         Once one has timed out, the tab's later screenshots are written down as skipped: a
         renderer that stopped producing frames did so for every step of a test (9 × 30 s).
@@ -90,6 +101,7 @@ class Page:
             path.with_suffix(".missing").write_text(f"skipped: {self.timed_out} timed out\n")
             return
         try:
+            self.tab.evaluate(DRAW_QUEUED_FRAMES)
             self.tab.screenshot(path=str(path), timeout=SCREENSHOT_TIMEOUT_MS)
         except PlaywrightTimeoutError as exc:
             self.timed_out = path.name
