@@ -17,7 +17,8 @@ from all k slices, each candidate's Dice on the unlabelled slices: ``pick`` is t
 one's, what the annotator ends with. ``refine s``: the refinement's compute (two fits, the
 candidates and their corrections), not counting reading the maps.
 
-``--pretrain-steps N`` pretrains the pool encoders longer; with ``--refit-of FILE`` (the jsonl of
+``--objective O`` pretrains every modality's pool encoder with ``O``, ``--pretrain-steps N``
+longer; with ``--refit-of FILE`` (the jsonl of
 a run on the shorter encoders, same sets and seeds) the report adds what a refit gives the
 annotator: the service answers on a short encoder, refits on the longer background one, and the
 refit's refinement keeps the earlier answer unless its own best held-out score is higher
@@ -51,6 +52,7 @@ from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_l
 from segassist.bench.report import machine_text, regenerate_command
 from segassist.models.datasets import cache_dir, load_set
 from segassist.models.features import compute_feature_maps
+from segassist.models.objectives import OBJECTIVES
 from segassist.models.pretrain import Encoder
 from segassist.models.refinement import CANDIDATES, PREFERENCE, PREVIOUS, choose
 
@@ -206,6 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--objective",
+        choices=sorted(OBJECTIVES),
+        help="the pool encoders' objective on every modality (default: OBJECTIVE_PER_MODALITY)",
+    )
     add_pretrain_steps_argument(parser)
     parser.add_argument(
         "--refit-of", type=Path, help="jsonl of a run on shorter encoders: report the refit"
@@ -230,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for set_name in args.sets:
         for case in load_set(set_name):
             volume = _Volume.load(case)
-            encoder = _pool_encoder(state, case.modality, OBJECTIVE_PER_MODALITY[case.modality])
+            objective = args.objective or OBJECTIVE_PER_MODALITY[case.modality]
+            encoder = _pool_encoder(state, case.modality, objective)
             with tempfile.TemporaryDirectory() as tmp:
                 maps = compute_feature_maps(encoder, volume.image, case.axis, Path(tmp))
                 for k in (3, 5):
