@@ -365,7 +365,8 @@ class SegAssistClient:
         return self.download(f"/predictions/{model_id}/{image_id}/{artifact}", dest)
 
     def download(self, path: str, dest: str | os.PathLike[str]) -> Path:
-        """Stream ``GET path`` into ``dest`` atomically (temporary file + rename)."""
+        """Stream ``GET path`` into ``dest`` atomically (temporary file, fsync, rename), with the
+        permissions ``open(dest, "wb")`` would give it (:func:`_new_file_mode`)."""
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         url = self.url(path)
@@ -378,9 +379,20 @@ class SegAssistClient:
                 with os.fdopen(fd, "wb") as out:
                     for chunk in response.iter_bytes():
                         out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.chmod(tmp, _new_file_mode())
                 os.replace(tmp, dest)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         logger.debug("downloaded %s to %s", url, dest)
         return dest
+
+
+def _new_file_mode() -> int:
+    """The mode a newly created file gets (``0o666`` less the process's umask); ``mkstemp``'s
+    ``0o600`` would hide a downloaded segmentation from the annotator's group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

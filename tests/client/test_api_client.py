@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,12 @@ def test_uploaded_volume_comes_back_identical(
     assert [i["id"] for i in api.list_images(dataset["id"])] == [image["id"]]
     assert api.get_dataset(dataset["id"])["image_count"] == 1
 
-    copy = api.download_image(image["id"], tmp_path / "copy.nii.gz")
+    umask = os.umask(0o027)  # a download gets the mode open() gives, not mkstemp's 0o600
+    try:
+        copy = api.download_image(image["id"], tmp_path / "copy.nii.gz")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o640
     assert hashlib.sha256(copy.read_bytes()).hexdigest() == image["sha256"]
     back = load_nifti(copy)
     np.testing.assert_allclose(back.affine, OBLIQUE_AFFINE, atol=1e-6)
