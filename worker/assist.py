@@ -118,9 +118,25 @@ from segassist.server.queue import enqueue_job
 from segassist.worker import pipelines
 from segassist.worker.jobs import JobContext
 
-__all__ = ["assist", "features", "propagation_settings", "refit_after_pretraining"]
+__all__ = [
+    "PER_IMAGE_KEYS",
+    "assist",
+    "features",
+    "propagation_settings",
+    "refit_after_pretraining",
+]
 
 logger = logging.getLogger(__name__)
+
+PER_IMAGE_KEYS = (
+    "predictions",
+    "next_slice",
+    "uncertainty",
+    "slice_prior",
+    "components",
+    "propagation",
+)
+"""The result's entries keyed by image id (module docstring)."""
 
 _ENCODER_NAMESPACE = uuid.UUID("2b0d8c4e-7f5a-4e1b-9c3d-8a6e1f4b7d20")
 _ENCODER_METHODS = ("finetune", "mean_teacher")
@@ -617,17 +633,7 @@ def _predict_targets(
     ``propagation`` entries (module doc)."""
     axis = int(ctx.params["axis"])
     with_probabilities = bool(ctx.params.get("probabilities"))
-    outputs: dict[str, dict[str, Any]] = {
-        key: {}
-        for key in (
-            "predictions",
-            "next_slice",
-            "uncertainty",
-            "slice_prior",
-            "components",
-            "propagation",
-        )
-    }
+    outputs: dict[str, dict[str, Any]] = {key: {} for key in PER_IMAGE_KEYS}
     for done, image in enumerate(targets, start=1):
         ctx.check_cancelled()
         out_dir = ctx.storage.prediction_dir(model_id, image.id)

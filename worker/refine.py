@@ -88,6 +88,7 @@ from segassist.server.db import Job, JobKind, JobStatus
 from segassist.server.predictions import PREDICTION_FILES, prediction_urls
 from segassist.worker import pipelines
 from segassist.worker.assist import (
+    PER_IMAGE_KEYS,
     _cache_features,
     _Phases,
     _predict_targets,
@@ -97,19 +98,9 @@ from segassist.worker.assist import (
 )
 from segassist.worker.jobs import JobContext
 
-__all__ = ["CANCEL_POLL_SECONDS", "PER_IMAGE_KEYS", "refine"]
+__all__ = ["CANCEL_POLL_SECONDS", "refine"]
 
 logger = logging.getLogger(__name__)
-
-PER_IMAGE_KEYS = (
-    "predictions",
-    "next_slice",
-    "uncertainty",
-    "slice_prior",
-    "components",
-    "propagation",
-)
-"""The result's entries keyed by image id (the assist's, :mod:`segassist.worker.assist`)."""
 
 CANCEL_POLL_SECONDS = 0.2
 """Least time between two reads of the job's cancellation while the network trains. A newer
