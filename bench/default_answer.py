@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,16 +73,17 @@ def _candidate_labels(
     propagated: np.ndarray,
     case: Case,
     seed: int,
+    scratch: Mapping[str, Any],
 ) -> dict[str, np.ndarray]:
     """Each refinement candidate's corrected labels from ``sparse`` and its ``propagated``
-    probabilities, the network being a scratch fit (``REFINE_SCRATCH``, seed ``seed``, one
-    thread) on the normalised ``image``."""
-    config = FewShotConfig.for_scratch(**REFINE_SCRATCH, axis=case.axis, seed=seed)
-    scratch = Encoder.random(
-        encoder.config.model_copy(update={"seed": seed}), encoder.normalisation
+    probabilities, the network being a scratch fit (``REFINE_SCRATCH`` with ``scratch`` on top,
+    seed ``seed``, one thread) on the normalised ``image``."""
+    config = FewShotConfig.for_scratch(
+        **(REFINE_SCRATCH | dict(scratch)), axis=case.axis, seed=seed
     )
+    random = Encoder.random(encoder.config.model_copy(update={"seed": seed}), encoder.normalisation)
     with torch_threads(1):
-        network = fit_segmenter(scratch, [image], [sparse], case.num_classes, "finetune", config)
+        network = fit_segmenter(random, [image], [sparse], case.num_classes, "finetune", config)
     made = candidates(propagated, network_probabilities(network, image, case.axis))
     return {name: _corrected(p, sparse, case.axis) for name, p in made.items()}
 
@@ -119,8 +122,10 @@ def default_answer(
     sparse: np.ndarray,
     case: Case,
     seed: int,
+    scratch: Mapping[str, Any] | None = None,
 ) -> DefaultAnswer:
-    """The assist's answer for ``sparse``, replaced by the refinement's pick when it runs. The
+    """The assist's answer for ``sparse``, replaced by the refinement's pick when it runs
+    (``scratch``: few-shot settings of its network on top of ``REFINE_SCRATCH``). The
     propagation from every labelled slice is computed once, for the assist and the refinement's
     final candidates (the worker reads it back from the assist's stored chains), so
     ``refine_seconds`` leaves it out; the refinement's propagation without the hidden slice
@@ -140,11 +145,11 @@ def default_answer(
         validation = {
             name: hidden.dice(labels)
             for name, labels in _candidate_labels(
-                encoder, image, hidden.labels, reduced, case, seed
+                encoder, image, hidden.labels, reduced, case, seed, scratch or {}
             ).items()
         }
         winner = choose(validation)
-        final = _candidate_labels(encoder, image, sparse, propagated, case, seed)
+        final = _candidate_labels(encoder, image, sparse, propagated, case, seed, scratch or {})
         refine_seconds = time.perf_counter() - began
         return DefaultAnswer(
             final[winner], winner, hidden.index, validation, final, assist_seconds, refine_seconds

@@ -18,9 +18,9 @@ one's, what the annotator ends with. ``refine s``: the refinement's compute (two
 candidates and their corrections), not counting reading the maps.
 
 ``--objective O`` pretrains every modality's pool encoder with ``O``, ``--pretrain-steps N``
-longer; with ``--refit-of FILE`` (the jsonl of
-a run on the shorter encoders, same sets and seeds) the report adds what a refit gives the
-annotator: the service answers on a short encoder, refits on the longer background one, and the
+longer; ``--scratch-max-side N`` pools the scratch network on slices over N pixels a side
+(:func:`~segassist.models.fewshot.network_pool`); with ``--refit-of FILE`` (the jsonl of a run
+on the shorter encoders, same sets and seeds) the report adds what a refit gives the annotator: the service answers on a short encoder, refits on the longer background one, and the
 refit's refinement keeps the earlier answer unless its own best held-out score is higher
 (:data:`~segassist.models.refinement.PREVIOUS`; the same seed trains the same scratch network in
 both runs, as in the service, so only the propagation differs).
@@ -61,11 +61,18 @@ __all__ = ["main"]
 OUT = RESULTS / "refinement"
 
 
-def _row(encoder: Encoder, maps: Any, volume: _Volume, k: int, seed: int) -> dict[str, Any]:
+def _row(
+    encoder: Encoder,
+    maps: Any,
+    volume: _Volume,
+    k: int,
+    seed: int,
+    scratch: dict[str, Any],
+) -> dict[str, Any]:
     case = volume.case
     labelled = spread_slices(volume.label, case.axis, k)
     sparse = sparse_labels(volume.label, case.axis, labelled)
-    answer = default_answer(encoder, maps, volume.image, sparse, case, seed)
+    answer = default_answer(encoder, maps, volume.image, sparse, case, seed, scratch)
     if answer.held_out is None:
         raise ValueError(f"k = {k}: nothing to hold out")
     dice = {
@@ -218,6 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--refit-of", type=Path, help="jsonl of a run on shorter encoders: report the refit"
     )
     parser.add_argument(
+        "--scratch-max-side",
+        type=int,
+        help="the network's FewShotConfig.scratch_max_side (default: the config's)",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="rewrite the table from the jsonl, run nothing"
     )
     args = parser.parse_args(argv)
@@ -228,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = command.replace(" --report-only", "")
         (args.out / "refinement.md").write_text(report(done, command, first))
         return 0
+    scratch = {} if args.scratch_max_side is None else {"scratch_max_side": args.scratch_max_side}
     profile = with_pretrain_steps(PROFILES["default"], args.pretrain_steps)
     state = _Run(profile, EncoderCache(cache_dir() / "encoders"), extras=False)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -243,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 maps = compute_feature_maps(encoder, volume.image, case.axis, Path(tmp))
                 for k in (3, 5):
                     for seed in range(args.seeds):
-                        row = _row(encoder, maps, volume, k, seed)
+                        row = _row(encoder, maps, volume, k, seed, scratch)
                         rows.append(row)
                         with raw.open("a") as f:
                             f.write(json.dumps(row) + "\n")

@@ -56,6 +56,7 @@ __all__ = [
     "Method",
     "fit_probe",
     "fit_segmenter",
+    "network_pool",
     "select_probe_head",
 ]
 
@@ -166,6 +167,26 @@ def _noise(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return noisy + 0.03 * torch.randn(x.shape, generator=generator).to(x.device)
 
 
+def network_pool(
+    encoder: Encoder, method: str, slice_shape: tuple[int, ...], config: FewShotConfig
+) -> int:
+    """In-plane pooling ``p`` of the network ``method`` trains on ``encoder`` for slices of
+    ``slice_shape`` (``SegmenterNet.pool``): ``⌈max(H, W) / config.scratch_max_side⌉`` for
+    ``"finetune"`` / ``"mean_teacher"`` from a random initialisation, 1 otherwise (a pretrained
+    encoder keeps the pixel scale it learnt; a probe reads the encoder's native maps)."""
+    if method not in ("finetune", "mean_teacher") or encoder.objective != "random":
+        return 1
+    if config.scratch_max_side == 0 or not slice_shape:
+        return 1
+    return max(1, -(-max(slice_shape) // config.scratch_max_side))
+
+
+def _in_plane_shape(images: list[np.ndarray], axis: int) -> tuple[int, ...]:
+    """The largest in-plane sides of the volumes' slices along ``axis`` (empty if none is 3D)."""
+    shapes = [np.delete(np.array(image.shape), axis) for image in images if image.ndim == 3]
+    return tuple(int(d) for d in np.max(shapes, axis=0)) if shapes else ()
+
+
 def fit_segmenter(
     encoder: Encoder,
     images: list[np.ndarray],
@@ -211,20 +232,22 @@ def fit_segmenter(
         )
         return choice.segmenter
     axis = encoder.config.axis if config.axis is None else config.axis
-    data = _collect(images, labels, num_classes, axis, encoder.size_divisor)
+    pool = network_pool(encoder, method, _in_plane_shape(images, axis), config)
+    data = _collect(images, labels, num_classes, axis, encoder.size_divisor * pool)
     logger.info(
-        "few-shot %s: %d annotated slices, %d unlabelled, size %s",
+        "few-shot %s: %d annotated slices, %d unlabelled, size %s, pooled %d×",
         method,
         len(data.images),
         len(data.unlabelled),
         data.images.shape[1:],
+        pool,
     )
     if config.head == "auto":
         head: ProbeHead = "linear"
         if method == "linear":
             head = _select_head_on_slices(encoder, data, num_classes, config).head
         config = config.model_copy(update={"head": head})
-    segmenter = _new_segmenter(encoder, num_classes, config)
+    segmenter = _new_segmenter(encoder, num_classes, config, pool)
     segmenter.cluster_head.requires_grad_(False)
     device = torch.device(config.device)
     segmenter.to(device)
@@ -235,9 +258,11 @@ def fit_segmenter(
     return segmenter.cpu().eval()
 
 
-def _new_segmenter(encoder: Encoder, num_classes: int, config: FewShotConfig) -> SegmenterNet:
+def _new_segmenter(
+    encoder: Encoder, num_classes: int, config: FewShotConfig, pool: int = 1
+) -> SegmenterNet:
     """A segmenter on a copy of ``encoder``: head drawn from ``config.seed``, the encoder's
-    cluster head copied."""
+    cluster head copied; ``pool``: :func:`network_pool`."""
     if config.head == "auto":
         raise ValueError('head "auto" is resolved to one of PROBE_HEADS before a segmenter is made')
     with torch.random.fork_rng(devices=[]):
@@ -248,6 +273,7 @@ def _new_segmenter(encoder: Encoder, num_classes: int, config: FewShotConfig) ->
             encoder.config.num_clusters,
             head=config.head,
             multiscale=config.multiscale,
+            pool=pool,
         )
     segmenter.cluster_head = copy.deepcopy(encoder.cluster_head)
     return segmenter

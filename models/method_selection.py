@@ -64,6 +64,7 @@ from segassist.models.fewshot import (
     _fit_finetune,
     _head_features,
     _held_tiles,
+    _in_plane_shape,
     _mean_dice,
     _new_segmenter,
     _pad_to,
@@ -71,6 +72,7 @@ from segassist.models.fewshot import (
     _split_holdout,
     _train_head,
     _TrainingSlices,
+    network_pool,
 )
 from segassist.models.networks.segmenter import SegmenterNet
 from segassist.models.pretrain import Encoder
@@ -169,13 +171,14 @@ def select_method(
 
     base = encoder or scratch
     axis = base.config.axis if config.axis is None else config.axis
-    data = _collect(images, labels, num_classes, axis, base.size_divisor)
+    pool = network_pool(scratch, "finetune", _in_plane_shape(images, axis), config)
+    data = _collect(images, labels, num_classes, axis, base.size_divisor * pool)
     held = held_out_pixels(labels, axis, config, data.labels.shape[1:])
     annotated = data.labels != IGNORE_INDEX
     record: dict[str, dict[str, Any]] = {}
     if not held.any() or not (annotated & ~held).any():
         return _without_validation(
-            encoder, scratch, data, labels, num_classes, config, features, progress
+            encoder, scratch, data, labels, num_classes, config, features, progress, pool
         )
     device = torch.device(config.device)
     truth = torch.from_numpy(data.labels[held].astype(np.int64))
@@ -203,9 +206,14 @@ def select_method(
             record[f"probe-{head}"] = _score(dice, start, int(held_px.sum()))
     networks: dict[str, SegmenterNet] = {}
     forward: dict[tuple[int, ...], float] = {}
-    for name, start_from, network_config in (
-        ("finetune", encoder, _network_config(config)),
-        ("scratch", scratch, FewShotConfig.for_scratch(**_set_keys(_network_config(config)))),
+    for name, start_from, network_config, candidate_pool in (
+        ("finetune", encoder, _network_config(config), 1),
+        (
+            "scratch",
+            scratch,
+            FewShotConfig.for_scratch(**_set_keys(_network_config(config))),
+            pool,
+        ),
     ):
         if start_from is None:
             record[name] = {"skipped": "no pretrained encoder"}
@@ -215,7 +223,15 @@ def select_method(
         try:
             start = time.monotonic()
             segmenter = _fit_network(
-                start_from, data, held, num_classes, network_config, seconds_left, progress, forward
+                start_from,
+                candidate_pool,
+                data,
+                held,
+                num_classes,
+                network_config,
+                seconds_left,
+                progress,
+                forward,
             )
         except _OverBudget as exc:
             record[name] = {"skipped": str(exc)}
@@ -307,6 +323,7 @@ def _forward_seconds(segmenter: SegmenterNet, data: _TrainingSlices, device: tor
 
 def _fit_network(
     start_from: Encoder,
+    pool: int,
     data: _TrainingSlices,
     held: np.ndarray,
     num_classes: int,
@@ -315,10 +332,11 @@ def _fit_network(
     progress: ProgressCallback | None,
     forward: dict[tuple[int, ...], float],
 ) -> SegmenterNet:
-    """Fine-tune a segmenter on ``start_from`` with ``held`` held out, within ``seconds_left``.
+    """Fine-tune a segmenter on ``start_from`` (pooled ``pool``×, :func:`network_pool`) with
+    ``held`` held out, within ``seconds_left``.
 
-    ``forward``: one-slice forward seconds per architecture (U-Net channels), timed once and
-    shared by the candidates (finetune and scratch have the same network).
+    ``forward``: one-slice forward seconds per architecture (U-Net channels and pooling), timed
+    once and shared by the candidates (finetune and scratch have the same network).
 
     Raises:
         _OverBudget: no time is left, the lower bound or the estimate after
@@ -327,10 +345,10 @@ def _fit_network(
     if seconds_left <= 0:
         raise _OverBudget("no time left")
     device = torch.device(config.device)
-    segmenter = _new_segmenter(start_from, num_classes, config)
+    segmenter = _new_segmenter(start_from, num_classes, config, pool)
     segmenter.cluster_head.requires_grad_(False)
     segmenter.to(device)
-    architecture = tuple(start_from.config.channels)
+    architecture = (*start_from.config.channels, pool)
     if architecture not in forward:
         forward[architecture] = _forward_seconds(segmenter, data, device)
     lower_bound = config.steps * 3 * config.batch_size * forward[architecture]
@@ -379,8 +397,10 @@ def _without_validation(
     config: FewShotConfig,
     features: list[FeatureMaps] | None,
     progress: ProgressCallback | None,
+    pool: int,
 ) -> MethodChoice:
-    """Nothing to hold out: the cheapest candidate available, fitted on every annotated pixel."""
+    """Nothing to hold out: the cheapest candidate available, fitted on every annotated pixel
+    (scratch pooled ``pool``×)."""
     reason = "nothing could be held out (too few labelled pixels): the cheapest candidate won"
     start = time.monotonic()
     if encoder is not None:
@@ -392,7 +412,7 @@ def _without_validation(
         winner = "scratch"
         scratch_config = FewShotConfig.for_scratch(**_set_keys(_network_config(config)))
         device = torch.device(scratch_config.device)
-        network = _new_segmenter(scratch, num_classes, scratch_config)
+        network = _new_segmenter(scratch, num_classes, scratch_config, pool)
         network.cluster_head.requires_grad_(False)
         network.to(device)
         everything = (data.labels, None)

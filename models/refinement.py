@@ -170,7 +170,7 @@ def network_probabilities(
             if before_batch is not None:
                 before_batch()
             batch, size = pad_to_multiple(
-                slices[start : start + batch_size, None], segmenter.encoder.size_divisor
+                slices[start : start + batch_size, None], segmenter.size_divisor
             )
             logits, _ = segmenter(torch.from_numpy(batch))
             out.append(softmax(crop_to(logits.numpy(), size)))

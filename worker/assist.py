@@ -274,7 +274,7 @@ def assist(ctx: JobContext) -> dict[str, Any]:
         "fit_loss": losses.last,
         "timings": phase.seconds,
     }
-    # (the refinement's network trains and predicts on full-size slices: refine_max_voxels)
+    # (the refinement's candidates are full-size volumes: refine_max_voxels)
     if probe and method != "auto" and config.refine and encoder_id is not None:
         validated = [
             image.id

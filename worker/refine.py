@@ -17,7 +17,8 @@ background pretraining; ``FewShotConfig.refine``; images of at most
 1. ``features``: the cached maps of the validated images (normally a cache hit).
 2. ``validate``: the middle labelled slice of each validated image hidden
    (:func:`~segassist.models.held_out_slice.hold_out_middle_slice`); a scratch network trained
-   on the other slices (:data:`~segassist.models.runtime.configs.REFINE_SCRATCH`, one thread);
+   on the other slices (:data:`~segassist.models.runtime.configs.REFINE_SCRATCH`, one thread;
+   on slices averaged in-plane when over ``FewShotConfig.scratch_max_side`` pixels a side);
    the candidates of :mod:`segassist.models.refinement` (propagation, its blend with the
    network) made from those slices, each corrected as the assist corrects (slice prior, seeded
    components) and scored by the mean Dice on the hidden slices, averaged over the images.

@@ -31,9 +31,15 @@ class SegmenterNet(nn.Module):
         num_clusters: ``K``, clusters of the cluster head.
         head: ``"linear"`` or ``"mlp"``.
         multiscale: whether the segmentation head also reads the coarser decoder maps.
+        pool: in-plane factor ``p`` (2D only): ``forward`` averages the input over ``p×p``
+            blocks, runs the network at that resolution and brings logits and cluster scores
+            back to the input's (bilinear, as the multiscale head upsamples), so the network's
+            cost falls about ``p²``-fold and an exported model still takes native slices
+            (:func:`segassist.models.fewshot.network_pool` says when).
 
     Shapes:
-        ``forward``: ``B×1×H×W`` -> (logits ``B×L×H×W``, cluster scores ``B×K×H×W``).
+        ``forward``: ``B×1×H×W`` -> (logits ``B×L×H×W``, cluster scores ``B×K×H×W``), ``H`` and
+        ``W`` multiples of :attr:`size_divisor`.
     """
 
     def __init__(
@@ -43,8 +49,11 @@ class SegmenterNet(nn.Module):
         num_clusters: int,
         head: Literal["linear", "mlp"] = "linear",
         multiscale: bool = False,
+        pool: int = 1,
     ) -> None:
         super().__init__()
+        if pool < 1 or (pool > 1 and encoder.spatial_dims != 2):
+            raise ValueError(f"pool must be 1, or >= 1 for a 2D encoder; got {pool}.")
         if num_classes < 2:
             raise ValueError(
                 f"num_classes must count background and >= 1 class, got {num_classes}."
@@ -58,6 +67,7 @@ class SegmenterNet(nn.Module):
         self.num_clusters = num_clusters
         self.head = head
         self.multiscale = multiscale
+        self.pool = pool
         dims = encoder.spatial_dims
         conv = Conv[Conv.CONV, dims]
         c_head = self.head_channels
@@ -71,6 +81,11 @@ class SegmenterNet(nn.Module):
                 conv(c_head, num_classes, kernel_size=1),
             )
         self.cluster_head: nn.Module = conv(encoder.feature_channels, num_clusters, kernel_size=1)
+
+    @property
+    def size_divisor(self) -> int:
+        """Input sizes must be multiples of this: the encoder's, times :attr:`pool`."""
+        return self.encoder.size_divisor * self.pool
 
     @property
     def head_channels(self) -> int:
@@ -89,12 +104,23 @@ class SegmenterNet(nn.Module):
         ]
         return torch.cat([features[0], *upsampled], dim=1)
 
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.pool == 1 else F.avg_pool2d(x, self.pool)
+
+    def _unpooled(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.pool == 1:
+            return scores
+        return F.interpolate(
+            scores, scale_factor=float(self.pool), mode="bilinear", align_corners=False
+        )
+
     def head_features(self, x: torch.Tensor) -> torch.Tensor:
-        """What the segmentation head reads, ``B×C_head×H×W`` (cacheable for a linear probe)."""
-        return self._head_input(self.encoder.forward_features(x))
+        """What the segmentation head reads, ``B×C_head×(H/p)×(W/p)`` (cacheable for a linear
+        probe; probes are never pooled, ``p = 1``)."""
+        return self._head_input(self.encoder.forward_features(self._pooled(x)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Segmentation logits ``B×L×H×W`` and cluster scores ``B×K×H×W`` for ``x`` ``B×1×H×W``."""
-        features = self.encoder.forward_features(x)
+        features = self.encoder.forward_features(self._pooled(x))
         logits = self.seg_head(self._head_input(features))
-        return logits, self.cluster_head(features[0])
+        return self._unpooled(logits), self._unpooled(self.cluster_head(features[0]))

@@ -93,6 +93,22 @@ def test_training_mode_restored_and_multiscale_head_exports(tmp_path: Path) -> N
     assert manifest.parity_max_abs_diff <= 1e-4
 
 
+def test_a_pooled_segmenter_exports_and_takes_native_slices(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SegmenterNet(DenseUNet(channels=(4, 8, 16)), 3, 5, multiscale=True, pool=2).eval()
+    manifest = export_segmenter(model, tmp_path, labels=LABELS, axis=2, normalisation=NORM)
+    assert manifest.size_divisor == 8  # the runtime pads slices to what the pooling needs
+    assert manifest.parity_max_abs_diff is not None and manifest.parity_max_abs_diff <= 1e-4
+    x = np.random.default_rng(4).random((3, 1, 24, 40), dtype=np.float32)
+    session = ort.InferenceSession(tmp_path / "model.onnx", providers=["CPUExecutionProvider"])
+    logits, scores = session.run(["logits", "cluster_scores"], {"image": x})
+    with torch.inference_mode():
+        ref_logits, ref_scores = model(torch.from_numpy(x))
+    assert logits.shape == (3, 3, 24, 40) and scores.shape == (3, 5, 24, 40)
+    assert np.max(np.abs(logits - ref_logits.numpy())) <= 1e-4
+    assert np.max(np.abs(scores - ref_scores.numpy())) <= 1e-4
+
+
 def test_label_mismatch_raises_before_writing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="3 logit channels"):
         export_segmenter(

@@ -105,3 +105,14 @@ def test_fit_segmenter_auto_on_a_random_encoder_has_only_scratch() -> None:
     segmenter = fit_segmenter(_encoder(0), [image], [label], 3, "auto", config)
     logits, _ = segmenter(torch.from_numpy(image[None, None, :, :, 0]))
     assert logits.shape == (1, 3, SIZE, SIZE)
+
+
+def test_the_scratch_candidate_is_pooled_on_slices_over_the_side() -> None:
+    image, label = _halves()
+    config = FewShotConfig(**NETWORK_FIT, auto_budget_seconds=1e6, scratch_max_side=16)
+    choice = select_method(None, _encoder(1), [image], [label], 3, config)
+    assert choice.method == "scratch", choice.validation
+    assert choice.validation["scratch"]["dice"] is not None
+    assert choice.segmenter.pool == 2  # 32-pixel slices over a 16-pixel side
+    logits, _ = choice.segmenter(torch.from_numpy(image[None, None, :, :, 0]))
+    assert logits.shape == (1, 3, SIZE, SIZE)

@@ -80,6 +80,27 @@ def test_segmenter_outputs_and_head_features(
     torch.testing.assert_close(net.seg_head(features), logits)
 
 
+def test_a_pooled_segmenter_is_the_network_on_the_averaged_slice_brought_back() -> None:
+    torch.manual_seed(0)
+    encoder = DenseUNet(channels=(4, 8, 16))
+    pooled = SegmenterNet(encoder, 3, 5, multiscale=True, pool=2).eval()
+    native = SegmenterNet(encoder, 3, 5, multiscale=True).eval()
+    native.load_state_dict(pooled.state_dict())  # same weights, pooling is no parameter
+    assert (native.size_divisor, pooled.size_divisor) == (4, 8)
+    x = torch.rand(2, 1, 16, 24)
+    logits, clusters = pooled(x)
+    assert logits.shape == (2, 3, 16, 24) and clusters.shape == (2, 5, 16, 24)
+    # The naive reference: average 2×2 blocks by hand, run, upsample.
+    averaged = x.reshape(2, 1, 8, 2, 12, 2).mean(dim=(3, 5))
+    ref_logits, ref_clusters = native(averaged)
+    up = torch.nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(logits, up(ref_logits))
+    torch.testing.assert_close(clusters, up(ref_clusters))
+    assert pooled.head_features(x).shape == (2, pooled.head_channels, 8, 12)
+    with pytest.raises(ValueError, match="pool"):
+        SegmenterNet(DenseUNet(spatial_dims=3, channels=(4, 8)), 2, 4, pool=2)
+
+
 def test_segmenter_rejects_bad_heads() -> None:
     with pytest.raises(ValueError, match="head"):
         SegmenterNet(DenseUNet(channels=(4, 8)), 2, 4, head="transformer")  # type: ignore[arg-type]
