@@ -81,9 +81,11 @@ def _candidate_labels(
     config = FewShotConfig.for_scratch(
         **(REFINE_SCRATCH | dict(scratch)), axis=case.axis, seed=seed
     )
-    random = Encoder.random(encoder.config.model_copy(update={"seed": seed}), encoder.normalisation)
+    initial = Encoder.random(
+        encoder.config.model_copy(update={"seed": seed}), encoder.normalisation
+    )
     with torch_threads(1):
-        network = fit_segmenter(random, [image], [sparse], case.num_classes, "finetune", config)
+        network = fit_segmenter(initial, [image], [sparse], case.num_classes, "finetune", config)
     made = candidates(propagated, network_probabilities(network, image, case.axis))
     return {name: _corrected(p, sparse, case.axis) for name, p in made.items()}
 

@@ -53,7 +53,7 @@ class SegmenterNet(nn.Module):
     ) -> None:
         super().__init__()
         if pool < 1 or (pool > 1 and encoder.spatial_dims != 2):
-            raise ValueError(f"pool must be 1, or >= 1 for a 2D encoder; got {pool}.")
+            raise ValueError(f"pool must be >= 1, and above 1 only for a 2D encoder; got {pool}.")
         if num_classes < 2:
             raise ValueError(
                 f"num_classes must count background and >= 1 class, got {num_classes}."
