@@ -20,7 +20,8 @@ candidates and their corrections), not counting reading the maps.
 ``--objective O`` pretrains every modality's pool encoder with ``O``, ``--pretrain-steps N``
 longer; ``--scratch-max-side N`` pools the scratch network on slices over N pixels a side
 (:func:`~segassist.models.fewshot.network_pool`); with ``--refit-of FILE`` (the jsonl of a run
-on the shorter encoders, same sets and seeds) the report adds what a refit gives the annotator: the service answers on a short encoder, refits on the longer background one, and the
+on the shorter encoders, same sets and seeds) the report adds what a refit gives the annotator:
+the service answers on a short encoder, refits on the longer background one, and the
 refit's refinement keeps the earlier answer unless its own best held-out score is higher
 (:data:`~segassist.models.refinement.PREVIOUS`; the same seed trains the same scratch network in
 both runs, as in the service, so only the propagation differs).

@@ -178,7 +178,7 @@ def network_pool(
         return 1
     if config.scratch_max_side == 0 or not slice_shape:
         return 1
-    return max(1, -(-max(slice_shape) // config.scratch_max_side))
+    return -(-max(slice_shape) // config.scratch_max_side)
 
 
 def _in_plane_shape(images: list[np.ndarray], axis: int) -> tuple[int, ...]:
