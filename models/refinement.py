@@ -125,14 +125,25 @@ FLOOR = 1e-6
 underflows to 0 must not veto a class alone)."""
 
 
-def geometric_mean(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+def geometric_mean(
+    first: np.ndarray, second: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
     """``√(a_l·b_l) / Σ_m √(a_m·b_m)`` over the class axis 0 of two ``L×…`` probability arrays
-    (each floored at :data:`FLOOR`), float32."""
-    pooled = np.maximum(first, FLOOR, dtype=np.float32)
-    pooled *= np.maximum(second, FLOOR, dtype=np.float32)
-    np.sqrt(pooled, out=pooled)
-    pooled /= pooled.sum(axis=0, keepdims=True)
-    return pooled
+    (each floored at :data:`FLOOR`), float32, written into ``out`` when given (it may be
+    ``first`` or ``second``: a refinement of a 512×512×300 CT then holds two such arrays, not
+    three). One class at a time: the temporaries are one class's size."""
+    if out is None:
+        out = np.empty(first.shape, dtype=np.float32)
+    term = np.empty(first.shape[1:], dtype=np.float32)
+    for c in range(first.shape[0]):
+        np.maximum(second[c], FLOOR, out=term)
+        np.maximum(first[c], FLOOR, out=out[c])
+        out[c] *= term
+        np.sqrt(out[c], out=out[c])
+    total = out.sum(axis=0)
+    for c in range(out.shape[0]):
+        out[c] /= total
+    return out
 
 
 def candidates(propagated: np.ndarray, network: np.ndarray) -> dict[str, np.ndarray]:
@@ -161,17 +172,20 @@ def network_probabilities(
 ) -> np.ndarray:
     """``L×X×Y×Z`` softmax of ``segmenter`` over a normalised ``X×Y×Z`` volume, slice by slice
     along ``axis``, ``batch_size`` slices at a time; ``before_batch`` is called before each
-    batch (the worker's cancellation check: a volume takes seconds on one thread)."""
+    batch (the worker's cancellation check: a volume takes seconds on one thread). The array
+    is a view of a slice-major one (:func:`~segassist.models.slice_prior.fuse_with_prior`
+    reuses it without a copy)."""
     segmenter.eval().cpu()
-    slices = np.ascontiguousarray(np.moveaxis(volume, axis, 0), dtype=np.float32)
-    out = []
+    slices = np.moveaxis(volume, axis, 0)
+    out = np.empty((slices.shape[0], segmenter.num_classes, *slices.shape[1:]), np.float32)
     with torch_threads(1):
         for start in range(0, len(slices), batch_size):
             if before_batch is not None:
                 before_batch()
             batch, size = pad_to_multiple(
-                slices[start : start + batch_size, None], segmenter.size_divisor
+                np.ascontiguousarray(slices[start : start + batch_size, None], np.float32),
+                segmenter.size_divisor,
             )
             logits, _ = segmenter(torch.from_numpy(batch))
-            out.append(softmax(crop_to(logits.numpy(), size)))
-    return np.moveaxis(np.concatenate(out), 0, axis + 1)
+            out[start : start + batch_size] = softmax(crop_to(logits.numpy(), size))
+    return np.moveaxis(out, 0, axis + 1)

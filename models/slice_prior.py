@@ -430,7 +430,11 @@ class FusedPrediction:
 
 
 def fuse_with_prior(
-    probabilities: np.ndarray, sparse: np.ndarray, axis: int, scale: float | None = None
+    probabilities: np.ndarray,
+    sparse: np.ndarray,
+    axis: int,
+    scale: float | None = None,
+    reuse: bool = False,
 ) -> FusedPrediction:
     """Fuse a model's prediction of a volume with the prior of the volume's own sparse labels.
 
@@ -439,6 +443,11 @@ def fuse_with_prior(
         sparse: ``X×Y×Z`` annotator's labels (:data:`IGNORE_INDEX` = unannotated).
         axis: slice axis of the annotation.
         scale: fusion scale ``s``; ``None`` = :func:`choose_scale`.
+        reuse: ``probabilities`` may be overwritten: when their slice-major view
+            (``S×L×H×W``) is contiguous, as :func:`~segassist.models.propagation.propagate`'s
+            and :func:`~segassist.models.refinement.network_probabilities`' are, the fused
+            probabilities are written into it instead of a copy (a whole volume of class
+            probabilities less at the peak).
 
     Returns:
         The fused prediction; slices with ``w(z) = 0`` keep the model's probabilities.
@@ -458,7 +467,12 @@ def fuse_with_prior(
     else:
         choice = ScaleChoice(float(scale), "given", {}, 0)
     # slice-major and contiguous: every step below works on whole slices
-    fused = np.array(np.moveaxis(probabilities, axis + 1, 0), dtype=np.float32, order="C")
+    slice_major = np.moveaxis(probabilities, axis + 1, 0)
+    fused = (
+        slice_major
+        if reuse and slice_major.dtype == np.float32 and slice_major.flags.c_contiguous
+        else np.array(slice_major, dtype=np.float32, order="C")
+    )
     labels = np.empty((fused.shape[0], *fused.shape[2:]), dtype=np.uint8)
     for z in range(fused.shape[0]):
         weight = choice.scale * float(prior.weight[z])

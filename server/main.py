@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(migrate, settings.database_url)
         await run_in_threadpool(app.state.storage.remove_stale_uploads)
+        await run_in_threadpool(app.state.storage.remove_stale_staging)
         if settings.audit_retention_days is None:
             yield
             return

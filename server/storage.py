@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from segassist.models.runtime._atomic import atomic_write_bytes, atomic_write_chunks
+from segassist.models.runtime._atomic import atomic_write_bytes, atomic_write_chunks, is_staged
 
 __all__ = [
     "Storage",
@@ -52,6 +53,21 @@ def file_lock(path: Path) -> Iterator[None]:
 
 STALE_UPLOAD_SECONDS = 3600.0
 """A temporary upload file untouched this long belongs to an upload that died with its API."""
+
+
+STAGED_TREES = ("images", "labels", "models", "predictions", "features", "jobs")
+"""The datastore's folders that atomic writes stage under (:mod:`segassist.models.runtime._atomic`)."""
+
+
+def _last_written(path: Path) -> float:
+    """The latest modification time of ``path`` and, for a folder, of everything in it
+    (0 if it vanished meanwhile)."""
+    try:
+        if path.is_dir():
+            return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))])
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 class UploadTooLargeError(ValueError):
@@ -142,6 +158,26 @@ class Storage:
     def broker_dir(self) -> Path:
         """Embedded Celery filesystem transport."""
         return self.root / "broker"
+
+    def remove_stale_staging(self, older_than_seconds: float = STALE_UPLOAD_SECONDS) -> int:
+        """Delete the staged files and folders of atomic writes (:func:`is_staged`) under the
+        datastore's trees (:data:`STAGED_TREES`) that nothing has written to for
+        ``older_than_seconds``: left by a worker or API killed mid-write, never read, holding
+        disk (a feature cache's staging folder holds gigabytes). Returns how many."""
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for tree in STAGED_TREES:
+            for folder, dirs, files in os.walk(self.root / tree):
+                for name in [*dirs, *files]:
+                    path = Path(folder) / name
+                    if is_staged(name) and _last_written(path) < cutoff:
+                        if path.is_dir():
+                            shutil.rmtree(path, ignore_errors=True)
+                        else:
+                            path.unlink(missing_ok=True)
+                        removed += 1
+                dirs[:] = [name for name in dirs if not is_staged(name)]
+        return removed
 
     def remove_stale_uploads(self, older_than_seconds: float = STALE_UPLOAD_SECONDS) -> int:
         """Delete temporary upload files not written for ``older_than_seconds`` (left by an API

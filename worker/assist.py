@@ -88,7 +88,7 @@ from segassist.models.pretrain import CHECKPOINT_NAME, Encoder, PretrainConfig
 from segassist.models.pretrain import pretrain as run_pretraining
 from segassist.models.progress import Progress
 from segassist.models.propagation import PropagationConfig, map_features, propagate
-from segassist.models.refinement import candidates
+from segassist.models.refinement import geometric_mean
 from segassist.models.runtime._atomic import link_atomic
 from segassist.models.runtime.configs import DEFAULT_HEAD, IGNORE_INDEX
 from segassist.models.runtime.nifti import read_nifti
@@ -785,14 +785,17 @@ def _predict_network_with_own_labels(
     (:func:`_with_own_labels`), written under ``out_dir``; as :func:`_predict_from_cache`
     returns. With ``blend_with`` (the image's cached maps), the network's probabilities are first
     pooled with those propagated from ``sparse`` through the maps (their normalised geometric
-    mean, :func:`segassist.models.refinement.candidates`' ``"blend"``)."""
+    mean, the refinement's ``"blend"``, :func:`segassist.models.refinement.geometric_mean`)."""
     path = pipelines._existing_file(Path(image.path), f"image {image.id}")
     volume, affine, header = read_nifti(path)
-    raw = predictor.predict(np.asarray(volume, dtype=np.float32), with_probabilities=True)
+    raw = predictor.predict(
+        np.asarray(volume, dtype=np.float32), with_probabilities=True, with_uncertainty=False
+    )
     if raw.probabilities is None:
         raise ValueError("the network returned no probabilities")
     manifest = predictor.manifest
-    probabilities, propagated = raw.probabilities, None
+    probabilities, propagated, clusters, rendered = raw.probabilities, None, raw.clusters, None
+    del raw  # its probabilities are this function's alone: freed as soon as they are blended
     if blend_with is not None:
         began = time.perf_counter()
         spread = propagate(
@@ -802,16 +805,17 @@ def _predict_network_with_own_labels(
             manifest.num_classes,
             propagation_settings(config),
             chains_of(blend_with),
-        )
+        ).probabilities
         propagated = round(time.perf_counter() - began, 3)
-        probabilities = candidates(spread.probabilities, probabilities)["blend"]
+        # the blend over the propagation's (slice-major) array, which the prior then reuses
+        probabilities = geometric_mean(spread, probabilities, out=spread)
+        del spread
+        # the encoder's cluster map, not the scratch network's
+        clusters = np.moveaxis(np.asarray(blend_with.clusters), 0, manifest.axis)
+        rendered = blend_with.folder
     labels, probabilities, uncertainty, evidence = _with_own_labels(
         probabilities, sparse, manifest.axis, config, propagated
     )
-    clusters, rendered = raw.clusters, None
-    if blend_with is not None:  # the encoder's cluster map, not the scratch network's
-        clusters = np.moveaxis(np.asarray(blend_with.clusters), 0, manifest.axis)
-        rendered = blend_with.folder
     prediction = Prediction(
         labels, clusters, probabilities if with_probabilities else None, uncertainty
     )
@@ -859,7 +863,9 @@ def _with_own_labels(
     config: FewShotConfig,
     propagated: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, _OwnLabels]:
-    """The model's ``L×X×Y×Z`` probabilities corrected by the image's own ``sparse`` labels:
+    """The model's ``L×X×Y×Z`` probabilities (consumed: overwritten where
+    :func:`~segassist.models.slice_prior.fuse_with_prior` can reuse them, so a caller passes
+    an array of its own) corrected by the image's own ``sparse`` labels:
     fused with their slice prior (``config.slice_prior``;
     :func:`segassist.models.slice_prior.fuse_with_prior`, scale by leave-one-labelled-slice-out;
     the default scale when the probabilities were propagated from those very slices, which
@@ -871,7 +877,7 @@ def _with_own_labels(
     choice = None
     if config.slice_prior:
         scale = None if propagated is None else DEFAULT_SCALE
-        fused = fuse_with_prior(probabilities, sparse, axis, scale)
+        fused = fuse_with_prior(probabilities, sparse, axis, scale, reuse=True)
         labels, probabilities, choice = fused.labels, fused.probabilities, fused.choice
     else:
         labels = class_argmax(probabilities)

@@ -76,8 +76,8 @@ from segassist.models.refinement import (
     CANDIDATES,
     PREFERENCE,
     PREVIOUS,
-    candidates,
     choose,
+    geometric_mean,
     network_probabilities,
 )
 from segassist.models.runtime._atomic import link_atomic
@@ -170,18 +170,20 @@ def refine(ctx: JobContext) -> dict[str, Any]:
                 num_classes,
                 propagation_settings(config),
                 chains_of(cached[image.id]),
-            )
+            ).probabilities
             spread_seconds = round(time.perf_counter() - began, 3)
             network_says = network_probabilities(
                 network, volume, axis, before_batch=ctx.check_cancelled
             )
-            made = candidates(spread.probabilities, network_says)
-            for name, probabilities in made.items():
-                # both hold the propagation: the prior at the assist's strength for it
-                corrected = _with_own_labels(
-                    probabilities, hidden.labels, axis, config, spread_seconds
-                )
-                scores[name].append(hidden.dice(corrected[0]))
+            # one candidate at a time, each over an array it consumes (three whole volumes of
+            # class probabilities at once limited the size of image refined): the blend over
+            # the network's, then the propagation itself
+            blend = geometric_mean(spread, network_says, out=network_says)
+            del network_says
+            scores["blend"].append(_hidden_dice(blend, hidden, axis, config, spread_seconds))
+            del blend
+            scores["propagation"].append(_hidden_dice(spread, hidden, axis, config, spread_seconds))
+            del spread
     validation = {name: round(float(np.mean(values)), 4) for name, values in scores.items()}
     earlier = _earlier_answer(ctx, str(params["refine_of"]), held)
     if earlier is not None:
@@ -249,6 +251,20 @@ def refine(ctx: JobContext) -> dict[str, Any]:
         "fit_loss": losses.last,
         "timings": phase.seconds,
     }
+
+
+def _hidden_dice(
+    probabilities: np.ndarray,
+    hidden: HeldOutSlice,
+    axis: int,
+    config: FewShotConfig,
+    propagated: float,
+) -> float:
+    """Dice on the hidden slice of a candidate's ``L×X×Y×Z`` probabilities (consumed),
+    corrected as the assist corrects; both candidates hold the propagation (``propagated``:
+    its seconds), so the prior is fused at the assist's strength."""
+    labels, *_ = _with_own_labels(probabilities, hidden.labels, axis, config, propagated)
+    return hidden.dice(labels)
 
 
 def _assist_result(ctx: JobContext, assist_id: str) -> dict[str, Any]:

@@ -13,6 +13,9 @@ running as different users of one group on shared storage. Every file published 
 Variants are thin wrappers of :func:`atomic_path`: :func:`atomic_write_bytes`,
 :func:`atomic_write_chunks` (streamed, hashed), :func:`commit_file` (a finished temporary file),
 :func:`link_atomic`, and :func:`atomic_dir` (a folder staged then renamed into place).
+
+A writer that dies mid-write (killed, power cut) leaves its staged sibling behind, hidden and
+never read; :func:`is_staged` recognises those names so a start-up sweep can delete them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -34,6 +38,7 @@ __all__ = [
     "atomic_write_chunks",
     "commit_file",
     "file_modes",
+    "is_staged",
     "link_atomic",
     "set_file_modes",
     "sha256_file",
@@ -60,6 +65,18 @@ def set_file_modes(file: int, directory: int) -> None:
 def file_modes() -> FileModes:
     """The permissions in force."""
     return _modes
+
+
+_STAGED = re.compile(r"^\.(?:(?:tmp|old)-.+-[a-z0-9_]{8}|.+\.[a-z0-9_]{8}\..+)$")
+"""Names staged here: ``.{name}.XXXXXXXX{suffixes}`` files (:func:`atomic_path`),
+``.tmp-{name}-XXXXXXXX`` and ``.old-{name}-XXXXXXXX`` folders (:func:`atomic_dir`); ``X`` are
+:mod:`tempfile`'s random characters."""
+
+
+def is_staged(name: str) -> bool:
+    """Whether a file or folder name is one this module stages a write under (module
+    docstring): a leftover once its writer is gone."""
+    return _STAGED.match(name) is not None
 
 
 def commit_file(tmp: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:

@@ -274,14 +274,17 @@ class FewShotConfig(BaseModel):
             on them and replaces the segmentation with the network's blend with the propagation
             when that blend does better on a held-out labelled slice
             (:mod:`segassist.worker.refine`). The assist's answer comes first; the
-            refinement's, if any, seconds to a minute later.
+            refinement's, if any, seconds to minutes later (``refine_max_voxels``).
         refine_max_voxels: the refinement predicts every slice and holds its candidates at
             full resolution (its network runs pooled on slices over ``scratch_max_side``), so
             only labelled images of at most this many voxels are refined (the propagation's
-            grid may be pooled). Measured on 2 CPU cores with the 100-step
-            network: 14–41 s for the benchmark's volumes (≤ 1.4 M voxels), 143 s for a
-            197×233×189 brain MR (8.7 M); with :data:`REFINE_SCRATCH`'s up to 300 steps, 19–86 s
-            for the benchmark's volumes.
+            grid may be pooled); the default admits a 512×512×300 CT. Its worker holds two
+            ``L×X×Y×Z`` float32 volumes of class probabilities at the peak (``8L`` bytes a
+            voxel) besides the image. Measured on 2 CPU cores: 19–86 s for the benchmark's
+            volumes (≤ 1.4 M voxels); a 513×367×191 CT (36 M voxels, 3 classes) in 5.7 min,
+            its worker's resident memory peaking at 3.7 GB (1.2 GB of it the cached feature
+            map read from disk; 6.7 GB before the candidates were made one at a time); a
+            513×513×300 CT (79 M) in 8.0 min, peaking at 6.6 GB (2.5 GB of it the map).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -318,7 +321,7 @@ class FewShotConfig(BaseModel):
     propagation_max_voxels: Annotated[int, Field(ge=0)] = 4_000_000
     auto_budget_seconds: float = Field(default=5.0, ge=0)
     refine: bool = True
-    refine_max_voxels: Annotated[int, Field(ge=0)] = 10_000_000
+    refine_max_voxels: Annotated[int, Field(ge=0)] = 80_000_000
 
     @classmethod
     def for_scratch(cls, **overrides: Any) -> Self:

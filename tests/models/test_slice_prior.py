@@ -113,6 +113,28 @@ def test_fusion_leaves_the_model_where_the_weight_is_zero() -> None:
     assert fused.choice.source == "given"
 
 
+def test_reuse_fuses_over_a_slice_major_input_and_changes_nothing_else() -> None:
+    """``reuse`` writes the fused probabilities over a slice-major input (propagation's layout)
+    instead of a copy, to the bit; an input of another layout is copied and left alone."""
+    truth = _truth()
+    sparse = sparse_on(truth, [0, 10, 20])
+    rng = np.random.default_rng(1)
+    slice_major = rng.dirichlet([1.0, 1.0], size=(SLICES, SIZE, SIZE)).astype(np.float32)
+    slice_major = np.ascontiguousarray(slice_major.transpose(0, 3, 1, 2))  # Z×L×X×Y
+    model = np.moveaxis(slice_major, 0, 3)  # L×X×Y×Z view, as propagate returns
+    copied = fuse_with_prior(model.copy(), sparse, 2, DEFAULT_SCALE)
+    reused = fuse_with_prior(model, sparse, 2, DEFAULT_SCALE, reuse=True)
+    assert np.shares_memory(reused.probabilities, slice_major)
+    np.testing.assert_array_equal(reused.probabilities, copied.probabilities)
+    np.testing.assert_array_equal(reused.labels, copied.labels)
+    class_major = np.ascontiguousarray(np.moveaxis(copied.probabilities, 3, 1))  # L×Z-first
+    other = np.moveaxis(class_major, 1, 3)
+    before = other.copy()
+    again = fuse_with_prior(other, sparse, 2, DEFAULT_SCALE, reuse=True)
+    assert not np.shares_memory(again.probabilities, class_major)
+    np.testing.assert_array_equal(other, before)
+
+
 def _model_probabilities(labels: np.ndarray, confidence: float) -> np.ndarray:
     one_hot = np.stack([labels == 0, labels == 1]).astype(np.float32)
     return confidence * one_hot + (1 - confidence) / 2
