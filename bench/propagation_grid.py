@@ -35,7 +35,7 @@ from scipy import ndimage
 from segassist.bench.default_answer import OBJECTIVE_PER_MODALITY
 from segassist.bench.fewshot import PROFILES, RESULTS, EncoderCache, _pool_encoder, _Run, _Volume
 from segassist.bench.protocol import mean_dice, slice_propagation_dice, sparse_labels, spread_slices
-from segassist.bench.report import machine_text, regenerate_command
+from segassist.bench.report import machine_text, regenerate_command, write_table
 from segassist.models.datasets import Case, cache_dir, load_set
 from segassist.models.features import FeatureMaps, compute_feature_maps
 from segassist.models.pretrain import Encoder
@@ -194,9 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         ]
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    write_table(args.out, text)
     return 0
 
 

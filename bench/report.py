@@ -29,6 +29,7 @@ __all__ = [
     "summarise",
     "write_markdown",
     "write_report",
+    "write_table",
 ]
 
 RANDOM = "random-init"
@@ -260,6 +261,14 @@ def _targets(entries: list[dict[str, Any]]) -> list[str]:
 
 def _atomic_text(path: Path, text: str) -> None:
     atomic_write_bytes(text.encode(), path)
+
+
+def write_table(path: Path, text: str) -> None:
+    """Write a benchmark's markdown ``text`` to ``path`` atomically (folders created) and say
+    where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_text(path, text)
+    print(f"wrote {path}")
 
 
 def _plot(summary: list[dict[str, Any]], path: Path) -> None:
