@@ -281,7 +281,7 @@ class FewShotConfig(BaseModel):
             grid may be pooled); the default admits a 512×512×300 CT. Its worker holds two
             ``L×X×Y×Z`` float32 volumes of class probabilities at the peak (``8L`` bytes a
             voxel) besides the image. Measured on 2 CPU cores: 19–86 s for the benchmark's
-            volumes (≤ 1.4 M voxels); a 513×367×191 CT (36 M voxels, 3 classes) in 5.7 min,
+            volumes (≤ 1.4 M voxels); a 513×367×191 CT (36 M voxels, 3 classes) in 4.9 min,
             its worker's resident memory peaking at 3.7 GB (1.2 GB of it the cached feature
             map read from disk; 6.7 GB before the candidates were made one at a time); a
             513×513×300 CT (79 M) in 8.0 min, peaking at 6.6 GB (2.5 GB of it the map).
