@@ -15,8 +15,10 @@ volumes of class probabilities, both with the functions the worker calls:
   (the network's softmax here from :func:`~segassist.models.refinement.network_probabilities`;
   the worker's ONNX predictor returns an array of the same size).
 
-*At once*: :func:`~segassist.models.refinement.candidates` (a fresh blend) and a prior that
-fuses into a copy; *one at a time*: the blend written over one expert's array, the prior
+*At once*: :func:`~segassist.models.refinement.candidates` (a fresh blend), every array kept
+until the end, and each candidate copied before the correction, as the prior copied its input
+before (the blend itself is today's, one class at a time: the old one's full-size temporary is
+not reproduced, so the prediction's old peak is understated); *one at a time*: the blend written over one expert's array, the prior
 fusing over its input (``reuse``), each candidate scored and dropped before the next. Both give
 the same scores and labels (checked per row). The encoder's maps and the network are untrained
 (:meth:`Encoder.random`; a one-step fit builds the network the refinement would, pooled as
@@ -50,10 +52,8 @@ from segassist.models.pretrain import Encoder
 from segassist.models.propagation import map_features, propagate
 from segassist.models.refinement import candidates, geometric_mean, network_probabilities
 from segassist.models.runtime.configs import REFINE_SCRATCH, FewShotConfig, PretrainConfig
-from segassist.models.runtime.predictor import normalised_entropy
-from segassist.models.seeded_components import keep_seeded_components
-from segassist.models.slice_prior import DEFAULT_SCALE, fuse_with_prior
 from segassist.worker.assist import _with_own_labels, propagation_settings
+from segassist.worker.refine import _hidden_dice
 
 __all__ = ["main"]
 
@@ -75,16 +75,10 @@ def _peak(run: Callable[[], _T]) -> tuple[_T, float]:
     return result, float(peak - began)
 
 
-def _corrected_at_once(probabilities: np.ndarray, sparse: np.ndarray, axis: int) -> np.ndarray:
-    """The assist's correction as it was: the prior fused into a copy, components, entropy."""
-    fused = fuse_with_prior(probabilities, sparse, axis, DEFAULT_SCALE)
-    labels, removed, components = keep_seeded_components(fused.labels, sparse)
-    for c in components.removed:
-        moved = removed & (fused.labels == c)
-        fused.probabilities[0][moved] += fused.probabilities[c][moved]
-        fused.probabilities[c][moved] = 0.0
-    normalised_entropy(fused.probabilities[None])
-    return labels
+def _as_before(probabilities: np.ndarray) -> np.ndarray:
+    """A copy of ``probabilities`` in their layout: what the prior fused into before it could
+    reuse its input."""
+    return np.array(probabilities, dtype=np.float32)
 
 
 def _phases(
@@ -112,27 +106,22 @@ def _phases(
         if not one_at_a_time:
             made = candidates(propagated, network_says)
             return {
-                name: hidden.dice(_corrected_at_once(p, hidden.labels, case.axis))
+                name: _hidden_dice(_as_before(p), hidden, case.axis, config, 0.0)
                 for name, p in made.items()
             }
         blend = geometric_mean(propagated, network_says, out=network_says)
         del network_says
-        scores = {
-            "blend": hidden.dice(_with_own_labels(blend, hidden.labels, case.axis, config, 0.0)[0])
-        }
+        scores = {"blend": _hidden_dice(blend, hidden, case.axis, config, 0.0)}
         del blend
-        scores["propagation"] = hidden.dice(
-            _with_own_labels(propagated, hidden.labels, case.axis, config, 0.0)[0]
-        )
+        scores["propagation"] = _hidden_dice(propagated, hidden, case.axis, config, 0.0)
         return scores
 
     def predict() -> np.ndarray:
         network_says = network_probabilities(network, volume.image, case.axis)
         propagated = spread(sparse)
-        if not one_at_a_time:
-            return _corrected_at_once(
-                candidates(propagated, network_says)["blend"], sparse, case.axis
-            )
+        if not one_at_a_time:  # both experts' arrays lived on through the correction
+            blend = _as_before(candidates(propagated, network_says)["blend"])
+            return _with_own_labels(blend, sparse, case.axis, config, 0.0)[0]
         blend = geometric_mean(propagated, network_says, out=propagated)
         del network_says, propagated
         return _with_own_labels(blend, sparse, case.axis, config, 0.0)[0]

@@ -133,7 +133,7 @@ def geometric_mean(
     ``first`` or ``second``: a refinement of a 512×512×300 CT then holds two such arrays, not
     three). One class at a time: the temporaries are one class's size."""
     if out is None:
-        out = np.empty(first.shape, dtype=np.float32)
+        out = np.empty_like(first, dtype=np.float32)  # in ``first``'s layout
     term = np.empty(first.shape[1:], dtype=np.float32)
     for c in range(first.shape[0]):
         np.maximum(second[c], FLOOR, out=term)

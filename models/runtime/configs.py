@@ -231,8 +231,9 @@ class FewShotConfig(BaseModel):
             resolution, beside the background pretraining), Dice 0.951 against 0.952 (a
             second task on it, offline, one seed: 0.865 against 0.784). Not cropped windows
             instead: the network's instance norm then sees other statistics in training than
-            on whole slices (a disc test: 0.94 → 0.82 at windows of 32 of 40 pixels). A network from scratch has no pixel scale to keep; a pretrained encoder
-            has (it is never pooled). 0 keeps native resolution. The benchmark's slices are at
+            on whole slices (a disc test: 0.94 → 0.82 at windows of 32 of 40 pixels). A
+            network from scratch has no pixel scale to keep; a pretrained encoder has (it is
+            never pooled). 0 keeps native resolution. The benchmark's slices are at
             most 122 pixels a side: 256 leaves them as they were.
         device: torch device.
         slice_prior: whether the assist workflow fuses each labelled image's prediction with
